@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import pytest  # noqa: E402
+
+from fixtures import make_dataset, save_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """(data_path, dataset name) of a small synthetic dataset in the SPEC formats."""
+    return make_dataset(tmp_path / "data"), "Tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory):
+    """Folder of a tiny random LlamaForCausalLM with a tokenizer trained on the fly."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_base"))

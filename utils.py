@@ -1,0 +1,303 @@
+"""Shared plumbing: the one argument parser, seeding, device choice, atomic writes and the
+loading (with validation) of the dataset files described in SPEC section 4.
+
+Every script imports from here; scripts in sub-folders (``index/``, ``data_process/``,
+``convert/``) put the repository root on ``sys.path`` first.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+ALL_TASKS = ("seqrec", "item2index", "index2item", "fusionseqrec", "itemsearch", "preferenceobtain")
+TEST_TASKS = ("seqrec", "itemsearch", "fusionseqrec")
+DEFAULT_METRICS = "hit@1,hit@5,hit@10,ndcg@5,ndcg@10"
+MIN_INTERACTIONS = 3  # leave-one-out needs a train, a validation and a test item
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file, field or flag and what was expected."""
+
+
+# --------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    The temporary file keeps the target's suffix so that writers which look at the extension
+    (numpy, matplotlib, torch) behave as for the real name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike, indent: int | None = None) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, ensure_ascii=False)
+
+
+def save_npy_atomic(array: np.ndarray, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
+
+
+# --------------------------------------------------------------------------- dataset files
+def dataset_file(data_path: str | os.PathLike, dataset: str, suffix: str) -> Path:
+    """``<data_path>/<D>/<D><suffix>``, e.g. suffix ``.inter.json`` or ``.index.json``."""
+    return Path(data_path) / dataset / f"{dataset}{suffix}"
+
+
+def load_json(path: str | os.PathLike, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: {what} file is not valid JSON ({e})") from e
+
+
+def load_inters(path: str | os.PathLike) -> dict[str, list[int]]:
+    """``{"<user>": [item, ...]}`` with integer items and at least 3 interactions per user."""
+    data = load_json(path, "interaction")
+    if not isinstance(data, dict) or not data:
+        raise DataError(f"{path}: expected a non-empty object {{user: [item, ...]}}")
+    inters: dict[str, list[int]] = {}
+    for user, items in data.items():
+        if not isinstance(items, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            raise DataError(f"{path}: user {user!r} must map to a list of integer item ids")
+        if len(items) < MIN_INTERACTIONS:
+            raise DataError(
+                f"{path}: user {user!r} has {len(items)} interactions; leave-one-out needs at least {MIN_INTERACTIONS}"
+            )
+        inters[str(user)] = items
+    return inters
+
+
+def load_items(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """``{"<item>": {"title": str, "description": str, ...}}``."""
+    data = load_json(path, "item")
+    if not isinstance(data, dict) or not data:
+        raise DataError(f"{path}: expected a non-empty object {{item: {{title, description}}}}")
+    for item, feat in data.items():
+        if not isinstance(feat, dict) or not isinstance(feat.get("title"), str):
+            raise DataError(f"{path}: item {item!r} needs a string field 'title'")
+        if not isinstance(feat.get("description", ""), str):
+            raise DataError(f"{path}: item {item!r} field 'description' must be a string")
+    return data
+
+
+def load_indices(path: str | os.PathLike, required_items: Any = None) -> dict[str, list[str]]:
+    """``{"<item>": ["<a_12>", "<b_200>", ...]}``: equal lengths, all distinct.
+
+    ``required_items`` (ints or strings) must each have an index.
+    """
+    data = load_json(path, "index")
+    if not isinstance(data, dict) or not data:
+        raise DataError(f"{path}: expected a non-empty object {{item: [token, ...]}}")
+    lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
+    expected_len = max(lengths)
+    seen: dict[tuple[str, ...], str] = {}
+    for item, tokens in data.items():
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
+            raise DataError(f"{path}: item {item!r} must map to a non-empty list of token strings")
+        if len(tokens) != expected_len:
+            raise DataError(
+                f"{path}: item {item!r} has an index of length {len(tokens)}; every index must have length {expected_len}"
+            )
+        key = tuple(tokens)
+        if key in seen:
+            raise DataError(f"{path}: items {seen[key]!r} and {item!r} share the index {''.join(tokens)}; indices must be distinct")
+        seen[key] = item
+    if required_items is not None:
+        missing = sorted({str(i) for i in required_items} - set(data), key=lambda s: (len(s), s))
+        if missing:
+            raise DataError(f"{path}: {len(missing)} items have no index (first: {missing[:5]})")
+    return data
+
+
+def index_tokens(indices: dict[str, list[str]]) -> list[str]:
+    """All distinct index tokens, sorted by level then code, for adding to a tokenizer."""
+    tokens = {t for toks in indices.values() for t in toks}
+    return sorted(tokens, key=lambda t: (len(t), t))
+
+
+# --------------------------------------------------------------------------- runtime
+def set_seed(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def get_device(gpu_id: int | None = None) -> "torch.device":  # noqa: F821
+    """cuda:<gpu_id> (or LOCAL_RANK under torchrun) when CUDA exists, else cpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        if gpu_id is None:
+            gpu_id = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", gpu_id)
+    return torch.device("cpu")
+
+
+def default_dtype(device: "torch.device") -> "torch.dtype":  # noqa: F821
+    """bf16 on GPUs that support it, fp32 on CPU (bf16 matmuls are slow and lossy there)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def parse_list(value: str, cast: type = str, flag: str = "") -> list:
+    """``"a,b,c"`` to a list; a clear error names the flag on a bad element."""
+    out = []
+    for part in (p.strip() for p in str(value).split(",")):
+        if part == "":
+            continue
+        try:
+            out.append(cast(part))
+        except ValueError as e:
+            raise DataError(f"{flag}: could not read {part!r} as {cast.__name__} in {value!r}") from e
+    return out
+
+
+# --------------------------------------------------------------------------- arguments
+def _add_global_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("global")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--base_model", type=str, default=None, help="base LLM folder or hub id")
+    g.add_argument("--output_dir", type=str, default="./ckpt/", help="where checkpoints go")
+
+
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dataset")
+    g.add_argument("--data_path", type=str, default="./data", help="folder holding <dataset>/<dataset>.*.json")
+    g.add_argument("--dataset", type=str, default="Instruments")
+    g.add_argument("--index_file", type=str, default=".index.json", help="joined to the dataset: <D>/<D><index_file>")
+    g.add_argument("--user_file", type=str, default=".user.json", help="joined to the dataset: <D>/<D><user_file>")
+    g.add_argument("--tasks", type=str, default=",".join(ALL_TASKS), help="comma-separated training tasks")
+    g.add_argument("--max_his_len", type=int, default=20, help="history length kept (last items)")
+    g.add_argument("--add_prefix", action="store_true", help="number the history items: '1. <a_..>'")
+    g.add_argument("--his_sep", type=str, default=", ", help="separator between history items")
+    g.add_argument("--only_train_response", action="store_true", help="loss on the response tokens only")
+    g.add_argument("--train_prompt_sample_num", type=str, default="1,1,1,1,1,1", help="templates per example, per task")
+    g.add_argument("--train_data_sample_num", type=str, default="0,0,0,100000,0,0", help="examples per task (0 = all)")
+    g.add_argument("--valid_prompt_id", type=int, default=0)
+    g.add_argument("--sample_valid", action="store_true", default=True, help="sample validation templates")
+    g.add_argument("--no_sample_valid", dest="sample_valid", action="store_false")
+    g.add_argument("--valid_prompt_sample_num", type=int, default=2)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--optim", type=str, default="adamw_torch")
+    g.add_argument("--epochs", type=int, default=4)
+    g.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (quick runs)")
+    g.add_argument("--learning_rate", type=float, default=5e-5)
+    g.add_argument("--per_device_batch_size", type=int, default=8)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=2)
+    g.add_argument("--logging_step", type=int, default=10)
+    g.add_argument("--model_max_length", type=int, default=2048)
+    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--warmup_ratio", type=float, default=0.01)
+    g.add_argument("--lr_scheduler_type", type=str, default="cosine")
+    g.add_argument("--save_and_eval_strategy", type=str, default="epoch", choices=["epoch", "steps", "no"])
+    g.add_argument("--save_and_eval_steps", type=int, default=1000)
+    g.add_argument("--save_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", type=str, default=None)
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--deepspeed", type=str, default=None, help="DeepSpeed config JSON")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--report_to", type=str, default="none")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
+    g = p.add_argument_group("lora")
+    g.add_argument("--lora_r", type=int, default=8)
+    g.add_argument("--lora_alpha", type=int, default=32)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument(
+        "--lora_target_modules", type=str, default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )
+    g.add_argument("--lora_modules_to_save", type=str, default="embed_tokens,lm_head")
+    g.add_argument("--load_in_8bit", action="store_true")
+    g.add_argument("--load_in_4bit", action="store_true")
+
+
+def _add_test_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("test")
+    g.add_argument("--ckpt_path", type=str, default=None, help="fine-tuned checkpoint (or LoRA adapter with --lora)")
+    g.add_argument("--lora", action="store_true", help="ckpt_path is a LoRA adapter on --base_model")
+    g.add_argument("--filter_items", action="store_true", help="drop generations that are not items")
+    g.add_argument("--results_file", type=str, default="./results/test.json")
+    g.add_argument("--save_predictions", action="store_true", help="also write each example's ranked items")
+    g.add_argument("--test_batch_size", type=int, default=1)
+    g.add_argument("--num_beams", type=int, default=20)
+    g.add_argument("--sample_num", type=int, default=-1, help="test examples to use (-1 = all)")
+    g.add_argument("--gpu_id", type=int, default=0)
+    g.add_argument("--test_prompt_ids", type=str, default="0", help="'all' or comma-separated template ids")
+    g.add_argument("--metrics", type=str, default=DEFAULT_METRICS)
+    g.add_argument("--test_task", type=str, default="seqrec", help="seqrec, itemsearch or fusionseqrec")
+    g.add_argument("--oom_backoff", action="store_true", help="on CUDA OOM retry the batch with fewer beams")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
+
+
+def build_parser(stage: str, description: str | None = None) -> argparse.ArgumentParser:
+    """The one parser. ``stage`` is "train" (finetune.py, lora_finetune.py) or "test"."""
+    if stage not in ("train", "test"):
+        raise ValueError(f"stage must be 'train' or 'test', got {stage!r}")
+    p = argparse.ArgumentParser(description=description, conflict_handler="resolve")
+    _add_global_args(p)
+    _add_dataset_args(p)
+    (_add_train_args if stage == "train" else _add_test_args)(p)
+    return p
+
+
+def check_task_args(args: argparse.Namespace) -> None:
+    """SPEC section 7: task lists of equal length and known names."""
+    tasks = parse_list(args.tasks, str, "--tasks")
+    unknown = [t for t in tasks if t.lower() not in ALL_TASKS]
+    if unknown:
+        raise DataError(f"--tasks: unknown task(s) {unknown}; expected names from {list(ALL_TASKS)}")
+    prompt_nums = parse_list(args.train_prompt_sample_num, int, "--train_prompt_sample_num")
+    data_nums = parse_list(args.train_data_sample_num, int, "--train_data_sample_num")
+    if not (len(tasks) == len(prompt_nums) == len(data_nums)):
+        raise DataError(
+            f"--tasks has {len(tasks)} entries, --train_prompt_sample_num {len(prompt_nums)} and "
+            f"--train_data_sample_num {len(data_nums)}; they must have one entry per task"
+        )
+
+
+def parse_args(stage: str, argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    parser = build_parser(stage, description)
+    args = parser.parse_args(argv)
+    if stage == "train":
+        try:
+            check_task_args(args)
+        except DataError as e:
+            parser.error(str(e))
+    return args
