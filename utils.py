@@ -263,6 +263,9 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics", type=str, default=DEFAULT_METRICS)
     g.add_argument("--test_task", type=str, default="seqrec", help="seqrec, itemsearch or fusionseqrec")
     g.add_argument("--oom_backoff", action="store_true", help="on CUDA OOM retry the batch with fewer beams")
+    g.add_argument("--decoding", type=str, default="trie", choices=["trie", "position", "none"],
+                   help="trie: only real items (default); position: any token seen at each index position "
+                        "(the original rule, may produce non-items); none: unconstrained")
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
 
 
