@@ -28,12 +28,17 @@ def make_indices(n_items: int, levels: int = 3, codes: int = 4, seed: int = 0) -
 
 
 def make_dataset(root: Path, name: str = "Tiny", n_users: int = 15, n_items: int = 24, levels: int = 3,
-                 codes: int = 4, seed: int = 0, with_users: bool = True) -> Path:
-    """Write <root>/<name>/<name>.{inter,item,index,user}.json and return <root>."""
+                 codes: int = 4, seed: int = 0, with_users: bool = True, unique_items: bool = False) -> Path:
+    """Write <root>/<name>/<name>.{inter,item,index,user}.json and return <root>.
+
+    ``unique_items``: no item repeats within a user's sequence (so items can be told apart by value)."""
     rng = random.Random(seed)
     folder = Path(root) / name
     folder.mkdir(parents=True, exist_ok=True)
-    inters = {str(u): [rng.randrange(n_items) for _ in range(rng.randint(4, 9))] for u in range(n_users)}
+    if unique_items:
+        inters = {str(u): rng.sample(range(n_items), rng.randint(4, 9)) for u in range(n_users)}
+    else:
+        inters = {str(u): [rng.randrange(n_items) for _ in range(rng.randint(4, 9))] for u in range(n_users)}
     items = {
         str(i): {
             "title": f"The {rng.choice(WORDS)} {rng.choice(WORDS)} {i}",

@@ -1,0 +1,87 @@
+"""Batching for training (prompt + response + eos, right padding, response-only loss) and for
+generation (prompt only, left padding).
+
+Prompt and response are tokenized separately and their ids concatenated, so the boundary
+between them is exact and the prompt ids at test time equal the prompt ids seen in training.
+Padding is found from the attention mask and never by comparing ids with ``pad_token_id``:
+in SmolLM2 (and many LLaMA tokenizers) the pad token *is* the EOS token that ends every
+response, and that EOS must stay a label or the model never learns to stop.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100  # label value the cross-entropy loss skips
+
+
+def ensure_pad_token(tokenizer) -> int:
+    """The tokenizer's pad id; a tokenizer without one gets pad = eos (else unk), with a warning."""
+    if tokenizer.pad_token_id is None:
+        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if fallback is None:
+            raise ValueError("the tokenizer has no pad, eos or unk token to pad with")
+        warnings.warn(f"tokenizer has no pad token; padding with {fallback!r}")
+        tokenizer.pad_token = fallback
+    return tokenizer.pad_token_id
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids as both collators produce them (with the tokenizer's own special tokens, e.g. BOS)."""
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows],
+                        dtype=torch.long)
+
+
+class TrainCollator:
+    """Items ``{"prompt", "response"}`` to ``input_ids``, ``attention_mask``, ``labels`` (right padded)."""
+
+    def __init__(self, tokenizer, only_train_response: bool = True, model_max_length: int = 2048):
+        self.tokenizer = tokenizer
+        self.only_train_response = only_train_response
+        self.model_max_length = int(model_max_length)
+        self.pad_id = ensure_pad_token(tokenizer)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos token; responses could not end")
+
+    def encode(self, prompt: str, response: str) -> tuple[list[int], int]:
+        """(ids of prompt + response + eos, number of prompt ids), cut to model_max_length."""
+        prompt_ids = encode_prompt(self.tokenizer, prompt)
+        response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        response_ids = response_ids[: self.model_max_length]
+        # Too long: drop the oldest prompt tokens and keep the whole response.
+        prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - self.model_max_length):]
+        return prompt_ids + response_ids, len(prompt_ids)
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        encoded = [self.encode(b["prompt"], b["response"]) for b in batch]
+        input_ids = _pad([ids for ids, _ in encoded], self.pad_id, left=False)  # [B, T]
+        attention_mask = _pad([[1] * len(ids) for ids, _ in encoded], 0, left=False)  # [B, T]
+        labels = input_ids.clone()
+        labels[attention_mask == 0] = IGNORE_INDEX
+        if self.only_train_response:
+            for row, (_, n_prompt) in enumerate(encoded):
+                labels[row, :n_prompt] = IGNORE_INDEX
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class TestCollator:
+    """Items ``{"prompt", "target", ...}`` to (left-padded encodings, list of target strings)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pad_id = ensure_pad_token(tokenizer)
+
+    def __call__(self, batch: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        rows = [encode_prompt(self.tokenizer, b["prompt"]) for b in batch]
+        encodings = {
+            "input_ids": _pad(rows, self.pad_id, left=True),  # [B, T]
+            "attention_mask": _pad([[1] * len(r) for r in rows], 0, left=True),  # [B, T]
+        }
+        return encodings, [b["target"] for b in batch]

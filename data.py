@@ -1,0 +1,419 @@
+"""The six alignment-task datasets (training and validation) and the three test datasets.
+
+Splits are leave-one-out (SPEC section 4): for a user with items ``s``, ``s[-1]`` is the test
+item, ``s[-2]`` the validation item and ``s[:-2]`` the training part. No training example of
+any task ever contains ``s[-2]`` or ``s[-1]`` by position.
+
+Every dataset is a list of *examples* (a dict of raw fields) plus, per example, the templates it
+can be rendered with. A training item is ``{"prompt", "response"}``; which template renders it
+is drawn at ``__getitem__`` from an RNG keyed on (seed, epoch, example), so it is re-drawn each
+epoch (``set_epoch``) and identical on every rank. Test items are
+``{"prompt", "target", "user"}``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import ConcatDataset, Dataset
+
+import prompt
+from utils import DataError, dataset_file, load_indices, load_inters, load_items, load_json, parse_list
+
+# --------------------------------------------------------------------------- files
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    """The validated contents of one dataset folder (shared by every task dataset)."""
+
+    inters: dict[str, list[int]]
+    items: dict[str, dict[str, Any]]
+    indices: dict[str, list[str]]
+
+    def index_str(self, item: int | str) -> str:
+        return "".join(self.indices[str(item)])
+
+
+@functools.lru_cache(maxsize=4)
+def _load_files(data_path: str, dataset: str, index_file: str) -> DatasetFiles:
+    inter_path = dataset_file(data_path, dataset, ".inter.json")
+    item_path = dataset_file(data_path, dataset, ".item.json")
+    index_path = dataset_file(data_path, dataset, index_file)
+    inters = load_inters(inter_path)
+    used = {i for seq in inters.values() for i in seq}
+    indices = load_indices(index_path, required_items=used)  # SPEC 7: every item needs an index
+    items = load_items(item_path)
+    missing = sorted({str(i) for i in used} - set(items), key=lambda s: (len(s), s))
+    if missing:
+        raise DataError(f"{item_path}: {len(missing)} items of {inter_path.name} have no entry (first: {missing[:5]})")
+    return DatasetFiles(inters, items, indices)
+
+
+def load_files(args: argparse.Namespace) -> DatasetFiles:
+    return _load_files(str(args.data_path), args.dataset, args.index_file)
+
+
+def load_item_indices(args: argparse.Namespace) -> dict[str, list[str]]:
+    """``{item: [token, ...]}`` of the dataset, validated against its interactions."""
+    return load_files(args).indices
+
+
+@functools.lru_cache(maxsize=4)
+def _load_user_file(path: str) -> dict[str, Any]:
+    data = load_json(path, "user profile")
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected an object with user_explicit_preference and user_vague_intention")
+    return data
+
+
+def load_user_file(args: argparse.Namespace, section: str) -> dict[str, Any]:
+    """One top-level section of ``<D>.user.json`` (needed by itemsearch and preferenceobtain)."""
+    path = dataset_file(args.data_path, args.dataset, args.user_file)
+    if not path.is_file():
+        raise DataError(
+            f"{path}: user profile file not found; the itemsearch and preferenceobtain tasks need it "
+            "(build it with data_process/user_profiles.py or drop those tasks from --tasks)"
+        )
+    data = _load_user_file(str(path))
+    if not isinstance(data.get(section), dict):
+        raise DataError(f"{path}: missing object field {section!r}")
+    return data[section]
+
+
+def _sentence(text: str) -> str:
+    """Trim, and end with punctuation so that the text can be followed by another sentence."""
+    text = " ".join(str(text).split())
+    return text if not text or text[-1] in ".!?" else text + "."
+
+
+# --------------------------------------------------------------------------- base class
+
+
+class TaskDataset(Dataset):
+    """What every task shares: files, history formatting, template sampling.
+
+    Subclasses fill ``self.examples`` with dicts of raw fields (``user``, ``history`` as a list
+    of items, ``item``, ...) and may override ``fields`` to turn them into template fields.
+    """
+
+    task: str = ""
+
+    def __init__(self, args: argparse.Namespace, mode: str = "train", prompt_sample_num: int = 1,
+                 sample_num: int = 0, prompt_id: int | None = None):
+        if mode not in ("train", "valid", "test"):
+            raise ValueError(f"mode must be train, valid or test, got {mode!r}")
+        self.args = args
+        self.mode = mode
+        self.seed = int(getattr(args, "seed", 42))
+        self.max_his_len = int(getattr(args, "max_his_len", 20))
+        self.add_prefix = bool(getattr(args, "add_prefix", False))
+        self.his_sep = getattr(args, "his_sep", ", ")
+        self.prompt_sample_num = int(prompt_sample_num)
+        self.prompt_id = prompt_id
+        self.epoch = 0
+        self.files = load_files(args)
+        self.templates = prompt.TEMPLATES[self.task]
+        self.template_needs = [prompt.template_fields(t) for t in self.templates]
+        self.examples: list[dict[str, Any]] = self.build_examples()
+        if sample_num and 0 < sample_num < len(self.examples):
+            # test subsets ignore the task so that seqrec and fusionseqrec score the same users
+            key = f"{self.seed}:{mode}" if mode == "test" else f"{self.seed}:{self.task}:{mode}"
+            keep = sorted(random.Random(key).sample(range(len(self.examples)), sample_num))
+            self.examples = [self.examples[i] for i in keep]
+        # Templates each example can use: those whose fields are all non-empty for it.
+        # Test sets keep every user (an empty field renders empty) so that all ids see the same users.
+        allowed = range(len(self.templates)) if prompt_id is None else [prompt_id]
+        self.choices = [[t for t in allowed if mode == "test" or self._fits(ex, t)]
+                        for ex in self.examples]
+        keep = [i for i, c in enumerate(self.choices) if c]
+        self.examples = [self.examples[i] for i in keep]
+        self.choices = [self.choices[i] for i in keep]
+
+    # ------------------------------------------------------------------ to override
+    def build_examples(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def fields(self, ex: dict[str, Any], rng: random.Random) -> dict[str, str]:
+        """Template fields of an example; the base covers items, histories and item text."""
+        out: dict[str, str] = {}
+        if "history" in ex:
+            out["history"] = self.format_history(ex["history"], by="index")
+            out["title_history"] = self.format_history(ex["history"], by="title")
+        if "item" in ex:
+            feat = self.files.items[str(ex["item"])]
+            out["item"] = self.files.index_str(ex["item"])
+            out["title"] = " ".join(feat["title"].split())
+            out["description"] = " ".join(str(feat.get("description", "")).split())
+        return out
+
+    # ------------------------------------------------------------------ shared helpers
+    def recent(self, items: list[int]) -> list[int]:
+        return items[-self.max_his_len:] if self.max_his_len > 0 else list(items)
+
+    def format_history(self, items: list[int], by: str = "index") -> str:
+        """The last ``max_his_len`` items as index strings (or quoted titles), numbered with add_prefix."""
+        parts = []
+        for k, item in enumerate(self.recent(items), start=1):
+            text = self.files.index_str(item) if by == "index" else '"' + " ".join(self.files.items[str(item)]["title"].split()) + '"'
+            parts.append(f"{k}. {text}" if self.add_prefix else text)
+        return self.his_sep.join(parts)
+
+    def missing_fields(self, ex: dict[str, Any]) -> set[str]:
+        """Fields that would render empty for this example (cheap: no string building)."""
+        missing = set()
+        if "history" in ex and not ex["history"]:
+            missing |= {"history", "title_history"}
+        if "item" in ex:
+            feat = self.files.items[str(ex["item"])]
+            missing |= {f for f in ("title", "description") if not str(feat.get(f, "")).strip()}
+        return missing
+
+    def _fits(self, ex: dict[str, Any], template_id: int) -> bool:
+        return not (self.template_needs[template_id] & self.missing_fields(ex))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _rng(self, example_idx: int) -> random.Random:
+        epoch = self.epoch if self.mode == "train" else 0  # evaluation sets are fixed
+        return random.Random(f"{self.seed}:{self.task}:{self.mode}:{epoch}:{example_idx}")
+
+    def _per_example(self) -> int:
+        if self.prompt_id is not None:
+            return 1
+        return self.prompt_sample_num if self.prompt_sample_num > 0 else len(self.templates)
+
+    def template_of(self, idx: int) -> tuple[int, int, random.Random]:
+        """(example index, template id, rng) of dataset item ``idx``."""
+        k = self._per_example()
+        ex_idx, slot = divmod(idx, k)
+        rng = self._rng(ex_idx)
+        choices = self.choices[ex_idx]
+        if self.prompt_id is not None:
+            return ex_idx, self.prompt_id, rng
+        if self.prompt_sample_num <= 0:  # every template once (those that fit; others repeat the first fits)
+            tid = slot if slot in choices else choices[slot % len(choices)]
+            return ex_idx, tid, rng
+        # k distinct templates per example (with repeats only when fewer fit)
+        order = rng.sample(choices, len(choices))
+        return ex_idx, order[slot % len(order)], rng
+
+    def __len__(self) -> int:
+        return len(self.examples) * self._per_example()
+
+    def render(self, idx: int) -> tuple[str, str, dict[str, Any]]:
+        ex_idx, tid, rng = self.template_of(idx)
+        ex = self.examples[ex_idx]
+        p, r = prompt.render(self.templates[tid], self.fields(ex, rng))
+        return p, r, ex
+
+    def __getitem__(self, idx: int) -> dict[str, str]:
+        if idx < 0:
+            idx += len(self)
+        if not 0 <= idx < len(self):
+            raise IndexError(idx)
+        p, r, ex = self.render(idx)
+        if self.mode == "test":
+            return {"prompt": p, "target": self.files.index_str(ex["item"]), "user": str(ex["user"])}
+        return {"prompt": p, "response": r}
+
+    # ------------------------------------------------------------------ split helpers
+    def history_examples(self) -> list[dict[str, Any]]:
+        """Leave-one-out examples: every prefix of s[:-2] (train), s[:-2] -> s[-2], s[:-1] -> s[-1]."""
+        out = []
+        for user, seq in self.files.inters.items():
+            if self.mode == "train":
+                train = seq[:-2]
+                out += [{"user": user, "history": train[:i], "item": train[i], "pos": i} for i in range(1, len(train))]
+            elif self.mode == "valid":
+                out.append({"user": user, "history": seq[:-2], "item": seq[-2], "pos": len(seq) - 2})
+            else:
+                out.append({"user": user, "history": seq[:-1], "item": seq[-1], "pos": len(seq) - 1})
+        return out
+
+
+# --------------------------------------------------------------------------- the six tasks
+
+
+class SeqRecDataset(TaskDataset):
+    task = "seqrec"
+
+    def build_examples(self):
+        return self.history_examples()
+
+
+class FusionSeqRecDataset(TaskDataset):
+    task = "fusionseqrec"
+
+    def build_examples(self):
+        return self.history_examples()
+
+
+class ItemDataset(TaskDataset):
+    """All items of the index file that have text: item2index and index2item."""
+
+    def __init__(self, args, mode="train", prompt_sample_num=1, sample_num=0, prompt_id=None):
+        if mode != "train":
+            raise ValueError(f"{self.task} has only a training split")
+        super().__init__(args, mode, prompt_sample_num, sample_num, prompt_id)
+
+    def build_examples(self):
+        items = [i for i in self.files.indices if i in self.files.items]
+        return [{"item": i} for i in sorted(items, key=lambda s: (len(s), s))]
+
+
+class Item2IndexDataset(ItemDataset):
+    task = "item2index"
+
+
+class Index2ItemDataset(ItemDataset):
+    task = "index2item"
+
+
+class ItemSearchDataset(TaskDataset):
+    """Explicit preference + vague intention (+ history) -> item. Users of the user file only.
+
+    Train: the intention about s[-3] with history s[:-3]; test: about s[-1] with history s[:-1].
+    """
+
+    task = "itemsearch"
+
+    def build_examples(self):
+        if self.mode == "valid":
+            raise ValueError("itemsearch has no validation split")
+        path = dataset_file(self.args.data_path, self.args.dataset, self.args.user_file)
+        intentions = load_user_file(self.args, "user_vague_intention").get(self.mode)
+        if not isinstance(intentions, dict):
+            raise DataError(f"{path}: user_vague_intention needs an object {self.mode!r}")
+        preferences = load_user_file(self.args, "user_explicit_preference")
+        offset = 3 if self.mode == "train" else 1
+        out = []
+        for user, rec in intentions.items():
+            seq = self.files.inters.get(str(user))
+            if seq is None:
+                raise DataError(f"{path}: user {user!r} of user_vague_intention.{self.mode} is not in the interactions")
+            querys = rec.get("querys") if isinstance(rec, dict) else None
+            if not (isinstance(querys, list) and len(querys) == 2 and all(isinstance(q, str) for q in querys)):
+                raise DataError(f"{path}: user_vague_intention.{self.mode}[{user!r}].querys must be "
+                                "[user_related, item_related] strings")
+            pos = len(seq) - offset
+            if rec.get("item") != seq[pos]:
+                raise DataError(f"{path}: user_vague_intention.{self.mode}[{user!r}].item is {rec.get('item')!r} "
+                                f"but the interactions put item {seq[pos]} at position -{offset}")
+            out.append({"user": str(user), "history": seq[:pos], "item": seq[pos], "pos": pos, "querys": querys,
+                        "preferences": [p for p in preferences.get(str(user), []) if isinstance(p, str) and p.strip()]})
+        return out
+
+    def missing_fields(self, ex):
+        missing = super().missing_fields(ex)
+        names = ("user_related_intention", "item_related_intention")
+        missing |= {n for n, q in zip(names, ex["querys"]) if not q.strip()}
+        return missing | (set() if ex["preferences"] else {"explicit_preference"})
+
+    def fields(self, ex, rng):
+        out = super().fields(ex, rng)
+        out["user_related_intention"] = _sentence(ex["querys"][0])
+        out["item_related_intention"] = _sentence(ex["querys"][1])
+        prefs = ex["preferences"]
+        # training re-draws with the example's rng; test keeps one fixed choice per user
+        pick = rng if self.mode == "train" else random.Random(f"{self.seed}:{ex['user']}")
+        out["explicit_preference"] = _sentence(pick.choice(prefs)) if prefs else ""
+        return out
+
+
+class PreferenceObtainDataset(TaskDataset):
+    """History s[:-3] -> one explicit preference (each preference sentence is one example)."""
+
+    task = "preferenceobtain"
+
+    def build_examples(self):
+        if self.mode != "train":
+            raise ValueError("preferenceobtain has only a training split")
+        path = dataset_file(self.args.data_path, self.args.dataset, self.args.user_file)
+        out = []
+        for user, prefs in load_user_file(self.args, "user_explicit_preference").items():
+            seq = self.files.inters.get(str(user))
+            if seq is None:
+                raise DataError(f"{path}: user {user!r} of user_explicit_preference is not in the interactions")
+            if not isinstance(prefs, list):
+                raise DataError(f"{path}: user_explicit_preference[{user!r}] must be a list of strings")
+            history = seq[:-3]  # the preferences were drawn from these items only
+            out += [{"user": str(user), "history": history, "preference": p}
+                    for p in prefs if isinstance(p, str) and p.strip()]
+        return out
+
+    def fields(self, ex, rng):
+        out = super().fields(ex, rng)
+        out["explicit_preference"] = " ".join(ex["preference"].split())
+        return out
+
+
+TASK_DATASETS: dict[str, type[TaskDataset]] = {
+    "seqrec": SeqRecDataset,
+    "item2index": Item2IndexDataset,
+    "index2item": Index2ItemDataset,
+    "fusionseqrec": FusionSeqRecDataset,
+    "itemsearch": ItemSearchDataset,
+    "preferenceobtain": PreferenceObtainDataset,
+}
+
+
+# --------------------------------------------------------------------------- loading by task name
+
+
+class MultiTaskDataset(ConcatDataset):
+    """The training mixture; ``set_epoch`` reaches every task so templates are re-drawn."""
+
+    def __init__(self, datasets: list[TaskDataset]):
+        super().__init__(datasets)
+        self.tasks = [d.task for d in datasets]
+
+    def set_epoch(self, epoch: int) -> None:
+        for d in self.datasets:
+            d.set_epoch(epoch)
+
+
+def load_datasets(args: argparse.Namespace) -> tuple[MultiTaskDataset, TaskDataset]:
+    """(train mixture of ``--tasks``, seqrec validation set) with the per-task sample numbers."""
+    tasks = [t.lower() for t in parse_list(args.tasks, str, "--tasks")]
+    prompt_nums = parse_list(args.train_prompt_sample_num, int, "--train_prompt_sample_num")
+    data_nums = parse_list(args.train_data_sample_num, int, "--train_data_sample_num")
+    if not (len(tasks) == len(prompt_nums) == len(data_nums)):
+        raise DataError("--tasks, --train_prompt_sample_num and --train_data_sample_num need one entry per task")
+    train = []
+    for task, k, n in zip(tasks, prompt_nums, data_nums):
+        if task not in TASK_DATASETS:
+            raise DataError(f"--tasks: unknown task {task!r}; expected names from {list(TASK_DATASETS)}")
+        ds = TASK_DATASETS[task](args, "train", prompt_sample_num=k, sample_num=n)
+        if len(ds) == 0:
+            raise DataError(f"task {task}: no training examples in {Path(args.data_path) / args.dataset}")
+        train.append(ds)
+    if getattr(args, "sample_valid", True):
+        valid = SeqRecDataset(args, "valid", prompt_sample_num=args.valid_prompt_sample_num)
+    else:
+        valid = SeqRecDataset(args, "valid", prompt_id=args.valid_prompt_id)
+    return MultiTaskDataset(train), valid
+
+
+def test_prompt_ids(task: str) -> list[int]:
+    """Template ids of ``task`` whose response is an item index (fusionseqrec: the index-output ones)."""
+    if task not in ("seqrec", "itemsearch", "fusionseqrec"):
+        raise DataError(f"--test_task: {task!r} is not a test task; expected seqrec, itemsearch or fusionseqrec")
+    return prompt.item_output_ids(task)
+
+
+def load_test_dataset(args: argparse.Namespace, task: str, prompt_id: int) -> TaskDataset:
+    """Test set of ``task`` rendered with template ``prompt_id``: items {"prompt", "target", "user"}.
+
+    ``args.sample_num`` (-1 = all) keeps a seeded random subset of users, the same for every id.
+    """
+    ids = test_prompt_ids(task)
+    if prompt_id not in ids:
+        raise DataError(f"--test_prompt_ids: {prompt_id} is not an item-output template of {task}; valid ids: {ids}")
+    sample_num = int(getattr(args, "sample_num", -1))
+    return TASK_DATASETS[task](args, "test", sample_num=max(sample_num, 0), prompt_id=prompt_id)

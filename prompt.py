@@ -1,0 +1,210 @@
+"""Prompt templates of the six alignment tasks and the instruction wrapper around them.
+
+Every example becomes ``wrap(instruction)`` followed by the response:
+
+    <PREAMBLE>
+
+    ### Instruction:
+    <instruction>
+
+    ### Response:
+    <response>
+
+The templates are plain data: one list of ``{"instruction": ..., "response": ...}`` dicts per
+task in ``TEMPLATES``. To add a template, append a dict to a list; placeholders are filled with
+``str.format`` from the fields a dataset provides (see ``FIELDS``). A template id is its position
+in its task's list, so append new templates at the end to keep existing ids stable.
+"""
+from __future__ import annotations
+
+import string
+
+PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+INSTRUCTION_HEADER = "### Instruction:"
+RESPONSE_HEADER = "### Response:"
+
+# Fields each task's dataset fills in (templates may use any subset of them).
+#   history        the user's past items as indices, "<a_1><b_2><c_3>, <a_4>..." (his_sep, add_prefix)
+#   title_history  the same items by title, each in double quotes
+#   item           the index string of the item in question, "<a_1><b_2><c_3>"
+#   title, description            text of that item
+#   explicit_preference           one of the user's preference sentences
+#   user_related_intention, item_related_intention   the two vague intentions of the user file
+FIELDS = {
+    "seqrec": ("history", "item"),
+    "item2index": ("item", "title", "description"),
+    "index2item": ("item", "title", "description"),
+    "fusionseqrec": ("history", "title_history", "item", "title", "description"),
+    "itemsearch": ("history", "item", "explicit_preference", "user_related_intention", "item_related_intention"),
+    "preferenceobtain": ("history", "explicit_preference"),
+}
+
+ITEM_RESPONSE = "{item}"  # the response of every index-output template (what evaluation scores)
+
+
+def _t(instruction: str, response: str = ITEM_RESPONSE) -> dict[str, str]:
+    return {"instruction": instruction, "response": response}
+
+
+TEMPLATES: dict[str, list[dict[str, str]]] = {
+    # ------------------------------------------------------------------ history -> next index
+    "seqrec": [
+        _t("Here are the items a user has interacted with, in chronological order: {history}. "
+           "Which item will the user interact with next?"),
+        _t("A user's interaction history, oldest first, is {history}. Predict the next item this user will choose."),
+        _t("Given the sequence of items {history} that a user engaged with, recommend the item they are most "
+           "likely to engage with next."),
+        _t("The user has consumed these items one after another: {history}. Suggest the item that should come next."),
+        _t("Based on the items this user has previously interacted with ({history}), what is the next item they "
+           "will pick?"),
+        _t("Look at this ordered record of a user's interactions: {history}. Guess the item that follows."),
+        _t("Interaction history: {history}. Using this history, name the item the user will most probably "
+           "interact with next."),
+        _t("A customer went through the items {history} in this order. Recommend one item for them to try next."),
+        _t("From the chronological interactions {history}, infer the user's taste and output the next item "
+           "they will want."),
+        _t("These are the items a user enjoyed, listed by time: {history}. What should we recommend to them now?"),
+        _t("You are a recommender system. The user's recent activity is {history}. Output the index of the "
+           "next item."),
+        _t("Considering that the user interacted with {history}, determine which item they are going to "
+           "interact with after that."),
+        _t("Sequence of past items: {history}. Continue the sequence with the item the user will choose next."),
+        _t("The following items show what a user has been interested in over time: {history}. Predict their "
+           "next interaction."),
+        _t("Please recommend the next item for a user whose history is {history}."),
+        _t("Given that a user interacted with the items {history} in turn, which item is the natural next "
+           "step for them?"),
+        _t("Analyse the user's history {history} and forecast the item they will select next."),
+    ],
+    # ------------------------------------------------------------------ text -> index
+    "item2index": [
+        _t('Which item has the title "{title}"?'),
+        _t('What is the index of the item titled "{title}"?'),
+        _t('Give the identifier of the item called "{title}".'),
+        _t('An item is named "{title}". Output its index.'),
+        _t('Find the item whose title is "{title}".'),
+        _t('Map the title "{title}" to the corresponding item index.'),
+        _t('Title: "{title}". Which item does this title belong to?'),
+        _t('An item is described as follows: "{description}". Which item is it?'),
+        _t('Identify the item that matches this description: "{description}".'),
+        _t('Here is an item\'s description: "{description}". Output the item\'s index.'),
+        _t('Which item does the description "{description}" refer to?'),
+        _t('Find the index of the item with the description "{description}".'),
+        _t('Description: "{description}". Give the item it describes.'),
+        _t('The item titled "{title}" is described as "{description}". What is its index?'),
+        _t('Identify the item with the title "{title}" and the description "{description}".'),
+        _t('Title: "{title}". Description: "{description}". Output the matching item.'),
+        _t('Which item is called "{title}" and described by "{description}"?'),
+        _t('Using both the title "{title}" and the description "{description}", find the item\'s index.'),
+        _t('An item named "{title}" has the following description: "{description}". Give its index.'),
+    ],
+    # ------------------------------------------------------------------ index -> text
+    "index2item": [
+        _t("What is the title of item {item}?", "{title}"),
+        _t("Give the name of the item {item}.", "{title}"),
+        _t("What is item {item} called?", "{title}"),
+        _t("Tell me the title that belongs to item {item}.", "{title}"),
+        _t("Output the title of the item with index {item}.", "{title}"),
+        _t("Which title corresponds to {item}?", "{title}"),
+        _t("Describe item {item}.", "{description}"),
+        _t("What is the description of item {item}?", "{description}"),
+        _t("Write the description of the item with index {item}.", "{description}"),
+        _t("Give a short description of item {item}.", "{description}"),
+        _t("What is item {item} like? Provide its description.", "{description}"),
+        _t("Item {item}: what is it about?", "{description}"),
+        _t("What are the title and the description of item {item}?", "Title: {title}\nDescription: {description}"),
+        _t("Give the name of item {item} and describe it.", "{title}: {description}"),
+        _t("Tell me about item {item}: its title and its description.", "Title: {title}. Description: {description}"),
+        _t("Provide the title and a description of the item with index {item}.", '"{title}", {description}'),
+        _t("Which item is {item}? Answer with its title, then its description.", "{title}\n{description}"),
+    ],
+    # ------------------------------------------------------------------ indices <-> titles
+    # 0-3: index history -> title, 4-7: index history -> description, 8-11: title history -> index.
+    "fusionseqrec": [
+        _t("A user interacted with these items in order: {history}. What is the title of the item they will "
+           "interact with next?", "{title}"),
+        _t("Given the user's history {history}, predict the title of the next item.", "{title}"),
+        _t("The items {history} were chosen by a user one after another. Name the next item they will choose "
+           "by its title.", "{title}"),
+        _t("Based on the interaction sequence {history}, recommend the next item and give its title.", "{title}"),
+        _t("A user interacted with these items in order: {history}. Describe the item they will interact with "
+           "next.", "{description}"),
+        _t("Given the user's history {history}, write the description of the next item they will like.",
+           "{description}"),
+        _t("Here is a user's item sequence: {history}. What will the next item be like? Give its description.",
+           "{description}"),
+        _t("From the interactions {history}, predict the next item and describe it.", "{description}"),
+        _t("A user interacted with the items titled {title_history}, in that order. Which item will they "
+           "interact with next?"),
+        _t("The user's history, by title, is {title_history}. Predict the index of the next item."),
+        _t("Given the titles of the items a user engaged with ({title_history}), recommend the next item."),
+        _t("Titles of past interactions: {title_history}. Output the item the user is likely to choose next."),
+    ],
+    # ------------------------------------------------------------------ preference + intention -> index
+    "itemsearch": [
+        _t('A user has the following preferences: {explicit_preference} They now say: "{user_related_intention}" '
+           "Which item would satisfy them?"),
+        _t("User preference: {explicit_preference}\nCurrent request: \"{item_related_intention}\"\n"
+           "Find the item that matches this request."),
+        _t("Here is what a user has interacted with: {history}. The user is now looking for something and says: "
+           '"{user_related_intention}" Recommend an item.'),
+        _t("The user's history is {history}, and the user's stated tastes are: {explicit_preference} "
+           'Search for an item that fits the query "{item_related_intention}"'),
+        _t('Query: "{item_related_intention}" Return the item that best answers this query.'),
+        _t('Find an item for a user who says "{user_related_intention}" and whose preferences are: '
+           "{explicit_preference}"),
+        _t('Past interactions: {history}. Request: "{item_related_intention}" Which item should be retrieved?'),
+        _t('A shopper describes what they want as "{user_related_intention}" Considering their history '
+           "{history}, pick the item they are searching for."),
+        _t('Search the catalogue for an item matching "{item_related_intention}" for a user who likes the '
+           "following: {explicit_preference}"),
+        _t("Given the user's preferences ({explicit_preference}) and history ({history}), find the item "
+           'described by "{item_related_intention}"'),
+        _t("Recommend the item that a user with interaction history {history} wants when they say "
+           '"{user_related_intention}"'),
+    ],
+    # ------------------------------------------------------------------ history -> preference text
+    "preferenceobtain": [
+        _t("A user has interacted with the items {history}. Summarise this user's preferences.",
+           "{explicit_preference}"),
+        _t("Based on the interaction history {history}, describe what the user likes.", "{explicit_preference}"),
+        _t("What can you infer about a user's tastes from these items: {history}?", "{explicit_preference}"),
+        _t("The items {history} were chosen by a user over time. Write a description of their preferences.",
+           "{explicit_preference}"),
+        _t("Analyse the history {history} and state the user's preferences.", "{explicit_preference}"),
+        _t("Interaction history: {history}. What kind of items does this user enjoy?", "{explicit_preference}"),
+        _t("Given the user's past items {history}, explain their interests.", "{explicit_preference}"),
+        _t("From the sequence {history}, deduce the user's preferences.", "{explicit_preference}"),
+        _t("Describe the preferences of a user who interacted with {history}.", "{explicit_preference}"),
+        _t("What does a user with history {history} look for in an item?", "{explicit_preference}"),
+        _t("Here is the list of items a user engaged with: {history}. Characterise the user's taste.",
+           "{explicit_preference}"),
+    ],
+}
+
+
+def wrap(instruction: str) -> str:
+    """The full prompt for an instruction: everything up to and including the response separator."""
+    return f"{PREAMBLE}\n\n{INSTRUCTION_HEADER}\n{instruction}\n\n{RESPONSE_HEADER}\n"
+
+
+def placeholders(text: str) -> set[str]:
+    """Names of the ``{fields}`` used in a template string."""
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name}
+
+
+def template_fields(template: dict[str, str]) -> set[str]:
+    return placeholders(template["instruction"]) | placeholders(template["response"])
+
+
+def render(template: dict[str, str], fields: dict[str, str]) -> tuple[str, str]:
+    """(prompt, response) of one example. The prompt ends where the response starts."""
+    return wrap(template["instruction"].format(**fields)), template["response"].format(**fields)
+
+
+def item_output_ids(task: str) -> list[int]:
+    """Ids of the templates of ``task`` whose response is the item index (the testable ones)."""
+    return [i for i, t in enumerate(TEMPLATES[task]) if t["response"].strip() == ITEM_RESPONSE]

@@ -1,0 +1,226 @@
+"""Templates, task datasets, splits and collators."""
+import json
+import random
+
+import pytest
+import torch
+
+import collator
+import data
+import prompt
+from fixtures import make_dataset, train_tokenizer
+from utils import ALL_TASKS, DataError, dataset_file, index_tokens, parse_args
+
+EXPECTED_COUNTS = {"seqrec": 17, "item2index": 19, "index2item": 17, "fusionseqrec": 12, "itemsearch": 11,
+                   "preferenceobtain": 11}
+
+
+def train_args(data_path, dataset="Tiny", *extra, tasks=ALL_TASKS, prompt_nums=None, data_nums=None):
+    prompt_nums = prompt_nums or [1] * len(tasks)
+    data_nums = data_nums or [0] * len(tasks)
+    return parse_args("train", ["--data_path", str(data_path), "--dataset", dataset, "--tasks", ",".join(tasks),
+                                "--train_prompt_sample_num", ",".join(map(str, prompt_nums)),
+                                "--train_data_sample_num", ",".join(map(str, data_nums)), *extra])
+
+
+def test_template_counts_and_fields(tiny_data):
+    assert {t: len(v) for t, v in prompt.TEMPLATES.items()} == EXPECTED_COUNTS
+    args = train_args(*tiny_data)
+    for task in ALL_TASKS:
+        ds = data.TASK_DATASETS[task](args, "train", prompt_sample_num=0)
+        fields = ds.fields(ds.examples[-1], random.Random(0))
+        assert set(fields) >= set(prompt.FIELDS[task]), task
+        for tid, template in enumerate(ds.templates):
+            assert prompt.template_fields(template) <= set(prompt.FIELDS[task]), (task, tid)
+            p, r = prompt.render(template, fields)
+            assert "{" not in p + r and r, (task, tid)
+            assert p.startswith(prompt.PREAMBLE) and p.endswith(f"{prompt.RESPONSE_HEADER}\n")
+    # fusionseqrec: 4 title, 4 description, then 4 index outputs (the testable ones)
+    responses = [t["response"] for t in prompt.TEMPLATES["fusionseqrec"]]
+    assert responses == ["{title}"] * 4 + ["{description}"] * 4 + ["{item}"] * 4
+    assert data.test_prompt_ids("fusionseqrec") == [8, 9, 10, 11]
+    assert data.test_prompt_ids("seqrec") == list(range(17))
+    assert data.test_prompt_ids("itemsearch") == list(range(11))
+    with pytest.raises(DataError, match="not a test task"):
+        data.test_prompt_ids("item2index")
+
+
+def test_history_format(tiny_data):
+    args = train_args(*tiny_data, "--max_his_len", "3", "--add_prefix", "--his_sep", " | ")
+    ds = data.SeqRecDataset(args, "test", prompt_id=0)
+    seq = ds.files.inters["0"]
+    expected = " | ".join(f"{k}. {ds.files.index_str(i)}" for k, i in enumerate(seq[-4:-1], 1))
+    assert ds.fields(ds.examples[0], random.Random(0))["history"] == expected
+    assert expected in ds[0]["prompt"]
+    assert ds[0]["target"] == ds.files.index_str(seq[-1]) and ds[0]["user"] == "0"
+
+
+def test_sample_numbers_per_task(tiny_data):
+    args = train_args(*tiny_data)
+    inters = json.loads(dataset_file(*tiny_data, ".inter.json").read_text())
+    n_seqrec = sum(len(s) - 3 for s in inters.values())  # prefixes of s[:-2] with >= 1 history item
+    full, _ = data.load_datasets(args)
+    sizes = dict(zip(full.tasks, (len(d) for d in full.datasets)))
+    assert sizes["seqrec"] == sizes["fusionseqrec"] == n_seqrec
+    assert sizes["item2index"] == sizes["index2item"] == 24
+    assert sizes["itemsearch"] == 15 and sizes["preferenceobtain"] == 30  # 2 preference sentences per user
+
+    args = train_args(*tiny_data, prompt_nums=[2, 0, 1, 3, 1, 1], data_nums=[10, 0, 5, 0, 4, 0])
+    train, valid = data.load_datasets(args)
+    sizes = dict(zip(train.tasks, (len(d) for d in train.datasets)))
+    assert sizes == {"seqrec": 20, "item2index": 24 * 19, "index2item": 5, "fusionseqrec": n_seqrec * 3,
+                     "itemsearch": 4, "preferenceobtain": 30}
+    assert len(train) == sum(sizes.values())
+    # 2 validation templates per user, on the second-to-last item
+    assert len(valid) == 2 * len(inters)
+    seqrec = train.datasets[0]
+    assert len({seqrec.template_of(i)[1] for i in range(2)}) == 2  # k distinct templates per example
+    assert all(v["response"] == seqrec.files.index_str(inters[str(u)][-2])
+               for u, v in zip(sorted(inters, key=int), (valid[2 * j] for j in range(len(inters)))))
+
+
+def test_templates_redrawn_each_epoch(tiny_data):
+    train, _ = data.load_datasets(train_args(*tiny_data, tasks=["seqrec"]))
+    ds = train.datasets[0]
+    draw = lambda: [ds.template_of(i)[1] for i in range(len(ds))]  # noqa: E731
+    first = draw()
+    assert draw() == first  # same epoch, same draw (identical on every rank)
+    train.set_epoch(1)
+    second = draw()
+    assert second != first and len(set(second)) > 3
+
+
+def test_partial_and_missing_user_file(tmp_path):
+    root = make_dataset(tmp_path / "d")
+    path = dataset_file(root, "Tiny", ".user.json")
+    user = json.loads(path.read_text())
+    keep = {"1", "4", "7"}
+    user["user_explicit_preference"] = {u: v for u, v in user["user_explicit_preference"].items() if u in keep}
+    for split in ("train", "test"):
+        user["user_vague_intention"][split] = {u: v for u, v in user["user_vague_intention"][split].items()
+                                               if u in keep}
+    path.write_text(json.dumps(user))
+    train, _ = data.load_datasets(train_args(root))
+    by_task = dict(zip(train.tasks, train.datasets))
+    assert {ex["user"] for ex in by_task["itemsearch"].examples} == keep
+    assert {ex["user"] for ex in by_task["preferenceobtain"].examples} == keep
+    test_args = parse_args("test", ["--data_path", str(root), "--dataset", "Tiny"])
+    assert sorted(x["user"] for x in data.load_test_dataset(test_args, "itemsearch", 3)) == sorted(keep)
+
+    path.unlink()
+    data._load_user_file.cache_clear()
+    assert len(data.load_datasets(train_args(root, tasks=["seqrec", "item2index"]))[0]) > 0
+    with pytest.raises(DataError, match=r"Tiny\.user\.json.*not found"):
+        data.load_datasets(train_args(root, tasks=["seqrec", "itemsearch"]))
+
+
+def test_no_validation_or_test_item_in_training(tmp_path):
+    root = make_dataset(tmp_path / "d", n_users=20, unique_items=True)
+    args = train_args(root, prompt_nums=[0] * 6)  # every template of every example
+    train, _ = data.load_datasets(args)
+    files = train.datasets[0].files
+    checked = 0
+    for ds in train.datasets:
+        if ds.task in ("item2index", "index2item"):
+            continue  # item text only, no user
+        for idx in range(len(ds)):
+            ex_idx, _, _ = ds.template_of(idx)
+            user = ds.examples[ex_idx]["user"]
+            seq = files.inters[user]
+            text = "".join(ds[idx].values())
+            for held_out in seq[-2:]:
+                assert files.index_str(held_out) not in text, (ds.task, user)
+                assert f'"{files.items[str(held_out)]["title"]}"' not in text, (ds.task, user)
+            checked += 1
+    assert checked > 500
+    # a user file whose train intention is about another position is refused
+    path = dataset_file(root, "Tiny", ".user.json")
+    user = json.loads(path.read_text())
+    user["user_vague_intention"]["train"]["3"]["item"] = files.inters["3"][-1]
+    path.write_text(json.dumps(user))
+    data._load_user_file.cache_clear()
+    with pytest.raises(DataError, match=r"user_vague_intention\.train\['3'\]\.item"):
+        data.load_datasets(train_args(root, tasks=["itemsearch"]))
+
+
+def test_test_dataset_sampling(tiny_data):
+    args = parse_args("test", ["--data_path", str(tiny_data[0]), "--dataset", "Tiny", "--sample_num", "6"])
+    users = [[x["user"] for x in data.load_test_dataset(args, task, pid)]
+             for task in ("seqrec", "fusionseqrec") for pid in data.test_prompt_ids(task)[:3]]
+    assert len(users[0]) == 6 and all(u == users[0] for u in users)
+    with pytest.raises(DataError, match="not an item-output template"):
+        data.load_test_dataset(args, "fusionseqrec", 0)
+
+
+def test_bad_dataset_files(tmp_path):
+    root = make_dataset(tmp_path / "d")
+    index_path = dataset_file(root, "Tiny", ".index.json")
+    indices = json.loads(index_path.read_text())
+    del indices["5"]
+    index_path.write_text(json.dumps(indices))
+    data._load_files.cache_clear()
+    with pytest.raises(DataError, match=r"Tiny\.index\.json.*no index"):
+        data.load_datasets(train_args(root, tasks=["seqrec"]))
+
+    root = make_dataset(tmp_path / "e")
+    inter_path = dataset_file(root, "Tiny", ".inter.json")
+    inters = json.loads(inter_path.read_text())
+    inters["2"] = inters["2"][:2]
+    inter_path.write_text(json.dumps(inters))
+    with pytest.raises(DataError, match=r"user '2' has 2 interactions"):
+        data.load_datasets(train_args(root, tasks=["seqrec"]))
+
+
+# ------------------------------------------------------------------ collators
+
+
+@pytest.fixture(scope="module")
+def tokenizer_with_indices(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("tok"))
+    tok = train_tokenizer()
+    tok.add_tokens(index_tokens(json.loads(dataset_file(root, "Tiny", ".index.json").read_text())))
+    assert tok.pad_token_id == tok.eos_token_id  # the case that breaks id-based padding detection
+    return tok, root
+
+
+def test_train_collator_labels(tokenizer_with_indices):
+    tok, root = tokenizer_with_indices
+    ds = data.SeqRecDataset(train_args(root), "train", prompt_sample_num=1)
+    batch = [ds[0], ds[5], ds[9]]
+    out = collator.TrainCollator(tok, only_train_response=True, model_max_length=2048)(batch)
+    ids, mask, labels = out["input_ids"], out["attention_mask"], out["labels"]
+    assert ids.shape == mask.shape == labels.shape
+    for row, item in enumerate(batch):
+        n_prompt = len(tok(item["prompt"])["input_ids"])
+        response = tok(item["response"], add_special_tokens=False)["input_ids"]
+        n = int(mask[row].sum())
+        assert mask[row, :n].all() and not mask[row, n:].any()  # right padding
+        assert n == n_prompt + len(response) + 1
+        assert (labels[row, :n_prompt] == -100).all() and (labels[row, n:] == -100).all()
+        assert labels[row, n_prompt:n].tolist() == response + [tok.eos_token_id]  # EOS stays a label
+        assert len(response) == 3  # each index token is one id
+    assert (ids[mask == 0] == tok.pad_token_id).all()
+
+    full = collator.TrainCollator(tok, only_train_response=False)(batch)
+    assert torch.equal(full["labels"][full["attention_mask"] == 1], full["input_ids"][full["attention_mask"] == 1])
+    assert (full["labels"][full["attention_mask"] == 0] == -100).all()
+
+    # too long: the oldest prompt tokens go, the response and its EOS stay
+    short = collator.TrainCollator(tok, only_train_response=True, model_max_length=12)([batch[0]])
+    assert short["input_ids"].shape[1] == 12 and short["labels"][0, -1] == tok.eos_token_id
+
+
+def test_test_collator_matches_training_prompt(tokenizer_with_indices):
+    tok, root = tokenizer_with_indices
+    args = parse_args("test", ["--data_path", str(root), "--dataset", "Tiny"])
+    test = data.load_test_dataset(args, "seqrec", 4)
+    batch = [test[0], test[1], test[2]]
+    enc, targets = collator.TestCollator(tok)(batch)
+    assert targets == [b["target"] for b in batch]
+    train_collate = collator.TrainCollator(tok, only_train_response=True)
+    for row, item in enumerate(batch):
+        mask = enc["attention_mask"][row]
+        n = int(mask.sum())
+        assert mask[-n:].all() and not mask[:-n].any()  # left padding
+        prompt_ids, n_prompt = train_collate.encode(item["prompt"], item["target"])
+        assert enc["input_ids"][row, -n:].tolist() == prompt_ids[:n_prompt]
