@@ -1,0 +1,91 @@
+"""Ranking metrics for next-item recommendation with one relevant item per example.
+
+Every example is reduced to the 1-based ``rank`` of its target in the ranked list the model
+produced (0 when the target is absent). With one relevant item and binary relevance:
+
+    HR@K   = 1                      if 1 <= rank <= K else 0
+    NDCG@K = 1 / log2(rank + 1)     if 1 <= rank <= K else 0   (the ideal DCG is 1)
+
+Metrics of a prompt template are means over its examples; across templates we report the mean,
+min and max of each metric (the paper's per-prompt aggregation).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable, Sequence
+
+from utils import DataError, parse_list
+
+METRIC_NAMES = ("hit", "ndcg")
+_METRIC_RE = re.compile(r"^(hit|hr|ndcg)@(\d+)$")
+
+
+def parse_metrics(spec: str | Sequence[str]) -> list[str]:
+    """``"hit@1,hit@5,ndcg@10"`` -> canonical names. ``hr@K`` is read as ``hit@K``."""
+    parts = parse_list(spec, str, "--metrics") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for part in parts:
+        m = _METRIC_RE.match(part.strip().lower())
+        if m is None or int(m.group(2)) < 1:
+            raise DataError(f"--metrics: {part!r} is not a metric; expected hit@K or ndcg@K with K >= 1")
+        name = f"{'hit' if m.group(1) in ('hit', 'hr') else 'ndcg'}@{int(m.group(2))}"
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise DataError("--metrics: no metric given; expected e.g. hit@1,hit@5,hit@10,ndcg@5,ndcg@10")
+    return out
+
+
+def max_k(metrics: Sequence[str]) -> int:
+    return max(int(m.split("@")[1]) for m in metrics)
+
+
+def target_rank(ranked_items: Sequence, target) -> int:
+    """1-based position of ``target`` in ``ranked_items``; 0 when it is not there."""
+    for pos, item in enumerate(ranked_items, start=1):
+        if item == target:
+            return pos
+    return 0
+
+
+def metric_value(metric: str, rank: int) -> float:
+    """Value of one metric for one example whose target sits at ``rank`` (0 = missing)."""
+    name, k = metric.split("@")
+    k = int(k)
+    if rank < 1 or rank > k:
+        return 0.0
+    return 1.0 if name == "hit" else 1.0 / math.log2(rank + 1)
+
+
+def compute_metrics(ranks: Iterable[int], metrics: Sequence[str]) -> dict[str, float]:
+    """Mean of each metric over examples given by their target ranks."""
+    ranks = list(ranks)
+    if not ranks:
+        raise DataError("no test examples to score: the test set is empty")
+    return {m: sum(metric_value(m, r) for r in ranks) / len(ranks) for m in metrics}
+
+
+def aggregate(per_prompt: dict[str, dict[str, float]], metrics: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``{"mean": {...}, "min": {...}, "max": {...}}`` of each metric over prompt templates."""
+    if not per_prompt:
+        raise DataError("no prompt results to aggregate")
+    values = {m: [res[m] for res in per_prompt.values()] for m in metrics}
+    return {
+        "mean": {m: sum(v) / len(v) for m, v in values.items()},
+        "min": {m: min(v) for m, v in values.items()},
+        "max": {m: max(v) for m, v in values.items()},
+    }
+
+
+def format_table(per_prompt: dict[str, dict[str, float]], summary: dict[str, dict[str, float]],
+                 metrics: Sequence[str]) -> str:
+    """A plain-text table: one row per prompt template, then mean/min/max."""
+    head = f"{'prompt':>8} " + " ".join(f"{m:>9}" for m in metrics)
+    rows = [head, "-" * len(head)]
+    for pid, res in per_prompt.items():
+        rows.append(f"{pid:>8} " + " ".join(f"{res[m]:>9.4f}" for m in metrics))
+    rows.append("-" * len(head))
+    for name in ("mean", "min", "max"):
+        rows.append(f"{name:>8} " + " ".join(f"{summary[name][m]:>9.4f}" for m in metrics))
+    return "\n".join(rows)

@@ -1,0 +1,418 @@
+"""Constrained decoding of item indices and the evaluation loop behind test.py and test_ddp.py.
+
+Decoding is constrained by a prefix trie of the real item indices: after the prompt the model
+may only emit an index token that extends the prefix of some item, then EOS, then EOS/pad.
+Every beam therefore ends as a real item. The trie is compiled once into tensors, and each
+decoding step walks all beams of all prompts through it with a few gathers (no Python loop over
+beams).
+
+``position_allowed_tokens_fn`` is the paper's looser rule (any token seen at that position in
+any index), kept as a baseline for bench/bench_decode.py; it can produce indices of no item.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from evaluate import aggregate, compute_metrics, format_table, max_k, parse_metrics, target_rank
+from utils import (TEST_TASKS, DataError, atomic_path, dataset_file, default_dtype, get_device, parse_list,
+                   set_seed, write_json_atomic)
+
+log = logging.getLogger("lcrec.eval")
+
+DECODING_MODES = ("trie", "position", "none")
+
+
+# --------------------------------------------------------------------------- index -> token ids
+def index_token_ids(tokenizer, indices: dict[str, list[str]], vocab_size: int | None = None,
+                    where: str = "tokenizer") -> dict[str, list[int]]:
+    """Each item's index as token ids. Every index token must be exactly one id of the tokenizer
+    (added by fine-tuning) and, when ``vocab_size`` is given, inside the model's embedding."""
+    token_id: dict[str, int] = {}
+    for tok in sorted({t for toks in indices.values() for t in toks}):
+        ids = tokenizer.encode(tok, add_special_tokens=False)
+        if len(ids) != 1:
+            raise DataError(
+                f"{where}: index token {tok!r} encodes as {len(ids)} ids {ids}; every index token must be a single "
+                "added token (was the checkpoint fine-tuned with this index file, and saved with its tokenizer?)"
+            )
+        token_id[tok] = ids[0]
+    if vocab_size is not None:
+        top = max(token_id.values())
+        if top >= vocab_size:
+            raise DataError(
+                f"{where}: the index needs token id {top} but the model's vocabulary has only {vocab_size} rows; "
+                "the checkpoint's embeddings were not resized for the index tokens"
+            )
+    return {item: [token_id[t] for t in toks] for item, toks in indices.items()}
+
+
+# --------------------------------------------------------------------------- the trie
+class IndexTrie:
+    """Prefix trie of item token sequences, compiled into dense tensors.
+
+    States: 0 = dead (an invalid path; only EOS allowed so the beam ends), 1 = done (after EOS;
+    EOS/pad allowed), 2 = root, then one state per trie node. A leaf (a full index) allows EOS.
+
+    ``symbols``    [S] sorted token ids that appear in some transition (index tokens, eos, pad)
+    ``next_state`` [num_states, S] state reached by each symbol (0 = dead)
+    ``allowed``    [num_states, max_children] token ids allowed in each state, padded by
+                   repeating the first one (so a scatter writes the same value twice)
+    """
+
+    DEAD, DONE, ROOT = 0, 1, 2
+
+    def __init__(self, sequences: Sequence[Sequence[int]], eos_token_id: int, pad_token_id: int | None = None):
+        if not sequences:
+            raise DataError("the index is empty: no item to decode")
+        lengths = {len(s) for s in sequences}
+        if len(lengths) != 1:
+            raise DataError(f"item token sequences have different lengths {sorted(lengths)}")
+        self.index_len = lengths.pop()
+        end_tokens = [eos_token_id] + ([pad_token_id] if pad_token_id not in (None, eos_token_id) else [])
+
+        children: list[dict[int, int]] = [{}, {}, {}]  # per state: token id -> next state
+        for seq in sequences:
+            state = self.ROOT
+            for tok in seq:
+                if tok in end_tokens:
+                    raise DataError(f"index token id {tok} is the EOS/pad token")
+                nxt = children[state].get(tok)
+                if nxt is None:
+                    nxt = len(children)
+                    children[state][tok] = nxt
+                    children.append({})
+                state = nxt
+            if children[state]:
+                raise DataError(f"two items share the index token ids {list(seq)}; indices must be distinct")
+            children[state][eos_token_id] = self.DONE  # a full index: only EOS follows
+        children[self.DEAD] = {eos_token_id: self.DEAD}
+        children[self.DONE] = {t: self.DONE for t in end_tokens}
+
+        symbols = sorted({t for ch in children for t in ch})
+        sym_of = {t: i for i, t in enumerate(symbols)}
+        num_states, max_children = len(children), max(len(ch) for ch in children)
+        next_state = torch.zeros(num_states, len(symbols), dtype=torch.long)
+        allowed = torch.zeros(num_states, max_children, dtype=torch.long)
+        for s, ch in enumerate(children):
+            toks = list(ch)
+            allowed[s] = torch.tensor(toks + [toks[0]] * (max_children - len(toks)))
+            for t, nxt in ch.items():
+                next_state[s, sym_of[t]] = nxt
+        self.symbols, self.next_state, self.allowed = torch.tensor(symbols), next_state, allowed
+        self.num_items = len(sequences)
+
+    def to(self, device: torch.device) -> "IndexTrie":
+        self.symbols, self.next_state, self.allowed = (t.to(device) for t in (self.symbols, self.next_state, self.allowed))
+        return self
+
+    def states(self, generated: torch.LongTensor) -> torch.LongTensor:
+        """generated [rows, t] token ids after the prompt -> trie state [rows]."""
+        state = torch.full((generated.shape[0],), self.ROOT, dtype=torch.long, device=generated.device)
+        for j in range(generated.shape[1]):  # t <= index length + 1 steps, each over all rows at once
+            tok = generated[:, j].contiguous()
+            sym = torch.searchsorted(self.symbols, tok).clamp_(max=len(self.symbols) - 1)
+            known = self.symbols[sym] == tok
+            state = torch.where(known, self.next_state[state, sym], self.DEAD)
+        return state
+
+    def allowed_tokens(self, generated: torch.LongTensor) -> torch.LongTensor:
+        """[rows, max_children] allowed next token ids (with repeats) for each row."""
+        return self.allowed[self.states(generated)]
+
+
+class TrieLogitsProcessor(LogitsProcessor):
+    """Sets every score to -inf except the tokens the trie allows after the generated prefix.
+
+    ``prompt_len`` is the (left-padded) prompt width of the batch; the generated part of each
+    row is ``input_ids[:, prompt_len:]``, whatever the batch size or number of beams.
+    """
+
+    def __init__(self, trie: IndexTrie, prompt_len: int):
+        self.trie, self.prompt_len = trie, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        allowed = self.trie.allowed_tokens(input_ids[:, self.prompt_len:])  # [rows, max_children]
+        out = torch.full_like(scores, -math.inf)
+        return out.scatter_(1, allowed, scores.gather(1, allowed))
+
+
+def position_allowed_tokens_fn(sequences: Sequence[Sequence[int]], prompt_len: int, eos_token_id: int,
+                               pad_token_id: int | None = None) -> Callable[[int, torch.Tensor], list[int]]:
+    """Baseline for the benchmark: the paper's per-position rule, as a ``prefix_allowed_tokens_fn``.
+    At generated position j any token seen at position j of any index is allowed; then EOS."""
+    per_position = [sorted({seq[j] for seq in sequences}) for j in range(len(sequences[0]))]
+    end = [eos_token_id] + ([pad_token_id] if pad_token_id not in (None, eos_token_id) else [])
+
+    def allowed(batch_id: int, row: torch.Tensor) -> list[int]:
+        j = row.shape[-1] - prompt_len
+        return per_position[j] if j < len(per_position) else end
+
+    return allowed
+
+
+# --------------------------------------------------------------------------- one batch
+@dataclass
+class Decoder:
+    """What a batch needs to be decoded into ranked items."""
+
+    trie: IndexTrie
+    item_of: dict[tuple[int, ...], str]  # token ids of an index -> item id
+    eos_token_id: int
+    pad_token_id: int
+    mode: str = "trie"  # trie | position | none
+    filter_items: bool = False
+
+    @classmethod
+    def build(cls, tokenizer, indices: dict[str, list[str]], vocab_size: int | None = None, mode: str = "trie",
+              filter_items: bool = False, device: torch.device | None = None, where: str = "tokenizer") -> "Decoder":
+        """From the index file's ``{item: [token, ...]}``; checks the tokens against the tokenizer and
+        the model's vocabulary size (see ``index_token_ids``)."""
+        if mode not in DECODING_MODES:
+            raise DataError(f"--decoding: {mode!r} is not one of {list(DECODING_MODES)}")
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        if eos is None:
+            raise DataError("the tokenizer has no EOS token; decoding needs one to end an index")
+        pad = eos if pad is None else pad
+        item_ids = index_token_ids(tokenizer, indices, vocab_size, where)
+        trie = IndexTrie(list(item_ids.values()), eos, pad)
+        if device is not None:
+            trie.to(device)
+        decoder = cls(trie, {tuple(v): k for k, v in item_ids.items()}, eos, pad, mode, filter_items)
+        decoder._item_of_str = {"".join(toks): item for item, toks in indices.items()}
+        return decoder
+
+    def generation_config(self, num_beams: int) -> GenerationConfig:
+        # do_sample=False explicitly: recent transformers may otherwise sample from the model's defaults.
+        return GenerationConfig(
+            num_beams=num_beams, num_return_sequences=num_beams, do_sample=False, early_stopping=False,
+            max_new_tokens=self.trie.index_len + 1, output_scores=True, output_logits=num_beams == 1,
+            return_dict_in_generate=True,
+            pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, length_penalty=1.0,
+            temperature=None, top_p=None, top_k=None,
+        )
+
+    def item_of_string(self, index: str) -> str | None:
+        """The item of a ground-truth index string such as ``<a_1><b_2><c_3>``."""
+        return self._item_of_str.get(index)
+
+    def item_for(self, generated: list[int]) -> str | None:
+        """The item whose index is exactly ``generated`` up to the first EOS/pad, else None."""
+        ends = [i for i, t in enumerate(generated) if t in (self.eos_token_id, self.pad_token_id)]
+        return self.item_of.get(tuple(generated[: ends[0]] if ends else generated))
+
+    @torch.no_grad()
+    def rank(self, model, encodings: dict[str, torch.Tensor], num_beams: int) -> list[list[tuple[str | None, float]]]:
+        """Beam-search one left-padded batch; per example, (item or None, score) best first."""
+        input_ids, attention_mask = encodings["input_ids"], encodings["attention_mask"]
+        prompt_len = input_ids.shape[1]
+        kwargs = {}
+        if self.mode == "trie":
+            kwargs["logits_processor"] = LogitsProcessorList([TrieLogitsProcessor(self.trie, prompt_len)])
+        elif self.mode == "position":
+            seqs = [list(k) for k in self.item_of]
+            kwargs["prefix_allowed_tokens_fn"] = position_allowed_tokens_fn(seqs, prompt_len, self.eos_token_id,
+                                                                            self.pad_token_id)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                             generation_config=self.generation_config(num_beams), **kwargs)
+        generated = out.sequences[:, prompt_len:].tolist()  # [batch * beams, new]
+        if num_beams > 1:  # beam search: summed log-probabilities / length (all items have one length)
+            scores = out.sequences_scores.float().tolist()
+        else:  # greedy: the same score, from the raw logits of the chosen tokens
+            step = torch.stack(out.logits, 1).float().log_softmax(-1)  # [batch, new, vocab]
+            chosen = out.sequences[:, prompt_len:prompt_len + step.shape[1]]
+            scores = (step.gather(2, chosen[..., None]).squeeze(-1).sum(1) / step.shape[1]).tolist()
+        ranked = []
+        for b in range(input_ids.shape[0]):
+            beams = sorted(range(b * num_beams, (b + 1) * num_beams), key=lambda r: -scores[r])
+            seen, items = set(), []
+            for r in beams:
+                item = self.item_for(generated[r])
+                if item is None and self.filter_items:
+                    continue
+                if item is not None and item in seen:
+                    continue
+                seen.add(item)
+                items.append((item, scores[r]))
+            ranked.append(items)
+        return ranked
+
+
+def rank_batch_with_backoff(decoder: Decoder, model, encodings, num_beams: int, oom_backoff: bool,
+                            on_backoff: Callable[[int, int], None] | None = None):
+    """``decoder.rank`` that, with ``oom_backoff``, retries the batch on CUDA out-of-memory with
+    half the beams (down to 1). Returns (ranked, beams used)."""
+    beams = num_beams
+    while True:
+        try:
+            return decoder.rank(model, encodings, beams), beams
+        except torch.cuda.OutOfMemoryError:
+            if not oom_backoff or beams == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            new = max(1, beams // 2)
+            log.warning("CUDA out of memory with %d beams on a batch of %d; retrying it with %d beams",
+                        beams, encodings["input_ids"].shape[0], new)
+            if on_backoff is not None:
+                on_backoff(beams, new)
+            beams = new
+
+
+# --------------------------------------------------------------------------- the evaluation loop
+def resolve_prompt_ids(spec: str, task: str) -> list[int]:
+    """``all`` -> every item-output template of ``task``; else the listed ids, checked."""
+    import data
+
+    valid = data.test_prompt_ids(task)
+    if str(spec).strip().lower() == "all":
+        return list(valid)
+    ids = parse_list(spec, int, "--test_prompt_ids")
+    bad = [i for i in ids if i not in valid]
+    if bad or not ids:
+        raise DataError(f"--test_prompt_ids: {bad or spec!r} not usable for {task}; its item-output templates are {valid}")
+    return ids
+
+
+def check_test_args(args: argparse.Namespace) -> None:
+    """Cheap checks before any model is loaded."""
+    if args.test_task not in TEST_TASKS:
+        raise DataError(f"--test_task: unknown test task {args.test_task!r}; expected one of {list(TEST_TASKS)}")
+    if args.num_beams < 1:
+        raise DataError(f"--num_beams must be at least 1, got {args.num_beams}")
+    if args.test_batch_size < 1:
+        raise DataError(f"--test_batch_size must be at least 1, got {args.test_batch_size}")
+    if getattr(args, "decoding", "trie") not in DECODING_MODES:
+        raise DataError(f"--decoding: {args.decoding!r} is not one of {list(DECODING_MODES)}")
+    if not args.ckpt_path:
+        raise DataError("--ckpt_path is required: the fine-tuned checkpoint folder (or the LoRA adapter with --lora)")
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """Contiguous shard of ``range(n)`` for ``rank``: shards cover every index exactly once."""
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def evaluate_prompt(model, tokenizer, dataset, decoder: Decoder, args: argparse.Namespace, metrics: list[str],
+                    positions: Sequence[int], desc: str = "", show: bool = True) -> list[dict]:
+    """Score ``dataset[i]`` for i in ``positions``; one record per example (its position, the
+    target item, its rank, the ranked items and scores)."""
+    from collator import TestCollator
+
+    collate = TestCollator(tokenizer)
+    device = next(model.parameters()).device
+    records: list[dict] = []
+    backoffs: list[tuple[int, int]] = []
+    positions = list(positions)
+    bar = tqdm(range(0, len(positions), args.test_batch_size), desc=desc, dynamic_ncols=True,
+               disable=not show or len(positions) == 0)
+    for start in bar:
+        chunk = positions[start:start + args.test_batch_size]
+        batch = [dataset[i] for i in chunk]
+        encodings, targets = collate(batch)
+        encodings = {k: v.to(device) for k, v in encodings.items()}
+        ranked, beams = rank_batch_with_backoff(decoder, model, encodings, args.num_beams,
+                                                getattr(args, "oom_backoff", False),
+                                                on_backoff=lambda old, new: backoffs.append((old, new)))
+        for pos, example, target, items in zip(chunk, batch, targets, ranked):
+            target_item = decoder.item_of_string(target)
+            names = [i for i, _ in items]
+            records.append({"position": pos, "user": example.get("user"), "target": target,
+                            "target_item": target_item, "rank": target_rank(names, target_item) if target_item else 0,
+                            "items": names, "scores": [round(s, 6) for _, s in items], "beams": beams})
+        running = compute_metrics([r["rank"] for r in records], metrics)
+        bar.set_postfix({m: f"{v:.4f}" for m, v in running.items() if m in (metrics[0], metrics[-1])})
+    return records
+
+
+def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int = 1,
+                        gather: Callable[[list], list[list]] | None = None) -> dict | None:
+    """The whole evaluation: load, decode every prompt id, score. With ``world_size`` > 1 this
+    rank scores its shard and ``gather`` (all_gather_object) brings every shard to rank 0,
+    which computes the metrics and writes the files. Returns the results on rank 0."""
+    import data
+    from modeling import load_for_inference
+
+    check_test_args(args)
+    metrics = parse_metrics(args.metrics)
+    prompt_ids = resolve_prompt_ids(args.test_prompt_ids, args.test_task)
+    indices = data.load_item_indices(args)
+    if args.num_beams > len(indices):
+        raise DataError(f"--num_beams {args.num_beams} is larger than the number of items ({len(indices)} in "
+                        f"{dataset_file(args.data_path, args.dataset, args.index_file)}); beam search "
+                        "cannot return that many distinct items")
+    if args.num_beams < max_k(metrics):
+        log.warning("--num_beams %d is below the largest K in --metrics (%d): items past rank %d count as misses",
+                    args.num_beams, max_k(metrics), args.num_beams)
+
+    device = get_device(args.gpu_id if world_size == 1 else None)
+    model, tokenizer = load_for_inference(args.ckpt_path, indices, dtype=default_dtype(device), device=device,
+                                          lora=args.lora, base_model=args.base_model)
+    decoder = Decoder.build(tokenizer, indices, model.get_input_embeddings().weight.shape[0],
+                            getattr(args, "decoding", "trie"), args.filter_items, device, where=str(args.ckpt_path))
+
+    per_prompt: dict[str, dict[str, float]] = {}
+    predictions: list[dict] = []
+    n_examples, reduced = 0, 0
+    for pid in prompt_ids:
+        set_seed(args.seed)
+        dataset = data.load_test_dataset(args, args.test_task, pid)
+        if len(dataset) == 0:
+            raise DataError(f"{args.test_task} prompt {pid}: the test set of {args.dataset} is empty")
+        shard = shard_range(len(dataset), rank, world_size)
+        records = evaluate_prompt(model, tokenizer, dataset, decoder, args, metrics, shard,
+                                  desc=f"{args.test_task} prompt {pid}", show=rank == 0)
+        if world_size > 1:
+            records = [r for part in gather(records) for r in part]
+        if rank != 0:
+            continue
+        records.sort(key=lambda r: r["position"])
+        if [r["position"] for r in records] != list(range(len(dataset))):
+            raise RuntimeError(f"prompt {pid}: the shards did not cover every test example exactly once")
+        per_prompt[str(pid)] = compute_metrics([r["rank"] for r in records], metrics)
+        n_examples = len(records)
+        reduced += sum(r["beams"] < args.num_beams for r in records)
+        log.info("prompt %d: %s", pid, {m: round(v, 4) for m, v in per_prompt[str(pid)].items()})
+        if args.save_predictions:
+            predictions += [{"prompt_id": pid, **r} for r in records]
+
+    if rank != 0:
+        return None
+    summary = aggregate(per_prompt, metrics)
+    results = {
+        "dataset": args.dataset, "test_task": args.test_task, "ckpt_path": str(args.ckpt_path),
+        "lora": bool(args.lora), "base_model": args.base_model, "index_file": args.index_file,
+        "decoding": decoder.mode, "filter_items": bool(args.filter_items), "num_beams": args.num_beams,
+        "test_batch_size": args.test_batch_size, "sample_num": args.sample_num, "world_size": world_size,
+        "metrics": metrics, "prompt_ids": prompt_ids, "num_examples": n_examples,
+        "examples_with_fewer_beams": reduced, "per_prompt": per_prompt, **summary,
+    }
+    write_json_atomic(results, args.results_file, indent=2)
+    if args.save_predictions:
+        write_jsonl_atomic(predictions, predictions_path(args.results_file))
+    print(format_table(per_prompt, summary, metrics))
+    print(f"results: {args.results_file}")
+    return results
+
+
+def predictions_path(results_file: str | Path) -> Path:
+    """``results/x.json`` -> ``results/x.predictions.jsonl``."""
+    p = Path(results_file)
+    return p.with_name(p.stem + ".predictions.jsonl")
+
+
+def write_jsonl_atomic(rows: list[dict], path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+

@@ -1,0 +1,30 @@
+"""Evaluate a fine-tuned checkpoint on one device (cuda:<gpu_id>, or cpu without CUDA).
+
+    python test.py --gpu_id 0 --ckpt_path $CKPT_PATH --dataset $DATASET --data_path $DATA_PATH \
+        --results_file $RESULTS_FILE --test_batch_size 1 --num_beams 20 --test_prompt_ids all \
+        --index_file .index.json
+
+Beam search constrained to the real item indices; HR@K / NDCG@K per prompt template and their
+mean/min/max, written as JSON to --results_file. The loop lives in generation.py.
+"""
+import logging
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # faster and steadier on small CPU machines
+
+from generation import evaluate_checkpoint  # noqa: E402
+from utils import DataError, parse_args  # noqa: E402
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args("test", description=__doc__.split("\n")[0])
+    try:
+        evaluate_checkpoint(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

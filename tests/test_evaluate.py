@@ -1,0 +1,42 @@
+import math
+
+import pytest
+
+from evaluate import aggregate, compute_metrics, format_table, metric_value, parse_metrics, target_rank
+from utils import DataError
+
+
+def test_parse_metrics():
+    assert parse_metrics("hit@1,HR@5, ndcg@10,hit@5") == ["hit@1", "hit@5", "ndcg@10"]
+    for bad in ("recall@5", "ndcg@0", "hit", ""):
+        with pytest.raises(DataError, match="--metrics"):
+            parse_metrics(bad)
+
+
+def test_hit_and_ndcg_by_hand():
+    rankings = [["a", "b", "c", "d", "e", "f"], ["c", "a", "b", "x", "y", "z"], ["q", "w", "e", "r", "t", "y"],
+                ["z", "y", "x", "w", "v", "u"]]
+    targets = ["a", "b", "y", "nope"]
+    ranks = [target_rank(r, t) for r, t in zip(rankings, targets)]
+    assert ranks == [1, 3, 6, 0]
+    res = compute_metrics(ranks, ["hit@1", "hit@3", "hit@5", "hit@10", "ndcg@3", "ndcg@10"])
+    assert res["hit@1"] == pytest.approx(1 / 4)
+    assert res["hit@3"] == pytest.approx(2 / 4)
+    assert res["hit@5"] == pytest.approx(2 / 4)
+    assert res["hit@10"] == pytest.approx(3 / 4)
+    # DCG with one relevant item: 1/log2(rank+1); ideal DCG = 1
+    assert res["ndcg@3"] == pytest.approx((1.0 + 0.5) / 4)  # log2(4) = 2
+    assert res["ndcg@10"] == pytest.approx((1.0 + 0.5 + 1 / math.log2(7)) / 4)
+    assert metric_value("ndcg@5", 0) == 0.0 and metric_value("hit@5", 6) == 0.0
+    with pytest.raises(DataError, match="empty"):
+        compute_metrics([], ["hit@1"])
+
+
+def test_per_prompt_aggregation():
+    per_prompt = {"0": {"hit@1": 0.2, "ndcg@5": 0.3}, "3": {"hit@1": 0.4, "ndcg@5": 0.1}, "7": {"hit@1": 0.0, "ndcg@5": 0.2}}
+    agg = aggregate(per_prompt, ["hit@1", "ndcg@5"])
+    assert agg["mean"] == pytest.approx({"hit@1": 0.2, "ndcg@5": 0.2})
+    assert agg["min"] == {"hit@1": 0.0, "ndcg@5": 0.1}
+    assert agg["max"] == {"hit@1": 0.4, "ndcg@5": 0.3}
+    table = format_table(per_prompt, agg, ["hit@1", "ndcg@5"])
+    assert "mean" in table and "0.4000" in table and len(table.splitlines()) == 2 + 3 + 1 + 3

@@ -1,0 +1,151 @@
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+from fixtures import make_indices, make_tiny_model, train_tokenizer
+from generation import (Decoder, IndexTrie, TrieLogitsProcessor, index_token_ids, position_allowed_tokens_fn,
+                        rank_batch_with_backoff, shard_range)
+from utils import DataError, index_tokens
+
+EOS, PAD = 2, 3
+
+
+def _brute_force_allowed(seqs, generated):
+    """Next tokens allowed after ``generated``, straight from the list of item sequences."""
+    L = len(seqs[0])
+    if len(generated) > L or (len(generated) == L and tuple(generated) in seqs):
+        if len(generated) == L:
+            return {EOS}
+        return {EOS, PAD} if tuple(generated[:L]) in seqs and all(t in (EOS, PAD) for t in generated[L:]) else {EOS}
+    nxt = {s[len(generated)] for s in seqs if list(s[: len(generated)]) == list(generated)}
+    return nxt or {EOS}  # an invalid path may only end
+
+
+def test_trie_masks_exactly_the_allowed_tokens():
+    rng = random.Random(0)
+    vocab = 60
+    # items: 3 levels, level tokens from disjoint id ranges like real index tokens
+    seqs = sorted({(10 + rng.randrange(5), 20 + rng.randrange(5), 30 + rng.randrange(5)) for _ in range(40)})
+    trie = IndexTrie(seqs, EOS, PAD)
+    prompt = torch.tensor([[PAD, PAD, 5, 7, 11, 22, 33]])  # left padded; index tokens in the prompt are ignored
+    prefixes = {()} | {s[:k] for s in seqs for k in range(1, 4)}
+    prefixes |= {s + (EOS,) for s in seqs} | {s + (EOS, PAD) for s in seqs[:3]}
+    prefixes |= {(10, 99), (40,), (10, 21, 99), (EOS,)}  # invalid paths
+    prefixes = sorted(prefixes)
+    width = max(len(p) for p in prefixes)
+    by_len = itertools.groupby(sorted(prefixes, key=len), key=len)
+    checked = 0
+    for n, group in by_len:
+        group = list(group)
+        rows = torch.cat([prompt.repeat(len(group), 1), torch.tensor(group, dtype=torch.long).view(len(group), n)], 1)
+        scores = torch.randn(len(group), vocab)
+        out = TrieLogitsProcessor(trie, prompt.shape[1])(rows, scores.clone())
+        for r, prefix in enumerate(group):
+            allowed = set(torch.nonzero(torch.isfinite(out[r])).flatten().tolist())
+            assert allowed == _brute_force_allowed(seqs, list(prefix)), prefix
+            assert torch.equal(out[r, sorted(allowed)], scores[r, sorted(allowed)])  # kept scores untouched
+            checked += 1
+    assert checked == len(prefixes) and width == 5
+
+
+def test_trie_rejects_bad_index():
+    with pytest.raises(DataError, match="different lengths"):
+        IndexTrie([(10, 20), (10, 20, 30)], EOS)
+    with pytest.raises(DataError, match="distinct"):
+        IndexTrie([(10, 20), (11, 20), (10, 20)], EOS)
+    with pytest.raises(DataError, match="EOS"):
+        IndexTrie([(10, EOS)], EOS)
+
+
+def test_position_baseline_allows_any_token_seen_at_a_position():
+    seqs = [(10, 20, 30), (11, 21, 31)]
+    fn = position_allowed_tokens_fn(seqs, prompt_len=2, eos_token_id=EOS)
+    assert fn(0, torch.tensor([5, 6])) == [10, 11]
+    assert fn(0, torch.tensor([5, 6, 10])) == [20, 21]  # (10, 21, ...) is no item but is allowed
+    assert fn(0, torch.tensor([5, 6, 10, 21, 30])) == [EOS]
+
+
+@pytest.fixture(scope="module")
+def tiny_indexed():
+    """Tokenizer with the index tokens added, a tiny random model and a 24-item index."""
+    indices = make_indices(24, levels=3, codes=4, seed=1)
+    tok = train_tokenizer()
+    tok.add_tokens(index_tokens(indices))
+    model = make_tiny_model(len(tok), seed=3).eval()
+    return tok, model, indices
+
+
+def _encode(tok, texts):
+    tok.padding_side = "left"
+    return dict(tok(texts, return_tensors="pt", padding=True))
+
+
+@pytest.mark.parametrize("batch_size,beams", [(1, 1), (3, 1), (1, 20), (3, 20)])
+def test_every_generated_sequence_is_a_real_item(tiny_indexed, batch_size, beams):
+    tok, model, indices = tiny_indexed
+    texts = ["The red king <a_1><b_2>", "a blue night over the city river and a long road home", "star"][:batch_size]
+    enc = _encode(tok, texts)
+    if batch_size > 1:
+        assert (enc["attention_mask"][:, 0] == 0).any()  # left padding really present
+    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0])
+    ranked = decoder.rank(model, enc, beams)
+    assert len(ranked) == batch_size
+    for items in ranked:
+        names = [i for i, _ in items]
+        assert len(names) == beams and len(set(names)) == beams
+        assert all(n in indices for n in names)
+        scores = [s for _, s in items]
+        assert scores == sorted(scores, reverse=True) and all(math.isfinite(s) for s in scores)
+    # the same prompt ranks the same alone and in a padded batch (up to float noise)
+    if batch_size == 3 and beams == 20:
+        alone = decoder.rank(model, _encode(tok, texts[1:2]), beams)[0]
+        assert [i for i, _ in alone][:3] == [i for i, _ in ranked[1]][:3]
+
+
+def test_unconstrained_decoding_marks_non_items(tiny_indexed):
+    tok, model, indices = tiny_indexed
+    vocab = model.get_input_embeddings().weight.shape[0]
+    enc = _encode(tok, ["The red king"])
+    keep = Decoder.build(tok, indices, vocab, mode="none").rank(model, enc, 5)[0]
+    assert len(keep) == 5 and None in [i for i, _ in keep]  # a random model does not write indices
+    dropped = Decoder.build(tok, indices, vocab, mode="none", filter_items=True).rank(model, enc, 5)[0]
+    assert all(i is not None for i, _ in dropped) and len(dropped) < 5
+
+
+def test_index_tokens_must_be_single_ids_in_the_vocabulary(tiny_indexed):
+    tok, model, indices = tiny_indexed
+    plain = train_tokenizer()  # no index tokens added
+    with pytest.raises(DataError, match="single"):
+        index_token_ids(plain, indices)
+    with pytest.raises(DataError, match="vocabulary has only"):
+        index_token_ids(tok, indices, vocab_size=len(plain))
+
+
+def test_oom_backoff_halves_beams(tiny_indexed):
+    tok, model, indices = tiny_indexed
+    decoder = Decoder.build(tok, indices)
+    real_rank, tried = decoder.rank, []
+
+    def rank_or_oom(model, enc, beams):  # pretend anything above 5 beams runs out of memory
+        tried.append(beams)
+        if beams > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_rank(model, enc, beams)
+
+    decoder.rank = rank_or_oom
+    enc = _encode(tok, ["The red king", "star"])
+    calls = []
+    ranked, used = rank_batch_with_backoff(decoder, model, enc, 20, True, on_backoff=lambda a, b: calls.append((a, b)))
+    assert tried == [20, 10, 5] and used == 5 and calls == [(20, 10), (10, 5)]
+    assert [len(r) for r in ranked] == [5, 5]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        rank_batch_with_backoff(decoder, model, enc, 20, False)
+
+
+@pytest.mark.parametrize("n,world", [(7, 2), (15, 4), (3, 8), (0, 2)])
+def test_shards_cover_every_example_once(n, world):
+    covered = [i for r in range(world) for i in shard_range(n, r, world)]
+    assert covered == list(range(n))

@@ -1,0 +1,95 @@
+"""test.py and test_ddp.py: the shared evaluation loop end to end on a tiny random checkpoint."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures import make_dataset, make_tiny_model, train_tokenizer
+from generation import evaluate_checkpoint, predictions_path
+from modeling import add_index_tokens
+from utils import DataError, load_indices, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+N_USERS = 15  # odd: 2 ranks get shards of 7 and 8
+
+
+@pytest.fixture(scope="module")
+def ckpt_and_data(tmp_path_factory):
+    """A tiny random model saved with the index tokens added, and a dataset of 15 users / 24 items."""
+    root = tmp_path_factory.mktemp("eval")
+    data_path = make_dataset(root / "data", n_users=N_USERS, n_items=24)
+    indices = load_indices(data_path / "Tiny" / "Tiny.index.json")
+    tok = train_tokenizer()
+    add_index_tokens(tok, indices)
+    model = make_tiny_model(len(tok), seed=5)
+    model.save_pretrained(root / "ckpt")
+    tok.save_pretrained(root / "ckpt")
+    return root, data_path
+
+
+def _args(ckpt, data_path, results, *extra):
+    return ["--ckpt_path", str(ckpt), "--dataset", "Tiny", "--data_path", str(data_path), "--results_file",
+            str(results), "--test_batch_size", "1", "--num_beams", "20", "--index_file", ".index.json", *extra]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_equals_single_device(ckpt_and_data):
+    root, data_path = ckpt_and_data
+    extra = ("--test_prompt_ids", "0,3", "--save_predictions")
+    single = evaluate_checkpoint(parse_args("test", _args(root / "ckpt", data_path, root / "single.json", *extra)))
+    assert single["num_examples"] == N_USERS and set(single["per_prompt"]) == {"0", "3"}
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(ROOT / "test_ddp.py"), *_args(root / "ckpt", data_path, root / "ddp.json", *extra)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((root / "ddp.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["num_examples"] == single["num_examples"]
+    assert ddp["per_prompt"] == single["per_prompt"]
+    assert {k: ddp[k] for k in ("mean", "min", "max")} == {k: single[k] for k in ("mean", "min", "max")}
+    # every example scored exactly once, with the same ranked items
+    rows = [json.loads(line) for line in predictions_path(root / "ddp.json").read_text().splitlines()]
+    ref = [json.loads(line) for line in predictions_path(root / "single.json").read_text().splitlines()]
+    assert [(r["prompt_id"], r["position"]) for r in rows] == [(p, i) for p in (0, 3) for i in range(N_USERS)]
+    assert [(r["user"], r["items"], r["rank"]) for r in rows] == [(r["user"], r["items"], r["rank"]) for r in ref]
+    indices = load_indices(data_path / "Tiny" / "Tiny.index.json")
+    assert all(len(r["items"]) == 20 and set(r["items"]) <= set(indices) for r in rows)
+
+
+def _fails(argv, match, results):
+    with pytest.raises(DataError, match=match):
+        evaluate_checkpoint(parse_args("test", argv))
+    assert not Path(results).exists()
+
+
+def test_bad_inputs_fail_clearly(ckpt_and_data, tmp_path):
+    root, data_path = ckpt_and_data
+    res = tmp_path / "r.json"
+    _fails(_args(root / "ckpt", data_path, res, "--num_beams", "30"), "larger than the number of items", res)
+    _fails(_args(root / "ckpt", data_path, res, "--test_task", "index2item"), "--test_task", res)
+    _fails(_args(root / "ckpt", data_path, res, "--test_prompt_ids", "0,99"), "--test_prompt_ids", res)
+    _fails(_args(root / "ckpt", data_path, res, "--metrics", "recall@5"), "--metrics", res)
+
+    no_tok = tmp_path / "no_tok"  # weights without the tokenizer files
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(root / "ckpt" / f, no_tok / f)
+    _fails(_args(no_tok, data_path, res), "tokenizer files", res)
+
+    small = tmp_path / "small"  # tokenizer with the index tokens, model without their embeddings
+    tok = train_tokenizer()
+    make_tiny_model(len(tok)).save_pretrained(small)
+    add_index_tokens(tok, load_indices(data_path / "Tiny" / "Tiny.index.json"))
+    tok.save_pretrained(small)
+    _fails(_args(small, data_path, res), "embedding rows", res)
