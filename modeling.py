@@ -1,0 +1,108 @@
+"""Loading models and tokenizers, and adding the item-index tokens: the one place that
+finetune.py, lora_finetune.py and the evaluation scripts share."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from collator import ensure_pad_token
+from utils import DataError, index_tokens
+
+# Any one of these makes a folder's tokenizer loadable (fast JSON, sentencepiece, or BPE files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def check_tokenizer_files(folder: str | os.PathLike) -> None:
+    """A local checkpoint must carry its tokenizer (missing files are a known cause of all-zero metrics)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return  # a hub id: transformers resolves it
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise DataError(
+            f"{folder}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
+            "copy the tokenizer saved with the fine-tuned model next to the weights"
+        )
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    check_tokenizer_files(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def check_index_tokens(tokenizer, indices: dict[str, list[str]], where: str = "tokenizer") -> None:
+    """Each index token must be one id, and an item's index string must encode to exactly its tokens."""
+    tokens = index_tokens(indices)
+    encoded = tokenizer(tokens, add_special_tokens=False)["input_ids"]
+    split = {t: len(ids) for t, ids in zip(tokens, encoded) if len(ids) != 1}
+    if split:
+        first = dict(list(split.items())[:5])
+        raise DataError(f"{where}: {len(split)} index tokens do not encode to exactly one id ({first} ids); "
+                        "each must be one token in the vocabulary (was this checkpoint trained with this index file?)")
+    sample = next(iter(indices.values()))
+    ids = tokenizer("".join(sample), add_special_tokens=False)["input_ids"]
+    if ids != tokenizer.convert_tokens_to_ids(sample):
+        raise DataError(f"{where}: the index string {''.join(sample)} does not encode to its {len(sample)} tokens")
+
+
+def add_index_tokens(tokenizer, indices: dict[str, list[str]]) -> int:
+    """Add the index tokens to the vocabulary (checked to be single ids); returns how many were new."""
+    added = tokenizer.add_tokens(index_tokens(indices))
+    check_index_tokens(tokenizer, indices)
+    return added
+
+
+def check_vocab(model, tokenizer, where: str) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise DataError(f"{where}: the model has {rows} embedding rows but the tokenizer has {len(tokenizer)} "
+                        "tokens; the checkpoint does not hold the index tokens")
+
+
+def load_for_training(base_model: str, indices: dict[str, list[str]], dtype=None, **model_kwargs):
+    """Base model + tokenizer with the index tokens added and the embeddings resized (tied stay tied)."""
+    from transformers import AutoModelForCausalLM
+
+    if not base_model:
+        raise DataError("--base_model: a model folder or hub id is required")
+    tokenizer = load_tokenizer(base_model)
+    add_index_tokens(tokenizer, indices)
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(base_model, **model_kwargs)
+    if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_for_inference(ckpt_path: str, indices: dict[str, list[str]], dtype=None, device=None,
+                       lora: bool = False, base_model: str | None = None):
+    """A fine-tuned checkpoint (or a LoRA adapter on ``base_model``) ready for generation, in eval mode.
+
+    Checks: tokenizer files exist, index tokens are single ids, embeddings cover the vocabulary.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(ckpt_path)
+    check_index_tokens(tokenizer, indices, where=str(ckpt_path))
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    if lora:
+        from peft import PeftModel
+
+        if not base_model:
+            raise DataError("--lora needs --base_model (the model the adapter was trained on)")
+        model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows come from the adapter
+        model = PeftModel.from_pretrained(model, ckpt_path)
+        model = model.merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(ckpt_path, **kwargs)
+    check_vocab(model, tokenizer, str(ckpt_path))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer
