@@ -14,8 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils import MIN_INTERACTIONS, DataError, dataset_file, write_json_atomic  # noqa: E402
 
-# One interaction before remapping: (raw user id, raw item id, timestamp).
-Record = tuple[Hashable, Hashable, float]
+# One interaction before remapping: (raw user id, raw item id, timestamp, ...); builders may
+# append fields (amazon18.py appends the line number) that these steps carry along.
+Record = tuple
 
 _TAG = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"\s+")
@@ -48,7 +49,7 @@ def id_order_key(raw_id: Hashable) -> tuple:
 def dedup_first(records: Sequence[Record]) -> list[Record]:
     """Keep the earliest (user, item) interaction; on equal times the one first in the file."""
     first: dict[tuple[Hashable, Hashable], int] = {}
-    for pos, (user, item, ts) in enumerate(records):
+    for pos, (user, item, ts, *_) in enumerate(records):
         key = (user, item)
         if key not in first or ts < records[first[key]][2]:
             first[key] = pos
@@ -76,7 +77,7 @@ def build_sequences(records: Iterable[Record]) -> tuple[dict[str, list[int]], di
     Returns (inters, user_map raw->new, item_map raw->new).
     """
     by_user: dict[Hashable, list[tuple[float, Hashable]]] = defaultdict(list)
-    for user, item, ts in records:  # source order is kept within each user's list
+    for user, item, ts, *_ in records:  # source order is kept within each user's list
         by_user[user].append((ts, item))
     user_map = {u: str(n) for n, u in enumerate(sorted(by_user, key=id_order_key))}
     raw_items = {item for events in by_user.values() for _, item in events}
