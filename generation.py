@@ -142,7 +142,7 @@ class TrieLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         allowed = self.trie.allowed_tokens(input_ids[:, self.prompt_len:])  # [rows, max_children]
-        out = torch.full_like(scores, -math.inf)
+        out = torch.full_like(scores, -math.inf)  # not in place: greedy search keeps `scores` as the raw logits
         return out.scatter_(1, allowed, scores.gather(1, allowed))
 
 

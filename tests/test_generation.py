@@ -42,7 +42,8 @@ def test_trie_masks_exactly_the_allowed_tokens():
         group = list(group)
         rows = torch.cat([prompt.repeat(len(group), 1), torch.tensor(group, dtype=torch.long).view(len(group), n)], 1)
         scores = torch.randn(len(group), vocab)
-        out = TrieLogitsProcessor(trie, prompt.shape[1])(rows, scores.clone())
+        out = TrieLogitsProcessor(trie, prompt.shape[1])(rows, scores)
+        assert torch.isfinite(scores).all()  # the input is left untouched (greedy search keeps it as raw logits)
         for r, prefix in enumerate(group):
             allowed = set(torch.nonzero(torch.isfinite(out[r])).flatten().tolist())
             assert allowed == _brute_force_allowed(seqs, list(prefix)), prefix
