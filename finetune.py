@@ -98,7 +98,7 @@ class EpochCallback(TrainerCallback):
         self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.set_epoch(int(state.epoch or 0))
+        self.dataset.set_epoch(int((state.epoch or 0) + 1e-6))  # floor, robust to float sums and resumes
 
 
 def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -> Trainer:

@@ -68,6 +68,17 @@ def test_single_process_eval_save_and_best(tiny_data, tiny_base_model, tmp_path)
     model = assert_reloads(out, data_path, tiny_base_model)
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # still tied
 
+    # resuming from the first checkpoint restores its state (marked here) and runs only step 2
+    ckpt_state = out / "checkpoint-1" / "trainer_state.json"
+    marked = json.loads(ckpt_state.read_text())
+    marked["log_history"][0]["loss"] = 123.0
+    ckpt_state.write_text(json.dumps(marked))
+    resumed = tmp_path / "resumed"
+    finetune.main(cli(tiny_base_model, data_path, resumed, "--save_and_eval_strategy", "no",
+                      "--resume_from_checkpoint", str(out / "checkpoint-1")))
+    history = json.loads((resumed / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2] and history[0]["loss"] == 123.0
+
 
 def test_torchrun_ddp_gloo(tiny_data, tiny_base_model, tmp_path):
     data_path, _ = tiny_data
