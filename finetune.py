@@ -36,12 +36,23 @@ def log(msg: str) -> None:
 
 
 def init_distributed(args: argparse.Namespace) -> None:
-    """DeepSpeed under torchrun: set up its process group first (gloo on CPU, nccl on GPUs), so that
-    ZeRO-3 can partition the weights while from_pretrained builds the model."""
-    if args.deepspeed and world_size() > 1:
-        import deepspeed
+    """DeepSpeed: set up its process group first (gloo on CPU, nccl on GPUs), so that ZeRO-3 can
+    partition the weights while from_pretrained builds the model. A plain single process (no
+    torchrun) gets a one-rank group; otherwise DeepSpeed would look for MPI."""
+    if not args.deepspeed:
+        return
+    import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if "RANK" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+            os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def training_arguments(args: argparse.Namespace, **overrides) -> TrainingArguments:

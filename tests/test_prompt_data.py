@@ -162,6 +162,13 @@ def test_bad_dataset_files(tmp_path):
     with pytest.raises(DataError, match=r"Tiny\.index\.json.*no index"):
         data.load_datasets(train_args(root, tasks=["seqrec"]))
 
+    for bad, message in (({**indices, "5": ["<a_0>", "<b_0>"]}, "length 2"),
+                         ({**indices, "5": indices["6"]}, "share the index")):
+        index_path.write_text(json.dumps(bad))
+        data._load_files.cache_clear()
+        with pytest.raises(DataError, match=message):
+            data.load_datasets(train_args(root, tasks=["seqrec"]))
+
     root = make_dataset(tmp_path / "e")
     inter_path = dataset_file(root, "Tiny", ".inter.json")
     inters = json.loads(inter_path.read_text())
