@@ -1,0 +1,1 @@
+"""Item indexing: an RQ-VAE turns item text embeddings into short, distinct code sequences."""

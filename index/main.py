@@ -1,0 +1,103 @@
+"""Train the RQ-VAE item indexer on item text embeddings.
+
+    python index/main.py --data_path data/ml-100k/ml-100k.emb-smollm2-td.npy --ckpt_dir ckpt/index/ml-100k \
+        --num_emb_list 256 256 256 256 --sk_epsilons 0 0 0 0.003 --epochs 10000
+
+Writes <ckpt_dir>/best_loss_model.pth and <ckpt_dir>/best_collision_model.pth.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # faster and steadier on small CPUs; override freely
+ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "index":
+    sys.path.pop(0)  # so index/datasets.py never shadows the `datasets` package
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from index.datasets import EmbDataset  # noqa: E402
+from index.trainer import Trainer, build_model  # noqa: E402
+from utils import DataError, set_seed  # noqa: E402
+
+
+def str2bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "y"):
+        return True
+    if value.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine (use --device auto or cpu)")
+    return device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train the RQ-VAE item indexer.")
+    p.add_argument("--data_path", required=True, help="item embeddings .npy [items, dim]")
+    p.add_argument("--ckpt_dir", default="./ckpt/index", help="where the best checkpoints go")
+    p.add_argument("--num_emb_list", type=int, nargs="+", default=[256, 256, 256, 256], help="codes per level")
+    p.add_argument("--e_dim", type=int, default=32, help="code dimension")
+    p.add_argument("--layers", type=int, nargs="+", default=[2048, 1024, 512, 256, 128, 64], help="encoder hidden sizes")
+    p.add_argument("--sk_epsilons", type=float, nargs="+", default=[0.0, 0.0, 0.0, 0.003],
+                   help="Sinkhorn epsilon per level (0 = nearest code)")
+    p.add_argument("--sk_iters", type=int, default=50)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=10000)
+    p.add_argument("--batch_size", type=int, default=1024)
+    p.add_argument("--weight_decay", type=float, default=1e-4)
+    p.add_argument("--dropout_prob", type=float, default=0.0)
+    p.add_argument("--bn", type=str2bool, nargs="?", const=True, default=False, help="batchnorm in the MLPs")
+    p.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
+    p.add_argument("--quant_loss_weight", type=float, default=1.0)
+    p.add_argument("--kmeans_init", type=str2bool, nargs="?", const=True, default=True,
+                   help="initialise codebooks by k-means on the first batch (true/false)")
+    p.add_argument("--kmeans_iters", type=int, default=100)
+    p.add_argument("--eval_step", type=int, default=50, help="evaluate the collision rate every N epochs")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=2023)
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if len(args.sk_epsilons) != len(args.num_emb_list):
+        p.error(f"--sk_epsilons has {len(args.sk_epsilons)} values but --num_emb_list has {len(args.num_emb_list)} levels")
+    if any(k < 1 for k in args.num_emb_list) or args.e_dim < 1 or any(d < 1 for d in args.layers):
+        p.error("--num_emb_list, --e_dim and --layers must be positive")
+    if any(e < 0 for e in args.sk_epsilons):
+        p.error("--sk_epsilons must be >= 0")
+    for flag in ("epochs", "batch_size", "eval_step", "sk_iters", "kmeans_iters"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    data = EmbDataset(args.data_path)
+    print(f"{len(data)} items of dimension {data.dim} from {args.data_path}; training on {device}")
+    model = build_model(data.dim, vars(args))
+    result = Trainer(model, args, device).fit(data.embeddings)
+    print(f"best loss {result['best_loss']:.4f} -> {result['best_loss_ckpt']}")
+    print(f"best collision rate {result['best_collision_rate']:.4f} -> {result['best_collision_ckpt']}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")
