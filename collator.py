@@ -74,6 +74,8 @@ class TrainCollator:
 class TestCollator:
     """Items ``{"prompt", "target", ...}`` to (left-padded encodings, list of target strings)."""
 
+    __test__ = False  # not a pytest test class despite the name
+
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.pad_id = ensure_pad_token(tokenizer)
