@@ -17,7 +17,6 @@ from typing import Iterable, Sequence
 
 from utils import DataError, parse_list
 
-METRIC_NAMES = ("hit", "ndcg")
 _METRIC_RE = re.compile(r"^(hit|hr|ndcg)@(\d+)$")
 
 

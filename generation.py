@@ -15,7 +15,7 @@ import argparse
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -112,7 +112,8 @@ class IndexTrie:
         self.num_items = len(sequences)
 
     def to(self, device: torch.device) -> "IndexTrie":
-        self.symbols, self.next_state, self.allowed = (t.to(device) for t in (self.symbols, self.next_state, self.allowed))
+        self.symbols, self.next_state, self.allowed = (
+            t.to(device) for t in (self.symbols, self.next_state, self.allowed))
         return self
 
     def states(self, generated: torch.LongTensor) -> torch.LongTensor:
@@ -171,6 +172,7 @@ class Decoder:
     pad_token_id: int
     mode: str = "trie"  # trie | position | none
     filter_items: bool = False
+    item_of_str: dict[str, str] = field(default_factory=dict)  # "<a_1><b_2><c_3>" -> item id
 
     @classmethod
     def build(cls, tokenizer, indices: dict[str, list[str]], vocab_size: int | None = None, mode: str = "trie",
@@ -187,9 +189,8 @@ class Decoder:
         trie = IndexTrie(list(item_ids.values()), eos, pad)
         if device is not None:
             trie.to(device)
-        decoder = cls(trie, {tuple(v): k for k, v in item_ids.items()}, eos, pad, mode, filter_items)
-        decoder._item_of_str = {"".join(toks): item for item, toks in indices.items()}
-        return decoder
+        return cls(trie, {tuple(v): k for k, v in item_ids.items()}, eos, pad, mode, filter_items,
+                   {"".join(toks): item for item, toks in indices.items()})
 
     def generation_config(self, num_beams: int) -> GenerationConfig:
         # do_sample=False explicitly: recent transformers may otherwise sample from the model's defaults.
@@ -198,12 +199,12 @@ class Decoder:
             max_new_tokens=self.trie.index_len + 1, output_scores=True, output_logits=num_beams == 1,
             return_dict_in_generate=True,
             pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, length_penalty=1.0,
-            temperature=None, top_p=None, top_k=None,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
         )
 
     def item_of_string(self, index: str) -> str | None:
         """The item of a ground-truth index string such as ``<a_1><b_2><c_3>``."""
-        return self._item_of_str.get(index)
+        return self.item_of_str.get(index)
 
     def item_for(self, generated: list[int]) -> str | None:
         """The item whose index is exactly ``generated`` up to the first EOS/pad, else None."""
@@ -279,7 +280,8 @@ def resolve_prompt_ids(spec: str, task: str) -> list[int]:
     ids = parse_list(spec, int, "--test_prompt_ids")
     bad = [i for i in ids if i not in valid]
     if bad or not ids:
-        raise DataError(f"--test_prompt_ids: {bad or spec!r} not usable for {task}; its item-output templates are {valid}")
+        raise DataError(f"--test_prompt_ids: {bad or spec!r} not usable for {task}; "
+                        f"its item-output templates are {valid}")
     return ids
 
 
@@ -357,6 +359,10 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     device = get_device(args.gpu_id if world_size == 1 else None)
     model, tokenizer = load_for_inference(args.ckpt_path, indices, dtype=default_dtype(device), device=device,
                                           lora=args.lora, base_model=args.base_model)
+    # generate() fills unset fields from the checkpoint's generation_config.json (sampling, penalties);
+    # scoring must not depend on them
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
     decoder = Decoder.build(tokenizer, indices, model.get_input_embeddings().weight.shape[0],
                             getattr(args, "decoding", "trie"), args.filter_items, device, where=str(args.ckpt_path))
 

@@ -33,7 +33,8 @@ def test_hit_and_ndcg_by_hand():
 
 
 def test_per_prompt_aggregation():
-    per_prompt = {"0": {"hit@1": 0.2, "ndcg@5": 0.3}, "3": {"hit@1": 0.4, "ndcg@5": 0.1}, "7": {"hit@1": 0.0, "ndcg@5": 0.2}}
+    per_prompt = {"0": {"hit@1": 0.2, "ndcg@5": 0.3}, "3": {"hit@1": 0.4, "ndcg@5": 0.1},
+                  "7": {"hit@1": 0.0, "ndcg@5": 0.2}}
     agg = aggregate(per_prompt, ["hit@1", "ndcg@5"])
     assert agg["mean"] == pytest.approx({"hit@1": 0.2, "ndcg@5": 0.2})
     assert agg["min"] == {"hit@1": 0.0, "ndcg@5": 0.1}

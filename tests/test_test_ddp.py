@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fixtures import make_dataset, make_tiny_model, train_tokenizer
 from generation import evaluate_checkpoint, predictions_path
@@ -27,6 +28,8 @@ def ckpt_and_data(tmp_path_factory):
     tok = train_tokenizer()
     add_index_tokens(tok, indices)
     model = make_tiny_model(len(tok), seed=5)
+    with torch.no_grad():  # wider (tied) embeddings: beam scores without near-ties
+        model.get_input_embeddings().weight.normal_(0, 1.0)
     model.save_pretrained(root / "ckpt")
     tok.save_pretrained(root / "ckpt")
     return root, data_path
@@ -93,3 +96,40 @@ def test_bad_inputs_fail_clearly(ckpt_and_data, tmp_path):
     add_index_tokens(tok, load_indices(data_path / "Tiny" / "Tiny.index.json"))
     tok.save_pretrained(small)
     _fails(_args(small, data_path, res), "embedding rows", res)
+
+
+def test_lora_adapter_evaluates_like_its_merged_model(ckpt_and_data, tiny_base_model, tmp_path):
+    """--lora --base_model: the adapter folder (with the index tokenizer) on the base model gives the
+    same results as the merged model saved as a full checkpoint."""
+    import torch
+
+    from lora_finetune import add_lora
+    from modeling import load_for_training
+
+    _, data_path = ckpt_and_data
+    indices = load_indices(data_path / "Tiny" / "Tiny.index.json")
+    model, tok = load_for_training(str(tiny_base_model), indices)
+    model = add_lora(model, parse_args("train", []))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter whose scores have no near-ties (a random tiny model's do)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+            elif "modules_to_save" in name and "embed_tokens" in name:
+                p.normal_(0, 1.0)
+    model.save_pretrained(tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    tok.save_pretrained(tmp_path / "merged")
+
+    extra = ("--test_prompt_ids", "1", "--num_beams", "10", "--sample_num", "6", "--save_predictions")
+    lora = evaluate_checkpoint(parse_args("test", _args(tmp_path / "adapter", data_path, tmp_path / "l.json", *extra,
+                                                       "--lora", "--base_model", str(tiny_base_model))))
+    full = evaluate_checkpoint(parse_args("test", _args(tmp_path / "merged", data_path, tmp_path / "f.json", *extra)))
+    assert lora["num_examples"] == full["num_examples"] == 6
+    a = [json.loads(x) for x in predictions_path(tmp_path / "l.json").read_text().splitlines()]
+    b = [json.loads(x) for x in predictions_path(tmp_path / "f.json").read_text().splitlines()]
+    assert [x["items"] for x in a] == [y["items"] for y in b]
+    assert [s for x in a for s in x["scores"]] == pytest.approx([s for y in b for s in y["scores"]], abs=1e-4)
+    assert lora["per_prompt"]["1"] == pytest.approx(full["per_prompt"]["1"])
