@@ -60,6 +60,35 @@ def save_npy_atomic(array: np.ndarray, path: str | os.PathLike) -> None:
         np.save(tmp, array)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--overwrite") -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; it becomes ``path`` only on success.
+
+    An existing ``path`` is refused (before any work) unless ``overwrite``; then it is replaced
+    only once the new folder is complete. On failure nothing is left behind.
+    """
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise DataError(f"{path}: output folder already exists; pass {flag} to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "replaced")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- dataset files
 def dataset_file(data_path: str | os.PathLike, dataset: str, suffix: str) -> Path:
     """``<data_path>/<D>/<D><suffix>``, e.g. suffix ``.inter.json`` or ``.index.json``."""
