@@ -35,10 +35,10 @@ from weights import (  # noqa: E402
 def plan(base: WeightReader, delta: WeightReader, whole: set[str] | None) -> dict[str, str | None]:
     """For every delta tensor, the base tensor it is added to, or None when it is stored whole.
     Checked in full before anything is written."""
-    plan: dict[str, str | None] = {}
+    sources: dict[str, str | None] = {}
     for name in delta.names():
         if (whole is not None and name in whole) or not delta.is_float(name):
-            plan[name] = None
+            sources[name] = None
             continue
         base_name = base.resolve(name)
         if base_name is None:
@@ -47,13 +47,13 @@ def plan(base: WeightReader, delta: WeightReader, whole: set[str] | None) -> dic
         base_shape, delta_shape = base.shape(base_name), delta.shape(name)
         if base_shape != delta_shape:
             if whole is None and is_vocab_tensor(name):
-                plan[name] = None  # a delta without delta_info.json: a resized vocabulary tensor is whole
+                sources[name] = None  # a delta without delta_info.json: a resized vocabulary tensor is whole
                 continue
             raise DataError(f"tensor {name!r}: base {base.folder} has shape {base_shape} but the delta has "
                             f"{delta_shape}; only stored-whole embeddings and output head may differ "
                             "(is --base-model-path the model the delta was made from?)")
-        plan[name] = base_name
-    return plan
+        sources[name] = base_name
+    return sources
 
 
 def merged_tensor(delta: torch.Tensor, base: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -192,7 +192,7 @@ def test_convert_sh_consolidates_zero3_checkpoints(tiny_data, tiny_base_model, t
     logits: the final model finetune.py saved (the best checkpoint reloaded by the Trainer)."""
     data_path, _ = tiny_data
     out = tmp_path / "z3"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHON=sys.executable)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", free_port(),
            str(ROOT / "finetune.py"), "--base_model", str(tiny_base_model), "--data_path", str(data_path),
            "--dataset", "Tiny", "--output_dir", str(out), "--max_steps", "2", "--per_device_batch_size", "2",
