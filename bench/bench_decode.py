@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,9 +46,13 @@ def make_index(n_items: int, seed: int = 0) -> dict[str, list[str]]:
     return out
 
 
-def run(decoder: Decoder, model, prompts: list[torch.Tensor], batch_size: int, num_beams: int, batches: int,
-        pad_id: int, device: torch.device) -> tuple[float, float]:
-    """(examples per second, fraction of returned beams that are real items), after one warm-up batch."""
+def compare(name: str, decoder: Decoder, model, prompts: list[torch.Tensor], num_beams: int, batch_size: int,
+            batches: int, pad_id: int, device: torch.device) -> float:
+    """Print examples/s and valid-item rate of both constraints; return the trie/callback speed ratio.
+
+    The two run alternately on the same batches, after a warm-up of each, and the speed is the
+    batch size over the median batch time, so that load from other processes hits both alike.
+    """
     def batch(k: int) -> dict[str, torch.Tensor]:
         rows = prompts[k * batch_size:(k + 1) * batch_size]
         width = max(len(r) for r in rows)
@@ -57,31 +62,29 @@ def run(decoder: Decoder, model, prompts: list[torch.Tensor], batch_size: int, n
             ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
-    decoder.rank(model, batch(0), num_beams)  # warm-up
-    valid = total = 0
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for k in range(1, batches + 1):
-        for items in decoder.rank(model, batch(k), num_beams):
-            valid += sum(i is not None for i, _ in items)
-            total += len(items)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return batches * batch_size / (time.perf_counter() - start), valid / max(total, 1)
-
-
-def compare(name: str, decoder: Decoder, model, prompts, num_beams: int, batch_size: int, batches: int, pad_id: int,
-            device: torch.device) -> float:
-    decoder.mode = "trie"
-    trie_speed, trie_valid = run(decoder, model, prompts, batch_size, num_beams, batches, pad_id, device)
-    decoder.mode = "position"
-    pos_speed, pos_valid = run(decoder, model, prompts, batch_size, num_beams, batches, pad_id, device)
-    print(f"{name} trie examples/s: {trie_speed:.2f}")
-    print(f"{name} trie valid item rate: {trie_valid:.4f}")
-    print(f"{name} callback examples/s: {pos_speed:.2f}")
-    print(f"{name} callback valid item rate: {pos_valid:.4f}")
-    return trie_speed / pos_speed
+    modes = {"trie": "trie", "callback": "position"}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    valid = {m: [0, 0] for m in modes}
+    for k in range(batches + 1):  # batch 0 warms up
+        enc = batch(k)
+        for label, mode in modes.items():
+            decoder.mode = mode
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            ranked = decoder.rank(model, enc, num_beams)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if k == 0:
+                continue
+            times[label].append(time.perf_counter() - start)
+            valid[label][0] += sum(i is not None for items in ranked for i, _ in items)
+            valid[label][1] += sum(len(items) for items in ranked)
+    speed = {m: batch_size / statistics.median(t) for m, t in times.items()}
+    for m in modes:
+        print(f"{name} {m} examples/s: {speed[m]:.2f}")
+        print(f"{name} {m} valid item rate: {valid[m][0] / max(valid[m][1], 1):.4f}")
+    return speed["trie"] / speed["callback"]
 
 
 def constraint_ms_per_step(trie: IndexTrie, sequences: list[list[int]], rows: int, num_beams: int, vocab: int,
