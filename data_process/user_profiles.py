@@ -240,6 +240,11 @@ _REFUSAL = re.compile(
     r"language model|not enough information)\b",
     re.IGNORECASE,
 )
+_DANGLING = re.compile(
+    r"\s+(?:of|a|an|the|and|or|but|with|that|to|who|which|where|in|on|for|by|as|at|from|into|its|their|his|her|"
+    r"is|are|was|were|like|than)\s*$",
+    re.IGNORECASE,
+)
 _SPECIAL = re.compile(r"<\|[^|>]*\|>|</?s>|<unk>|\[/?INST\]")
 _QUOTES = "\"'“”‘’`«»"
 
@@ -291,7 +296,9 @@ def clean_answer(text: str | None, hidden_titles: Sequence[str] = (), min_words:
             lines.append(line)
     text = re.sub(r"\s+", " ", " ".join(lines)).strip(" -–—:;,")
     text = _strip_quotes(text)
-    if not text or _REFUSAL.search(text):
+    # Sentences repeated word for word (a common loop of small models) are kept once.
+    text = " ".join(dict.fromkeys(re.split(r"(?<=[.!?])\s+", text)))
+    if not text or _REFUSAL.search(text) or _looping(text):
         return None
     # A cut-off answer: keep the complete sentences when there is at least one.
     if text[-1] not in ".!?\"”')":
@@ -302,22 +309,28 @@ def clean_answer(text: str | None, hidden_titles: Sequence[str] = (), min_words:
         elif clause > 0 and len(text[:clause].split()) >= 2 * min_words:
             text = text[:clause] + "."  # drop the dangling half-clause
         else:
-            text = text.rstrip(" ,;:-") + "."
-    # Sentences repeated word for word (a common loop of small models) are kept once.
-    sentences = re.split(r"(?<=[.!?])\s+", text)
-    text = " ".join(dict.fromkeys(sentences))
+            text = text.rstrip(" ,;:-")
+            for _ in range(3):  # "... set against a backdrop of" -> "... set against a backdrop"
+                text = _DANGLING.sub("", text)
+            text += "."
     for title in hidden_titles:  # the intention must not give the item away
         text = re.sub(f"[\"“'‘]?(?<![\\w]){re.escape(title)}(?![\\w])[\"”'’]?", "this one", text, flags=re.IGNORECASE)
     text = re.sub(r"\b([Tt]he|[Tt]his) (\w+) this one\b", r"this \2", text)  # "The movie <title>"
     text = re.sub(r"^this one\s*[-–—:]\s*", "", text)  # "<title> - a gritty thriller ..."
     text = re.sub(r"(^|[.!?] )this one\b", lambda m: m.group(1) + "This one", text)
+    if not text.strip(" ."):
+        return None
     text = text[0].upper() + text[1:]
     words = re.findall(r"[A-Za-z][A-Za-z'-]*", text)
-    if len(words) < min_words:
+    if len(words) < min_words or _looping(text):
         return None
-    if len(words) >= 8 and len({w.lower() for w in words}) / len(words) < 0.35:
-        return None  # "the the the ..." or a phrase looping
     return text
+
+
+def _looping(text: str) -> bool:
+    """ "the the the ..." or a phrase repeating: few distinct words among many."""
+    words = [w.lower() for w in re.findall(r"[A-Za-z][A-Za-z'-]*", text)]
+    return len(words) >= 8 and len(set(words)) / len(words) < 0.35
 
 
 # --------------------------------------------------------------------------- validation

@@ -25,6 +25,7 @@ MESSY = [
     ("The user enjoys dark psychological thrillers. They also like slow", "The user enjoys dark psychological thrillers."),
     ("The user likes Westerns, war films, and epics, especially those with a strong",
      "The user likes Westerns, war films, and epics."),
+    ("This movie is a comedy-drama film about a medieval knight who", "This movie is a comedy-drama film about a medieval knight."),
     ("- Short-term: Lately drawn to upbeat musicals.", "Lately drawn to upbeat musicals."),
     ('Here\'s a one-sentence summary: "The user prefers character-driven indie dramas."',
      "The user prefers character-driven indie dramas."),
