@@ -60,7 +60,8 @@ def check_prefix_capacity(codes: np.ndarray, n_last: int) -> None:
         spelled = "".join(f"<{LEVEL_PREFIXES[lvl]}_{c}>" for lvl, c in enumerate(prefix))
         raise DataError(
             f"{count} items share the prefix {spelled or '(none)'} but the last level has only {n_last} codes, "
-            "so they cannot all get distinct indices; train with more codes per level (--num_emb_list) or more levels")
+            "so they cannot all get distinct indices. An undertrained or collapsed RQ-VAE does this (see the collision "
+            "rate and code usage it printed while training): train longer, or with more codes or levels (--num_emb_list)")
 
 
 def finish_collisions(codes: np.ndarray, last_dist: np.ndarray) -> int:
@@ -101,9 +102,12 @@ def generate_codes(model: RQVAE, embeddings: torch.Tensor, max_rounds: int = 20)
         if not groups:
             break
         rounds += 1
+        previous = codes[:, -1].copy()
         for g in groups:  # only the colliding items move; the others keep their codes
             group_dist = last.distances(last_inputs[torch.as_tensor(g, device=last_inputs.device)])
             codes[g, -1] = sinkhorn_assign(group_dist, epsilon, last.sk_iters).cpu().numpy()
+        if (codes[:, -1] == previous).all():  # deterministic: every further round would repeat this one
+            break
     report["rounds"] = rounds
     report["after_rounds"] = code_stats(codes, num_emb_list)
 
