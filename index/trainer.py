@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -44,8 +45,8 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
         ckpt = torch.load(path, map_location=device, weights_only=True)
         model = build_model(ckpt["in_dim"], ckpt["args"])
         model.load_state_dict(ckpt["state_dict"])
-    except (KeyError, RuntimeError, TypeError, EOFError, OSError) as e:
-        raise DataError(f"{path}: not an RQ-VAE checkpoint written by index/main.py ({e})") from e
+    except (pickle.UnpicklingError, KeyError, RuntimeError, TypeError, ValueError, EOFError, OSError) as e:
+        raise DataError(f"{path}: not an RQ-VAE checkpoint written by index/main.py ({type(e).__name__})") from e
     return model.to(device).eval(), ckpt
 
 

@@ -135,7 +135,7 @@ def test_prefix_with_more_items_than_codes_is_refused(tmp_path):
     assert not out.exists() and not list(tmp_path.glob("*.png"))
 
 
-def test_bad_embedding_files(tmp_path, trained):
+def test_bad_inputs(tmp_path, trained):
     with pytest.raises(DataError, match="embedding file not found"):
         load_embeddings(tmp_path / "missing.npy")
     (tmp_path / "text.npy").write_text("not numpy")
@@ -157,5 +157,8 @@ def test_bad_embedding_files(tmp_path, trained):
     with pytest.raises(DataError, match="dimension 7 but the checkpoint"):
         gen.main(["--ckpt_path", str(ckpt_dir / BEST_LOSS_CKPT), "--data_path", str(tmp_path / "wrong_dim.npy"),
                   "--output_file", str(tmp_path / "x.index.json")])
+    (tmp_path / "bad.pth").write_text("not a checkpoint")
+    with pytest.raises(DataError, match="not an RQ-VAE checkpoint"):
+        load_checkpoint(tmp_path / "bad.pth")
     with pytest.raises(SystemExit):  # one epsilon per level
         train_main.main(["--data_path", str(tmp_path / "wrong_dim.npy"), "--num_emb_list", "4", "4", "--sk_epsilons", "0"])
