@@ -393,10 +393,11 @@ def load_datasets(args: argparse.Namespace) -> tuple[MultiTaskDataset, TaskDatas
         if len(ds) == 0:
             raise DataError(f"task {task}: no training examples in {Path(args.data_path) / args.dataset}")
         train.append(ds)
+    valid_num = max(int(getattr(args, "valid_sample_num", 0)), 0)
     if getattr(args, "sample_valid", True):
-        valid = SeqRecDataset(args, "valid", prompt_sample_num=args.valid_prompt_sample_num)
+        valid = SeqRecDataset(args, "valid", prompt_sample_num=args.valid_prompt_sample_num, sample_num=valid_num)
     else:
-        valid = SeqRecDataset(args, "valid", prompt_id=args.valid_prompt_id)
+        valid = SeqRecDataset(args, "valid", prompt_id=args.valid_prompt_id, sample_num=valid_num)
     return MultiTaskDataset(train), valid
 
 

@@ -240,6 +240,7 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample_valid", action="store_true", default=True, help="sample validation templates")
     g.add_argument("--no_sample_valid", dest="sample_valid", action="store_false")
     g.add_argument("--valid_prompt_sample_num", type=int, default=2)
+    g.add_argument("--valid_sample_num", type=int, default=0, help="validation users to keep (0 = all)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -296,6 +297,8 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decoding", type=str, default="trie", choices=["trie", "position", "none"],
                    help="trie: only real items (default); position: any token seen at each index position "
                         "(the original rule, may produce non-items); none: unconstrained")
+    g.add_argument("--no_share_prefill", action="store_true",
+                   help="run each prompt once per beam inside generate instead of once, then sharing its cache")
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
 
 

@@ -77,6 +77,11 @@ def test_sample_numbers_per_task(tiny_data):
     assert len({seqrec.template_of(i)[1] for i in range(2)}) == 2  # k distinct templates per example
     assert all(v["response"] == seqrec.files.index_str(inters[str(u)][-2])
                for u, v in zip(sorted(inters, key=int), (valid[2 * j] for j in range(len(inters)))))
+    # --valid_sample_num keeps a seeded subset of validation users
+    args.valid_sample_num = 4
+    _, small_valid = data.load_datasets(args)
+    assert len(small_valid) == 2 * 4
+    assert {ex["user"] for ex in small_valid.examples} < set(inters)
 
 
 def test_templates_redrawn_each_epoch(tiny_data):
