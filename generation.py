@@ -6,6 +6,9 @@ Every beam therefore ends as a real item. The trie is compiled once into tensors
 decoding step walks all beams of all prompts through it with a few gathers (no Python loop over
 beams).
 
+Each prompt is run once, not once per beam: ``shared_prefill`` caches the prompt's keys/values
+and repeats the cache for the beams before ``generate`` (switch off with ``--no_share_prefill``).
+
 ``position_allowed_tokens_fn`` is the paper's looser rule (any token seen at that position in
 any index), kept as a baseline for bench/bench_decode.py; it can produce indices of no item.
 """
@@ -21,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from evaluate import aggregate, compute_metrics, format_table, max_k, parse_metrics, target_rank
 from utils import (TEST_TASKS, DataError, atomic_path, dataset_file, default_dtype, get_device, parse_list,
@@ -136,15 +139,19 @@ class TrieLogitsProcessor(LogitsProcessor):
 
     ``prompt_len`` is the (left-padded) prompt width of the batch; the generated part of each
     row is ``input_ids[:, prompt_len:]``, whatever the batch size or number of beams.
+    ``inplace`` overwrites ``scores`` instead of allocating a new [rows, vocab] tensor each step;
+    right for beam search, whose scores are a fresh log-softmax, but not for greedy search,
+    which keeps the very tensor it passes in as the raw logits.
     """
 
-    def __init__(self, trie: IndexTrie, prompt_len: int):
-        self.trie, self.prompt_len = trie, prompt_len
+    def __init__(self, trie: IndexTrie, prompt_len: int, inplace: bool = False):
+        self.trie, self.prompt_len, self.inplace = trie, prompt_len, inplace
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         allowed = self.trie.allowed_tokens(input_ids[:, self.prompt_len:])  # [rows, max_children]
-        out = torch.full_like(scores, -math.inf)  # not in place: greedy search keeps `scores` as the raw logits
-        return out.scatter_(1, allowed, scores.gather(1, allowed))
+        kept = scores.gather(1, allowed)
+        out = scores.fill_(-math.inf) if self.inplace else torch.full_like(scores, -math.inf)
+        return out.scatter_(1, allowed, kept)
 
 
 def position_allowed_tokens_fn(sequences: Sequence[Sequence[int]], prompt_len: int, eos_token_id: int,
@@ -161,6 +168,41 @@ def position_allowed_tokens_fn(sequences: Sequence[Sequence[int]], prompt_len: i
     return allowed
 
 
+# --------------------------------------------------------------------------- prefill once per prompt
+def can_share_prefill(model, input_ids: torch.LongTensor) -> bool:
+    """Whether ``shared_prefill`` applies: a decoder-only model whose forward takes a ``DynamicCache``
+    (``cache=``) and position ids, and prompts of at least two tokens."""
+    import inspect
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or input_ids.shape[1] < 2:
+        return False
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    params = inspect.signature(model.forward).parameters
+    return bool(supports and supports()) and "cache" in params and "position_ids" in params
+
+
+def shared_prefill(model, input_ids: torch.LongTensor, attention_mask: torch.LongTensor,
+                   num_beams: int) -> DynamicCache:
+    """Runs the left-padded prompts [batch, len] without their last token once and repeats the
+    key/value cache for every beam -> cache [batch * num_beams, heads, len - 1, head_dim].
+
+    ``generate`` copies each prompt num_beams times before its prefill, so without this the prompt
+    is run num_beams times over. Given this cache, generate only runs the last prompt token: it
+    slices its inputs to the tokens past ``cache.get_seq_length()``, and its expansion for beam
+    search repeats tensors only, not a Cache object. Position ids follow generate's rule (count of
+    attended tokens - 1, 0 on padding), so the cached keys are the same as in a full prefill."""
+    mask = attention_mask[:, :-1]
+    position_ids = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 0)
+    keep_one = getattr(model, "_supports_logits_to_keep", lambda: False)()
+    extra = {"logits_to_keep": 1} if keep_one else {}  # its logits are not needed: skip most of the LM head
+    out = model(input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=position_ids,
+                cache=DynamicCache(config=model.config), use_cache=True, **extra)
+    cache = out.cache
+    cache.batch_repeat_interleave(num_beams)  # row b -> rows b * num_beams ... (b + 1) * num_beams - 1
+    return cache
+
+
 # --------------------------------------------------------------------------- one batch
 @dataclass
 class Decoder:
@@ -173,10 +215,12 @@ class Decoder:
     mode: str = "trie"  # trie | position | none
     filter_items: bool = False
     item_of_str: dict[str, str] = field(default_factory=dict)  # "<a_1><b_2><c_3>" -> item id
+    share_prefill: bool = True  # run each prompt once, not once per beam (see ``shared_prefill``)
 
     @classmethod
     def build(cls, tokenizer, indices: dict[str, list[str]], vocab_size: int | None = None, mode: str = "trie",
-              filter_items: bool = False, device: torch.device | None = None, where: str = "tokenizer") -> "Decoder":
+              filter_items: bool = False, device: torch.device | None = None, where: str = "tokenizer",
+              share_prefill: bool = True) -> "Decoder":
         """From the index file's ``{item: [token, ...]}``; checks the tokens against the tokenizer and
         the model's vocabulary size (see ``index_token_ids``)."""
         if mode not in DECODING_MODES:
@@ -190,16 +234,20 @@ class Decoder:
         if device is not None:
             trie.to(device)
         return cls(trie, {tuple(v): k for k, v in item_ids.items()}, eos, pad, mode, filter_items,
-                   {"".join(toks): item for item, toks in indices.items()})
+                   {"".join(toks): item for item, toks in indices.items()}, share_prefill)
 
     def generation_config(self, num_beams: int) -> GenerationConfig:
         # do_sample=False explicitly: recent transformers may otherwise sample from the model's defaults.
+        # Only what the ranking reads is kept: beam search's sequences_scores (which transformers only
+        # returns with output_scores), greedy search's raw logits. min_length=0 and no
+        # min_new_tokens: any min_new_tokens, even 0, adds a length processor that copies the scores
+        # every step (evaluate_checkpoint replaces the checkpoint's generation config, so none comes from it).
         return GenerationConfig(
             num_beams=num_beams, num_return_sequences=num_beams, do_sample=False, early_stopping=False,
-            max_new_tokens=self.trie.index_len + 1, output_scores=True, output_logits=num_beams == 1,
+            max_new_tokens=self.trie.index_len + 1, output_scores=num_beams > 1, output_logits=num_beams == 1,
             return_dict_in_generate=True,
             pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, length_penalty=1.0,
-            repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
         )
 
     def item_of_string(self, index: str) -> str | None:
@@ -218,11 +266,14 @@ class Decoder:
         prompt_len = input_ids.shape[1]
         kwargs = {}
         if self.mode == "trie":
-            kwargs["logits_processor"] = LogitsProcessorList([TrieLogitsProcessor(self.trie, prompt_len)])
+            kwargs["logits_processor"] = LogitsProcessorList([TrieLogitsProcessor(self.trie, prompt_len,
+                                                                                  inplace=num_beams > 1)])
         elif self.mode == "position":
             seqs = [list(k) for k in self.item_of]
             kwargs["prefix_allowed_tokens_fn"] = position_allowed_tokens_fn(seqs, prompt_len, self.eos_token_id,
                                                                             self.pad_token_id)
+        if self.share_prefill and can_share_prefill(model, input_ids):
+            kwargs["cache"] = shared_prefill(model, input_ids, attention_mask, num_beams)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                              generation_config=self.generation_config(num_beams), **kwargs)
         generated = out.sequences[:, prompt_len:].tolist()  # [batch * beams, new]
@@ -364,7 +415,8 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     decoder = Decoder.build(tokenizer, indices, model.get_input_embeddings().weight.shape[0],
-                            getattr(args, "decoding", "trie"), args.filter_items, device, where=str(args.ckpt_path))
+                            getattr(args, "decoding", "trie"), args.filter_items, device, where=str(args.ckpt_path),
+                            share_prefill=not getattr(args, "no_share_prefill", False))
 
     per_prompt: dict[str, dict[str, float]] = {}
     predictions: list[dict] = []

@@ -7,7 +7,7 @@ Two settings:
           49152 tokens + 1024 index tokens, with 1682 items of 4-level indices: the model is
           cheap, so the cost of the constraint itself shows;
   smollm2 the embedded SmolLM2-135M-Instruct with the same index tokens added (--smollm2_batches 0
-          skips it).
+          skips it); also timed without sharing the prompt's prefill across beams.
 
 One figure per line on stdout; the last line is the tiny setting's trie/callback speed ratio.
 
@@ -47,11 +47,12 @@ def make_index(n_items: int, seed: int = 0) -> dict[str, list[str]]:
 
 
 def compare(name: str, decoder: Decoder, model, prompts: list[torch.Tensor], num_beams: int, batch_size: int,
-            batches: int, pad_id: int, device: torch.device) -> float:
+            batches: int, pad_id: int, device: torch.device, unshared: bool = False) -> float:
     """Print examples/s and valid-item rate of both constraints; return the trie/callback speed ratio.
+    Both share the prompt's prefill across beams; ``unshared`` also times the trie without it.
 
-    The two run alternately on the same batches, after a warm-up of each, and the speed is the
-    batch size over the median batch time, so that load from other processes hits both alike.
+    The methods run alternately on the same batches, after a warm-up of each, and the speed is the
+    batch size over the median batch time, so that load from other processes hits all alike.
     """
     def batch(k: int) -> dict[str, torch.Tensor]:
         rows = prompts[k * batch_size:(k + 1) * batch_size]
@@ -62,13 +63,15 @@ def compare(name: str, decoder: Decoder, model, prompts: list[torch.Tensor], num
             ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
-    modes = {"trie": "trie", "callback": "position"}
+    modes = {"trie": ("trie", True), "callback": ("position", True)}
+    if unshared:
+        modes["trie without shared prefill"] = ("trie", False)
     times: dict[str, list[float]] = {m: [] for m in modes}
     valid = {m: [0, 0] for m in modes}
     for k in range(batches + 1):  # batch 0 warms up
         enc = batch(k)
-        for label, mode in modes.items():
-            decoder.mode = mode
+        for label, (mode, share) in modes.items():
+            decoder.mode, decoder.share_prefill = mode, share
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -80,6 +83,7 @@ def compare(name: str, decoder: Decoder, model, prompts: list[torch.Tensor], num
             times[label].append(time.perf_counter() - start)
             valid[label][0] += sum(i is not None for items in ranked for i, _ in items)
             valid[label][1] += sum(len(items) for items in ranked)
+    decoder.share_prefill = True
     speed = {m: batch_size / statistics.median(t) for m, t in times.items()}
     for m in modes:
         print(f"{name} {m} examples/s: {speed[m]:.2f}")
@@ -99,12 +103,12 @@ def constraint_ms_per_step(trie: IndexTrie, sequences: list[list[int]], rows: in
         gen = torch.tensor([(rng.choice(sequences) + [eos])[:step] for _ in range(rows)], dtype=torch.long)
         input_ids = torch.cat([torch.randint(3, 1000, (rows, prompt_len)), gen.view(rows, step)], 1)
         scores = torch.randn(rows, vocab).log_softmax(-1)
-        trie_proc = TrieLogitsProcessor(trie, prompt_len)
+        trie_proc = TrieLogitsProcessor(trie, prompt_len, inplace=True)  # as in beam search
         callback = PrefixConstrainedLogitsProcessor(position_allowed_tokens_fn(sequences, prompt_len, eos), num_beams)
-        for k, proc in enumerate((trie_proc, callback)):
+        for k, (proc, step_scores) in enumerate(((trie_proc, scores.clone()), (callback, scores))):
             start = time.perf_counter()
             for _ in range(repeats):
-                proc(input_ids, scores)
+                proc(input_ids, step_scores)
             totals[k] += (time.perf_counter() - start) / repeats
     steps = trie.index_len + 1
     return 1000 * totals[0] / steps, 1000 * totals[1] / steps
@@ -152,7 +156,7 @@ def main() -> None:
         prompts = [torch.tensor(tokenizer(t)["input_ids"]) for t in texts]
         decoder = Decoder.build(tokenizer, indices, model.get_input_embeddings().weight.shape[0], device=device)
         ratio_smollm2 = compare("smollm2", decoder, model, prompts, args.num_beams, args.smollm2_batch_size,
-                                args.smollm2_batches, tokenizer.pad_token_id, device)
+                                args.smollm2_batches, tokenizer.pad_token_id, device, unshared=True)
         del model
 
     # tiny random model: SmolLM2's vocabulary size + one token per (level, code)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fixtures import make_indices, make_tiny_model, train_tokenizer
-from generation import (Decoder, IndexTrie, TrieLogitsProcessor, index_token_ids, position_allowed_tokens_fn,
-                        rank_batch_with_backoff, shard_range)
+from generation import (Decoder, IndexTrie, TrieLogitsProcessor, can_share_prefill, index_token_ids,
+                        position_allowed_tokens_fn, rank_batch_with_backoff, shard_range)
 from utils import DataError, index_tokens
 
 EOS, PAD = 2, 3
@@ -52,6 +52,18 @@ def test_trie_masks_exactly_the_allowed_tokens():
     assert checked == len(prefixes) and width == 5
 
 
+def test_inplace_trie_processor_writes_the_same_scores_into_its_input():
+    seqs = [(10, 20, 30), (10, 21, 31), (11, 22, 32)]
+    trie = IndexTrie(seqs, EOS, PAD)
+    rows = torch.tensor([[5, 6], [5, 6], [5, 6]])
+    rows = torch.cat([rows, torch.tensor([[10], [11], [40]])], 1)  # two valid prefixes, one dead path
+    scores = torch.randn(3, 50)
+    expected = TrieLogitsProcessor(trie, 2)(rows, scores)
+    out = TrieLogitsProcessor(trie, 2, inplace=True)(rows, scores)
+    assert out.data_ptr() == scores.data_ptr() and torch.equal(out, expected)
+    assert torch.isfinite(out).sum(1).tolist() == [2, 1, 1]
+
+
 def test_trie_rejects_bad_index():
     with pytest.raises(DataError, match="different lengths"):
         IndexTrie([(10, 20), (10, 20, 30)], EOS)
@@ -77,6 +89,17 @@ def tiny_indexed():
     tok.add_tokens(index_tokens(indices))
     model = make_tiny_model(len(tok), seed=3).eval()
     return tok, model, indices
+
+
+@pytest.fixture(scope="module")
+def tie_free_model(tiny_indexed):
+    """The tiny model with wide (tied) embeddings: its beam scores have no near-ties, so two
+    numerically equivalent decodings must rank the same items."""
+    tok, _, indices = tiny_indexed
+    model = make_tiny_model(len(tok), seed=3).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 1.0)
+    return model
 
 
 def _encode(tok, texts):
@@ -150,3 +173,60 @@ def test_oom_backoff_halves_beams(tiny_indexed):
 def test_shards_cover_every_example_once(n, world):
     covered = [i for r in range(world) for i in shard_range(n, r, world)]
     assert covered == list(range(n))
+
+
+TEXTS = ["The red king <a_1><b_2>", "a blue night over the city river and a long road home", "star"]
+
+
+@pytest.mark.parametrize("batch_size,beams", [(1, 1), (3, 1), (1, 20), (3, 20)])
+def test_shared_prefill_ranks_like_the_plain_generate(tiny_indexed, tie_free_model, batch_size, beams):
+    tok, _, indices = tiny_indexed
+    model = tie_free_model
+    enc = _encode(tok, TEXTS[:batch_size])
+    width = enc["input_ids"].shape[1]
+    if batch_size > 1:
+        assert (enc["attention_mask"][:, 0] == 0).any()  # left padding really present
+    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0])
+    calls = []  # (rows, tokens) of each forward pass
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        shared = decoder.rank(model, enc, beams)
+        shared_calls, calls[:] = list(calls), []
+        decoder.share_prefill = False
+        plain = decoder.rank(model, enc, beams)
+    finally:
+        hook.remove()
+    # shared: the prompts once without their last token, then one token per beam; plain: the
+    # whole prompt once per beam
+    assert shared_calls[0] == (batch_size, width - 1) and shared_calls[1] == (batch_size * beams, 1)
+    assert calls[0] == (batch_size * beams, width)
+    assert [[i for i, _ in r] for r in shared] == [[i for i, _ in r] for r in plain]
+    assert torch.allclose(torch.tensor([[s for _, s in r] for r in shared]),
+                          torch.tensor([[s for _, s in r] for r in plain]), atol=1e-4)
+
+
+def test_shared_prefill_falls_back_when_it_cannot_apply(tiny_indexed, tie_free_model):
+    tok, _, indices = tiny_indexed
+    model = tie_free_model
+    one_token = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.tensor([[1]])}
+    assert not can_share_prefill(model, one_token["input_ids"])  # nothing to prefill before the last token
+
+    class NoCacheLM(torch.nn.Module):  # a model whose forward takes no cache object
+        config = model.config
+
+        def forward(self, input_ids, attention_mask=None):
+            raise AssertionError("not called")
+
+    assert not can_share_prefill(NoCacheLM(), _encode(tok, TEXTS[:1])["input_ids"])
+    assert can_share_prefill(model, _encode(tok, TEXTS[:1])["input_ids"])
+    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0])
+    ranked = decoder.rank(model, one_token, 5)[0]
+    assert len(ranked) == 5 and all(i in indices for i, _ in ranked)
+
+
+def test_no_share_prefill_flag():
+    from utils import parse_args
+
+    assert parse_args("test", ["--no_share_prefill"]).no_share_prefill
+    assert not parse_args("test", []).no_share_prefill
