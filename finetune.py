@@ -156,8 +156,10 @@ def save_final(trainer: Trainer, output_dir: str) -> None:
         torch.distributed.barrier() if torch.distributed.is_initialized() else None
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args("train", argv, description="Full fine-tuning on the LC-Rec tasks")
+def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=None, what: str = "model") -> None:
+    """Load data and model, train, save: shared by finetune.py and lora_finetune.py.
+
+    ``adapt_model(model, args)`` wraps the loaded model (LoRA); ``model_kwargs`` go to from_pretrained."""
     set_seed(args.seed)
     init_distributed(args)
     training_args = training_arguments(args)
@@ -166,15 +168,21 @@ def main(argv: list[str] | None = None) -> None:
     train_set, valid_set = data.load_datasets(args)
     log(f"train examples per task: {dict(zip(train_set.tasks, (len(d) for d in train_set.datasets)))}; "
         f"validation: {len(valid_set)}")
-    model, tokenizer = load_for_training(args.base_model, indices)
+    model, tokenizer = load_for_training(args.base_model, indices, **(model_kwargs or {}))
     log(f"vocabulary with index tokens: {len(tokenizer)}")
+    if adapt_model is not None:
+        model = adapt_model(model, args)
     if args.gradient_checkpointing:
         model.config.use_cache = False
 
     trainer = build_trainer(args, training_args, model, tokenizer, train_set, valid_set)
     trainer.train(resume_from_checkpoint=resume_arg(args.resume_from_checkpoint))
     save_final(trainer, args.output_dir)
-    log(f"saved model and tokenizer to {args.output_dir}")
+    log(f"saved {what} and tokenizer to {args.output_dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args("train", argv, description="Full fine-tuning on the LC-Rec tasks"))
 
 
 if __name__ == "__main__":

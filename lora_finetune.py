@@ -14,10 +14,8 @@ import os
 
 import torch
 
-import data
-from finetune import build_trainer, init_distributed, is_main_process, log, resume_arg, save_final, training_arguments
-from modeling import load_for_training
-from utils import DataError, parse_args, parse_list, set_seed
+from finetune import is_main_process, run
+from utils import DataError, parse_args, parse_list
 
 
 def quantization_kwargs(args: argparse.Namespace) -> dict:
@@ -67,26 +65,15 @@ def add_lora(model, args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args("train", argv, description="LoRA fine-tuning on the LC-Rec tasks")
-    set_seed(args.seed)
-    quant = quantization_kwargs(args)
-    init_distributed(args)
-    training_args = training_arguments(args)
+    quant = quantization_kwargs(args)  # checked before any work
 
-    indices = data.load_item_indices(args)
-    train_set, valid_set = data.load_datasets(args)
-    log(f"train examples per task: {dict(zip(train_set.tasks, (len(d) for d in train_set.datasets)))}; "
-        f"validation: {len(valid_set)}")
-    model, tokenizer = load_for_training(args.base_model, indices, **quant)
-    model = add_lora(model, args)
-    if args.gradient_checkpointing:
-        model.config.use_cache = False
-    if is_main_process():
-        model.print_trainable_parameters()
+    def adapt(model, args):
+        model = add_lora(model, args)
+        if is_main_process():
+            model.print_trainable_parameters()
+        return model
 
-    trainer = build_trainer(args, training_args, model, tokenizer, train_set, valid_set)
-    trainer.train(resume_from_checkpoint=resume_arg(args.resume_from_checkpoint))
-    save_final(trainer, args.output_dir)
-    log(f"saved adapter and tokenizer to {args.output_dir}")
+    run(args, model_kwargs=quant, adapt_model=adapt, what="adapter")
 
 
 if __name__ == "__main__":
