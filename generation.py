@@ -6,6 +6,11 @@ Every beam therefore ends as a real item. The trie is compiled once into tensors
 decoding step walks all beams of all prompts through it with a few gathers (no Python loop over
 beams).
 
+Beam search over the trie (``trie_beam_search``, the default) scores only each beam's allowed
+children after a full-vocabulary log-softmax, so it ranks exactly like transformers' ``generate``
+beam search with the trie processor (``--beam_search hf``) without its work on [beams, vocab]
+tensors.
+
 Each prompt is run once, not once per beam: ``shared_prefill`` caches the prompt's keys/values
 and repeats the cache for the beams before ``generate`` (switch off with ``--no_share_prefill``).
 
@@ -33,6 +38,7 @@ from utils import (TEST_TASKS, DataError, atomic_path, dataset_file, default_dty
 log = logging.getLogger("lcrec.eval")
 
 DECODING_MODES = ("trie", "position", "none")
+BEAM_SEARCHES = ("trie", "hf")
 
 
 # --------------------------------------------------------------------------- index -> token ids
@@ -112,11 +118,14 @@ class IndexTrie:
             for t, nxt in ch.items():
                 next_state[s, sym_of[t]] = nxt
         self.symbols, self.next_state, self.allowed = torch.tensor(symbols), next_state, allowed
+        # for the trie-native beam search: how many slots of ``allowed`` are real, and the state each one leads to
+        self.num_children = torch.tensor([len(ch) for ch in children])  # [num_states]
+        self.child_state = torch.tensor([list(ch.values()) + [0] * (max_children - len(ch)) for ch in children])
         self.num_items = len(sequences)
 
     def to(self, device: torch.device) -> "IndexTrie":
-        self.symbols, self.next_state, self.allowed = (
-            t.to(device) for t in (self.symbols, self.next_state, self.allowed))
+        self.symbols, self.next_state, self.allowed, self.num_children, self.child_state = (
+            t.to(device) for t in (self.symbols, self.next_state, self.allowed, self.num_children, self.child_state))
         return self
 
     def states(self, generated: torch.LongTensor) -> torch.LongTensor:
@@ -169,17 +178,35 @@ def position_allowed_tokens_fn(sequences: Sequence[Sequence[int]], prompt_len: i
 
 
 # --------------------------------------------------------------------------- prefill once per prompt
-def can_share_prefill(model, input_ids: torch.LongTensor) -> bool:
-    """Whether ``shared_prefill`` applies: a decoder-only model whose forward takes a ``DynamicCache``
-    (``cache=``) and position ids, and prompts of at least two tokens."""
+def takes_cache(model) -> bool:
+    """A decoder-only model whose forward takes a ``DynamicCache`` (``cache=``) and position ids."""
     import inspect
 
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False) or input_ids.shape[1] < 2:
+    if config is None or getattr(config, "is_encoder_decoder", False):
         return False
     supports = getattr(model, "_supports_default_dynamic_cache", None)
     params = inspect.signature(model.forward).parameters
     return bool(supports and supports()) and "cache" in params and "position_ids" in params
+
+
+def can_share_prefill(model, input_ids: torch.LongTensor) -> bool:
+    """Whether ``shared_prefill`` applies: ``takes_cache`` and prompts of at least two tokens."""
+    return input_ids.shape[1] >= 2 and takes_cache(model)
+
+
+def prompt_position_ids(attention_mask: torch.LongTensor) -> torch.LongTensor:
+    """generate's rule: count of attended tokens - 1, 0 on (left) padding."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 0)
+
+
+def prefill(model, input_ids: torch.LongTensor, attention_mask: torch.LongTensor):
+    """Runs left-padded prompts [batch, len] into a fresh ``DynamicCache``; only the last position's
+    logits are computed where the model allows it. Returns the model output (``.cache``, ``.logits``)."""
+    keep_one = getattr(model, "_supports_logits_to_keep", lambda: False)()
+    extra = {"logits_to_keep": 1} if keep_one else {}  # earlier logits are not needed: skip most of the LM head
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=prompt_position_ids(attention_mask),
+                 cache=DynamicCache(config=model.config), use_cache=True, **extra)
 
 
 def shared_prefill(model, input_ids: torch.LongTensor, attention_mask: torch.LongTensor,
@@ -192,15 +219,67 @@ def shared_prefill(model, input_ids: torch.LongTensor, attention_mask: torch.Lon
     slices its inputs to the tokens past ``cache.get_seq_length()``, and its expansion for beam
     search repeats tensors only, not a Cache object. Position ids follow generate's rule (count of
     attended tokens - 1, 0 on padding), so the cached keys are the same as in a full prefill."""
-    mask = attention_mask[:, :-1]
-    position_ids = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 0)
-    keep_one = getattr(model, "_supports_logits_to_keep", lambda: False)()
-    extra = {"logits_to_keep": 1} if keep_one else {}  # its logits are not needed: skip most of the LM head
-    out = model(input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=position_ids,
-                cache=DynamicCache(config=model.config), use_cache=True, **extra)
-    cache = out.cache
+    cache = prefill(model, input_ids[:, :-1], attention_mask[:, :-1]).cache
     cache.batch_repeat_interleave(num_beams)  # row b -> rows b * num_beams ... (b + 1) * num_beams - 1
     return cache
+
+
+# --------------------------------------------------------------------------- trie-native beam search
+@torch.no_grad()
+def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attention_mask: torch.LongTensor,
+                     num_beams: int, eos_token_id: int) -> tuple[torch.LongTensor, torch.FloatTensor]:
+    """Beam search over the trie's items only -> (index tokens [batch, beams, L], scores [batch, beams]).
+
+    The same search and scores as ``generate``'s beam search with ``TrieLogitsProcessor`` (length
+    penalty 1): each step normalises the logits over the whole vocabulary (log-softmax), extends
+    every beam by its allowed children only, keeps the best ``num_beams`` of batch x beams x
+    children candidates and reorders the cache; after the L index tokens the EOS log-probability is
+    added and the sum divided by the generated length L + 1. All items have L tokens, so no beam
+    finishes early. What it saves over generate is work on [beams, vocab] tensors: the top-k runs
+    over beams x max_children candidates, not beams x vocab, and no masked copy of the scores is
+    made. Beams that have no real item to reach (fewer than ``num_beams`` items below the kept
+    prefixes) score -inf. The prompt runs once per example; its cache is then repeated per beam.
+    Candidates with exactly equal float scores may be kept in another order than generate keeps them.
+    """
+    def full_logprobs(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [batch, 1 or beams, vocab]
+        # normalised over the FULL vocabulary, in float32, as generate does
+        return torch.log_softmax(logits.float(), -1).view(batch, -1, logits.shape[-1])
+
+    batch = input_ids.shape[0]
+    device, L = input_ids.device, trie.index_len
+    out = prefill(model, input_ids, attention_mask)
+    cache, logits = out.cache, out.logits[:, -1]  # logits [batch, vocab]
+    cache.batch_repeat_interleave(num_beams)
+    next_position = prompt_position_ids(attention_mask)[:, -1:].repeat_interleave(num_beams, 0) + 1  # [rows, 1]
+    padded = bool((attention_mask == 0).any())
+    mask = attention_mask.repeat_interleave(num_beams, 0) if padded else None  # [rows, width + t]
+
+    # one live beam per example at first (the others start at -inf, as generate's -1e9)
+    scores = torch.full((batch, num_beams), -math.inf, device=device)
+    scores[:, 0] = 0.0
+    state = torch.full((batch, num_beams), trie.ROOT, dtype=torch.long, device=device)
+    tokens = torch.empty((batch, num_beams, 0), dtype=torch.long, device=device)
+    offset = torch.arange(batch, device=device)[:, None] * num_beams  # [batch, 1] first row of each example
+    children = trie.allowed.shape[1]
+    for t in range(L):
+        logprobs = full_logprobs(logits)
+        allowed = trie.allowed[state]  # [batch, beams, children]
+        real = torch.arange(children, device=device) < trie.num_children[state][..., None]
+        cand = logprobs.expand(batch, num_beams, -1).gather(2, allowed)
+        cand = (cand + scores[..., None]).masked_fill_(~real, -math.inf)
+        scores, flat = cand.view(batch, -1).topk(num_beams, dim=1)  # [batch, beams]
+        beam, slot = flat // children, flat % children
+        chosen = allowed.gather(1, beam[..., None].expand(-1, -1, children)).gather(2, slot[..., None])  # [b, k, 1]
+        state = trie.child_state[state.gather(1, beam), slot]
+        tokens = torch.cat([tokens.gather(1, beam[..., None].expand(-1, -1, t)), chosen], 2)
+        if t > 0:  # at t = 0 every row of an example holds the same prompt cache
+            cache.reorder_cache((beam + offset).flatten())
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        logits = model(input_ids=chosen.view(-1, 1), attention_mask=mask, position_ids=next_position + t,
+                       cache=cache, use_cache=True).logits[:, -1]  # [rows, vocab]
+    # every live beam is at a leaf, where only EOS is allowed: score it and normalise by the length
+    return tokens, (scores + full_logprobs(logits)[..., eos_token_id]) / (L + 1)
 
 
 # --------------------------------------------------------------------------- one batch
@@ -216,15 +295,18 @@ class Decoder:
     filter_items: bool = False
     item_of_str: dict[str, str] = field(default_factory=dict)  # "<a_1><b_2><c_3>" -> item id
     share_prefill: bool = True  # run each prompt once, not once per beam (see ``shared_prefill``)
+    search: str = "trie"  # trie: ``trie_beam_search`` (mode trie only); hf: transformers' generate
 
     @classmethod
     def build(cls, tokenizer, indices: dict[str, list[str]], vocab_size: int | None = None, mode: str = "trie",
               filter_items: bool = False, device: torch.device | None = None, where: str = "tokenizer",
-              share_prefill: bool = True) -> "Decoder":
+              share_prefill: bool = True, search: str = "trie") -> "Decoder":
         """From the index file's ``{item: [token, ...]}``; checks the tokens against the tokenizer and
         the model's vocabulary size (see ``index_token_ids``)."""
         if mode not in DECODING_MODES:
             raise DataError(f"--decoding: {mode!r} is not one of {list(DECODING_MODES)}")
+        if search not in BEAM_SEARCHES:
+            raise DataError(f"--beam_search: {search!r} is not one of {list(BEAM_SEARCHES)}")
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         if eos is None:
             raise DataError("the tokenizer has no EOS token; decoding needs one to end an index")
@@ -234,7 +316,7 @@ class Decoder:
         if device is not None:
             trie.to(device)
         return cls(trie, {tuple(v): k for k, v in item_ids.items()}, eos, pad, mode, filter_items,
-                   {"".join(toks): item for item, toks in indices.items()}, share_prefill)
+                   {"".join(toks): item for item, toks in indices.items()}, share_prefill, search)
 
     def generation_config(self, num_beams: int) -> GenerationConfig:
         # do_sample=False explicitly: recent transformers may otherwise sample from the model's defaults.
@@ -263,6 +345,9 @@ class Decoder:
     def rank(self, model, encodings: dict[str, torch.Tensor], num_beams: int) -> list[list[tuple[str | None, float]]]:
         """Beam-search one left-padded batch; per example, (item or None, score) best first."""
         input_ids, attention_mask = encodings["input_ids"], encodings["attention_mask"]
+        if self.mode == "trie" and self.search == "trie" and takes_cache(model):
+            tokens, scores = trie_beam_search(model, self.trie, input_ids, attention_mask, num_beams, self.eos_token_id)
+            return self.ranked(tokens.flatten(0, 1).tolist(), scores.flatten().tolist(), num_beams)
         prompt_len = input_ids.shape[1]
         kwargs = {}
         if self.mode == "trie":
@@ -283,11 +368,19 @@ class Decoder:
             step = torch.stack(out.logits, 1).float().log_softmax(-1)  # [batch, new, vocab]
             chosen = out.sequences[:, prompt_len:prompt_len + step.shape[1]]
             scores = (step.gather(2, chosen[..., None]).squeeze(-1).sum(1) / step.shape[1]).tolist()
+        return self.ranked(generated, scores, num_beams)
+
+    def ranked(self, generated: list[list[int]], scores: list[float],
+               num_beams: int) -> list[list[tuple[str | None, float]]]:
+        """Rows b * num_beams ... of ``generated``/``scores`` -> example b's distinct items, best first.
+        Beams scored -inf (no item left to reach) are dropped."""
         ranked = []
-        for b in range(input_ids.shape[0]):
+        for b in range(len(scores) // num_beams):
             beams = sorted(range(b * num_beams, (b + 1) * num_beams), key=lambda r: -scores[r])
             seen, items = set(), []
             for r in beams:
+                if scores[r] == -math.inf:
+                    continue
                 item = self.item_for(generated[r])
                 if item is None and self.filter_items:
                     continue
@@ -310,14 +403,15 @@ def rank_batch_with_backoff(decoder: Decoder, model, encodings, num_beams: int, 
         except torch.cuda.OutOfMemoryError:
             if not oom_backoff or beams == 1:
                 raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            new = max(1, beams // 2)
-            log.warning("CUDA out of memory with %d beams on a batch of %d; retrying it with %d beams",
-                        beams, encodings["input_ids"].shape[0], new)
-            if on_backoff is not None:
-                on_backoff(beams, new)
-            beams = new
+        # outside the except block the failed attempt's tensors (held by its traceback) are freed
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        new = max(1, beams // 2)
+        log.warning("CUDA out of memory with %d beams on a batch of %d; retrying it with %d beams",
+                    beams, encodings["input_ids"].shape[0], new)
+        if on_backoff is not None:
+            on_backoff(beams, new)
+        beams = new
 
 
 # --------------------------------------------------------------------------- the evaluation loop
@@ -346,6 +440,8 @@ def check_test_args(args: argparse.Namespace) -> None:
         raise DataError(f"--test_batch_size must be at least 1, got {args.test_batch_size}")
     if getattr(args, "decoding", "trie") not in DECODING_MODES:
         raise DataError(f"--decoding: {args.decoding!r} is not one of {list(DECODING_MODES)}")
+    if getattr(args, "beam_search", "trie") not in BEAM_SEARCHES:
+        raise DataError(f"--beam_search: {args.beam_search!r} is not one of {list(BEAM_SEARCHES)}")
     if not args.ckpt_path:
         raise DataError("--ckpt_path is required: the fine-tuned checkpoint folder (or the LoRA adapter with --lora)")
 
@@ -416,7 +512,8 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
                                                pad_token_id=tokenizer.pad_token_id)
     decoder = Decoder.build(tokenizer, indices, model.get_input_embeddings().weight.shape[0],
                             getattr(args, "decoding", "trie"), args.filter_items, device, where=str(args.ckpt_path),
-                            share_prefill=not getattr(args, "no_share_prefill", False))
+                            share_prefill=not getattr(args, "no_share_prefill", False),
+                            search=getattr(args, "beam_search", "trie"))
 
     per_prompt: dict[str, dict[str, float]] = {}
     predictions: list[dict] = []
@@ -449,7 +546,7 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     results = {
         "dataset": args.dataset, "test_task": args.test_task, "ckpt_path": str(args.ckpt_path),
         "lora": bool(args.lora), "base_model": args.base_model, "index_file": args.index_file,
-        "decoding": decoder.mode, "filter_items": bool(args.filter_items), "num_beams": args.num_beams,
+        "decoding": decoder.mode, "beam_search": decoder.search, "filter_items": bool(args.filter_items), "num_beams": args.num_beams,
         "test_batch_size": args.test_batch_size, "sample_num": args.sample_num, "world_size": world_size,
         "metrics": metrics, "prompt_ids": prompt_ids, "num_examples": n_examples,
         "examples_with_fewer_beams": reduced, "per_prompt": per_prompt, **summary,

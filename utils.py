@@ -299,6 +299,9 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
                         "(the original rule, may produce non-items); none: unconstrained")
     g.add_argument("--no_share_prefill", action="store_true",
                    help="run each prompt once per beam inside generate instead of once, then sharing its cache")
+    g.add_argument("--beam_search", type=str, default="trie", choices=["trie", "hf"],
+                   help="trie: beam search over the index trie's allowed tokens only (default, fast); "
+                        "hf: transformers' generate with the trie as a logits processor (same ranking)")
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
 
 

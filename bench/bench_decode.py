@@ -1,13 +1,14 @@
-"""Constrained decoding benchmark: examples per second and valid-item rate of beam search with
-the trie logits processor versus the per-position allowed-set callback (the original rule, run
-through transformers' prefix_allowed_tokens_fn). Same model, prompts, beams and batch size.
+"""Constrained decoding benchmark: examples per second and valid-item rate of the trie-native beam
+search (``trie``), of transformers' generate beam search with the trie logits processor (``trie via
+HF generate``) and of the per-position allowed-set callback (the original rule, run through
+generate's prefix_allowed_tokens_fn, ``callback``). Same model, prompts, beams and batch size.
 
 Two settings:
   tiny    a small random LlamaForCausalLM (hidden 64, 2 layers) whose vocabulary is SmolLM2's
           49152 tokens + 1024 index tokens, with 1682 items of 4-level indices: the model is
           cheap, so the cost of the constraint itself shows;
   smollm2 the embedded SmolLM2-135M-Instruct with the same index tokens added (--smollm2_batches 0
-          skips it); also timed without sharing the prompt's prefill across beams.
+          skips it); also timed through generate without sharing the prompt's prefill across beams.
 
 One figure per line on stdout; the last line is the tiny setting's trie/callback speed ratio.
 
@@ -48,8 +49,8 @@ def make_index(n_items: int, seed: int = 0) -> dict[str, list[str]]:
 
 def compare(name: str, decoder: Decoder, model, prompts: list[torch.Tensor], num_beams: int, batch_size: int,
             batches: int, pad_id: int, device: torch.device, unshared: bool = False) -> float:
-    """Print examples/s and valid-item rate of both constraints; return the trie/callback speed ratio.
-    Both share the prompt's prefill across beams; ``unshared`` also times the trie without it.
+    """Print examples/s and valid-item rate of each method; return the trie/callback speed ratio.
+    All run each prompt once; ``unshared`` also times the trie via generate with the prompt run per beam.
 
     The methods run alternately on the same batches, after a warm-up of each, and the speed is the
     batch size over the median batch time, so that load from other processes hits all alike.
@@ -63,15 +64,19 @@ def compare(name: str, decoder: Decoder, model, prompts: list[torch.Tensor], num
             ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
-    modes = {"trie": ("trie", True), "callback": ("position", True)}
+    modes = {"trie": ("trie", "trie", True), "trie via HF generate": ("trie", "hf", True),
+             "callback": ("position", "hf", True)}
     if unshared:
-        modes["trie without shared prefill"] = ("trie", False)
+        modes["trie via HF generate without shared prefill"] = ("trie", "hf", False)
     times: dict[str, list[float]] = {m: [] for m in modes}
     valid = {m: [0, 0] for m in modes}
+    # trie vs trie via HF generate: examples with the same ranked items, with the same set of items, and
+    # the largest score difference of an item both return (orders may differ only at float-noise near-ties)
+    same, same_set, n_compared, score_gap = 0, 0, 0, 0.0
     for k in range(batches + 1):  # batch 0 warms up
         enc = batch(k)
-        for label, (mode, share) in modes.items():
-            decoder.mode, decoder.share_prefill = mode, share
+        for label, (mode, search, share) in modes.items():
+            decoder.mode, decoder.search, decoder.share_prefill = mode, search, share
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -80,14 +85,26 @@ def compare(name: str, decoder: Decoder, model, prompts: list[torch.Tensor], num
                 torch.cuda.synchronize()
             if k == 0:
                 continue
+            if label == "trie":
+                trie_ranked = ranked
+            elif label == "trie via HF generate":
+                for a, b in zip(trie_ranked, ranked):
+                    a, b = dict(a), dict(b)
+                    same += list(a) == list(b)
+                    same_set += set(a) == set(b)
+                    n_compared += 1
+                    score_gap = max([score_gap] + [abs(a[i] - b[i]) for i in a if i in b])
             times[label].append(time.perf_counter() - start)
             valid[label][0] += sum(i is not None for items in ranked for i, _ in items)
             valid[label][1] += sum(len(items) for items in ranked)
-    decoder.share_prefill = True
+    decoder.mode, decoder.search, decoder.share_prefill = "trie", "trie", True
     speed = {m: batch_size / statistics.median(t) for m, t in times.items()}
     for m in modes:
         print(f"{name} {m} examples/s: {speed[m]:.2f}")
         print(f"{name} {m} valid item rate: {valid[m][0] / max(valid[m][1], 1):.4f}")
+    print(f"{name} trie vs trie via HF generate: same ranking {same / max(n_compared, 1):.4f}, same items "
+          f"{same_set / max(n_compared, 1):.4f}, largest score difference of an item {score_gap:.2e}")
+    print(f"{name} trie via HF generate/callback speed ratio: {speed['trie via HF generate'] / speed['callback']:.2f}")
     return speed["trie"] / speed["callback"]
 
 

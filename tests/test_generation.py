@@ -186,7 +186,7 @@ def test_shared_prefill_ranks_like_the_plain_generate(tiny_indexed, tie_free_mod
     width = enc["input_ids"].shape[1]
     if batch_size > 1:
         assert (enc["attention_mask"][:, 0] == 0).any()  # left padding really present
-    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0])
+    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0], search="hf")
     calls = []  # (rows, tokens) of each forward pass
     hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)),
                                            with_kwargs=True)
@@ -230,3 +230,111 @@ def test_no_share_prefill_flag():
 
     assert parse_args("test", ["--no_share_prefill"]).no_share_prefill
     assert not parse_args("test", []).no_share_prefill
+
+
+def _rank_both(decoder, model, enc, beams):
+    """(trie-native ranking, its forward calls as (rows, tokens)), generate's ranking."""
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        decoder.search = "trie"
+        trie = decoder.rank(model, enc, beams)
+    finally:
+        hook.remove()
+    decoder.search = "hf"
+    hf = decoder.rank(model, enc, beams)
+    decoder.search = "trie"
+    return trie, calls, hf
+
+
+def _assert_same_ranking(a, b):
+    assert [[i for i, _ in r] for r in a] == [[i for i, _ in r] for r in b]
+    for ra, rb in zip(a, b):
+        assert torch.allclose(torch.tensor([s for _, s in ra]), torch.tensor([s for _, s in rb]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("batch_size,beams", [(1, 1), (3, 1), (1, 5), (3, 5), (1, 20), (3, 20)])
+def test_trie_search_ranks_like_generate(tiny_indexed, tie_free_model, batch_size, beams):
+    tok, _, indices = tiny_indexed
+    model = tie_free_model
+    enc = _encode(tok, TEXTS[:batch_size])
+    width = enc["input_ids"].shape[1]
+    if batch_size > 1:
+        assert (enc["attention_mask"][:, 0] == 0).any()  # left padding really present
+    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0])
+    assert decoder.search == "trie"  # the default
+    trie, calls, hf = _rank_both(decoder, model, enc, beams)
+    _assert_same_ranking(trie, hf)
+    for items in trie:
+        names = [i for i, _ in items]
+        assert len(names) == beams and len(set(names)) == beams and all(n in indices for n in names)
+    # the prompts once, then one token per beam for each of the 3 index tokens
+    assert calls == [(batch_size, width)] + [(batch_size * beams, 1)] * 3
+
+
+def test_trie_search_with_as_many_beams_as_items_scores_every_item_exactly(tiny_indexed, tie_free_model):
+    tok, _, indices = tiny_indexed
+    model = tie_free_model
+    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0])
+    enc = _encode(tok, TEXTS)
+    trie, _, hf = _rank_both(decoder, model, enc, len(indices))
+    _assert_same_ranking(trie, hf)
+    assert all(sorted(i for i, _ in r) == sorted(indices) for r in trie)
+    # no prefix is ever dropped, so each score is the item's own log-likelihood (+ EOS) / length
+    prompt = _encode(tok, TEXTS[1:2])["input_ids"]
+    ids_of = {item: list(ids) for ids, item in decoder.item_of.items()}
+    for item, score in trie[1]:
+        tail = torch.tensor([ids_of[item] + [decoder.eos_token_id]])
+        with torch.no_grad():
+            logp = model(input_ids=torch.cat([prompt, tail], 1)).logits[0, prompt.shape[1] - 1:-1].log_softmax(-1)
+        exact = logp.gather(1, tail.T).sum().item() / tail.shape[1]
+        assert abs(score - exact) < 1e-4, item
+
+
+@pytest.mark.parametrize("first_codes,beams", [(2, 20), (1, 20)])
+def test_trie_search_when_the_first_level_has_fewer_codes_than_beams(tiny_indexed, tie_free_model, first_codes,
+                                                                      beams):
+    """2 first-level codes x 4 x 4 = 32 items; 1 code: 16 items, fewer than the beams (every item is returned)."""
+    tok, _, _ = tiny_indexed
+    model = tie_free_model
+    indices = {f"{a}{b}{c}": [f"<a_{a}>", f"<b_{b}>", f"<c_{c}>"]
+               for a in range(first_codes) for b in range(4) for c in range(4)}
+    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0])
+    enc = _encode(tok, TEXTS)
+    trie, _, hf = _rank_both(decoder, model, enc, beams)
+    _assert_same_ranking(trie, hf)
+    for items in trie:
+        names = [i for i, _ in items]
+        assert len(names) == min(beams, len(indices)) == len(set(names)) and all(n in indices for n in names)
+        assert all(math.isfinite(s) for _, s in items)
+
+
+def test_beam_search_flag_and_bad_value(tiny_indexed):
+    from utils import parse_args
+
+    assert parse_args("test", []).beam_search == "trie"
+    assert parse_args("test", ["--beam_search", "hf"]).beam_search == "hf"
+    tok, _, indices = tiny_indexed
+    with pytest.raises(DataError, match="--beam_search"):
+        Decoder.build(tok, indices, search="greedy")
+
+
+def test_oom_inside_the_trie_search_backs_off(tiny_indexed):
+    tok, model, indices = tiny_indexed
+    decoder = Decoder.build(tok, indices)
+    enc = _encode(tok, ["The red king", "star"])
+
+    def oom_above_5_beams(module, args, kwargs):  # a forward over more than 2 x 5 rows runs out of memory
+        if kwargs["input_ids"].shape[0] > 10:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    hook = model.register_forward_pre_hook(oom_above_5_beams, with_kwargs=True)
+    try:
+        ranked, used = rank_batch_with_backoff(decoder, model, enc, 20, True)
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            rank_batch_with_backoff(decoder, model, enc, 20, False)
+    finally:
+        hook.remove()
+    assert used == 5 and [len(r) for r in ranked] == [5, 5]
+    assert ranked == decoder.rank(model, enc, 5)
