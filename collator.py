@@ -53,8 +53,8 @@ class TrainCollator:
     def encode(self, prompt: str, response: str) -> tuple[list[int], int]:
         """(ids of prompt + response + eos, number of prompt ids), cut to model_max_length."""
         prompt_ids = encode_prompt(self.tokenizer, prompt)
-        response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        response_ids = response_ids[: self.model_max_length]
+        response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"][: self.model_max_length - 1]
+        response_ids = response_ids + [self.tokenizer.eos_token_id]  # after the cut: every response ends
         # Too long: drop the oldest prompt tokens and keep the whole response.
         prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - self.model_max_length):]
         return prompt_ids + response_ids, len(prompt_ids)

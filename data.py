@@ -22,7 +22,7 @@ from typing import Any
 from torch.utils.data import ConcatDataset, Dataset
 
 import prompt
-from utils import DataError, dataset_file, load_indices, load_inters, load_items, load_json, parse_list
+from utils import DataError, check_task_args, dataset_file, load_indices, load_inters, load_items, load_json, parse_list
 
 # --------------------------------------------------------------------------- files
 
@@ -380,15 +380,12 @@ class MultiTaskDataset(ConcatDataset):
 
 def load_datasets(args: argparse.Namespace) -> tuple[MultiTaskDataset, TaskDataset]:
     """(train mixture of ``--tasks``, seqrec validation set) with the per-task sample numbers."""
+    check_task_args(args)
     tasks = [t.lower() for t in parse_list(args.tasks, str, "--tasks")]
     prompt_nums = parse_list(args.train_prompt_sample_num, int, "--train_prompt_sample_num")
     data_nums = parse_list(args.train_data_sample_num, int, "--train_data_sample_num")
-    if not (len(tasks) == len(prompt_nums) == len(data_nums)):
-        raise DataError("--tasks, --train_prompt_sample_num and --train_data_sample_num need one entry per task")
     train = []
     for task, k, n in zip(tasks, prompt_nums, data_nums):
-        if task not in TASK_DATASETS:
-            raise DataError(f"--tasks: unknown task {task!r}; expected names from {list(TASK_DATASETS)}")
         ds = TASK_DATASETS[task](args, "train", prompt_sample_num=k, sample_num=n)
         if len(ds) == 0:
             raise DataError(f"task {task}: no training examples in {Path(args.data_path) / args.dataset}")

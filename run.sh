@@ -52,6 +52,8 @@ esac
 TASKS=${TASKS:-seqrec,item2index,index2item,fusionseqrec,itemsearch,preferenceobtain}
 NUM_BEAMS=${NUM_BEAMS:-20}
 RQ_CODES=${RQ_CODES:-256 256 256 256}   # codes per level of the RQ-VAE
+# Uniform semantic mapping on the last level only (the paper: 0 0 0 0.003)
+SK_EPSILONS=${SK_EPSILONS:-$(for _ in $(seq 2 "$(wc -w <<< "$RQ_CODES")"); do printf '0.0 '; done; echo 0.003)}
 NPROC=${NPROC:-$(( GPUS > 1 ? GPUS : 1 ))}
 DEEPSPEED=${DEEPSPEED-config/ds_z3_bf16.json}   # used when NPROC > 1; empty = plain DDP
 
@@ -74,22 +76,24 @@ CKPT_DIR=$RUN_DIR/ckpt
 RESULTS_DIR=$RUN_DIR/results
 mkdir -p "$RUN_DIR" "$RESULTS_DIR"
 
+REDO=$FORCE   # once a step runs, every later step runs too (its inputs changed)
 step() {  # step <name> <output that marks it done> <command...>
   local name=$1 done_file=$2; shift 2
-  if [ "$FORCE" != 1 ] && [ -e "$done_file" ]; then
+  if [ "$REDO" != 1 ] && [ -e "$done_file" ]; then
     echo "== $name: skipped ($done_file exists; FORCE=1 redoes it)"
     TIMES+=("$(printf '%-22s %8s' "$name" skipped)"); return
   fi
   echo "== $name"
   local t0=$SECONDS
   "$@"
+  REDO=1
   TIMES+=("$(printf '%-22s %7ss' "$name" $((SECONDS - t0)))")
   echo "== $name: done in $((SECONDS - t0)) s"
 }
 
 launch() {  # one process, or torchrun with DeepSpeed when NPROC > 1
   if [ "$NPROC" -gt 1 ]; then
-    torchrun --nproc_per_node="$NPROC" --master_port="${MASTER_PORT:-3324}" "$@"
+    "$PYTHON" -m torch.distributed.run --nproc_per_node="$NPROC" --master_port="${MASTER_PORT:-3324}" "$@"
   else
     "$PYTHON" "$@"
   fi
@@ -107,7 +111,8 @@ build_data() {
 
 finetune() {
   local extra=()
-  if [ "$NPROC" -gt 1 ] && [ -n "$DEEPSPEED" ]; then extra+=(--deepspeed "$DEEPSPEED" --bf16); fi
+  if [ "$NPROC" -gt 1 ] && [ -n "$DEEPSPEED" ]; then extra+=(--deepspeed "$DEEPSPEED"); fi
+  if [ "$GPUS" -gt 0 ] || [ ${#extra[@]} -gt 0 ]; then extra+=(--bf16); fi   # bf16 on GPUs and with DeepSpeed
   launch finetune.py --base_model "$BASE_MODEL" --output_dir "$CKPT_DIR" \
     --dataset "$DATASET" --data_path "$DATA_PATH" --index_file .index.json \
     --per_device_batch_size "$BATCH" --gradient_accumulation_steps "$GRAD_ACC" \
@@ -115,7 +120,7 @@ finetune() {
     --save_and_eval_strategy "$SAVE_STRATEGY" --save_and_eval_steps "$SAVE_STEPS" --save_total_limit 1 \
     --valid_sample_num "$VALID_USERS" --valid_prompt_sample_num "$VALID_PROMPTS" --only_train_response --max_his_len "$MAX_HIS_LEN" \
     --tasks "$TASKS" --train_prompt_sample_num "$TRAIN_PROMPT_SAMPLE_NUM" \
-    --train_data_sample_num "$TRAIN_DATA_SAMPLE_NUM" --logging_step "${LOGGING_STEPS:-10}" "${extra[@]}"
+    --train_data_sample_num "$TRAIN_DATA_SAMPLE_NUM" --logging_step "${LOGGING_STEPS:-10}" ${extra[@]+"${extra[@]}"}
 }
 
 evaluate() {
@@ -128,9 +133,10 @@ evaluate() {
 }
 
 profiles() {
-  if [ "$PROFILE_USERS" = 0 ]; then cap=(); else cap=(--max_users "$PROFILE_USERS"); fi
+  local cap=()
+  if [ "$PROFILE_USERS" != 0 ]; then cap=(--max_users "$PROFILE_USERS"); fi
   "$PYTHON" data_process/user_profiles.py --dataset "$DATASET" --data_path "$DATA_PATH" \
-    --model_path "${PROFILE_MODEL:-$BASE_MODEL}" "${cap[@]}"
+    --model_path "${PROFILE_MODEL:-$BASE_MODEL}" ${cap[@]+"${cap[@]}"}
 }
 
 echo "LC-Rec run: PROFILE=$PROFILE DATASET=$DATASET BASE_MODEL=$BASE_MODEL NPROC=$NPROC -> $RUN_DIR"
@@ -139,12 +145,14 @@ step "text embeddings"  "$EMB_FILE" "$PYTHON" data_process/text_emb.py --dataset
   --data_path "$DATA_PATH" --plm_checkpoint "$PLM_CHECKPOINT" --plm_name "$PLM_NAME"
 step "RQ-VAE"           "$RUN_DIR/index/best_collision_model.pth" "$PYTHON" index/main.py \
   --data_path "$EMB_FILE" --ckpt_dir "$RUN_DIR/index" --num_emb_list $RQ_CODES --e_dim 32 \
-  --layers $RQ_LAYERS --sk_epsilons 0.0 0.0 0.0 0.003 --sk_iters 50 --lr 1e-3 \
+  --layers $RQ_LAYERS --sk_epsilons $SK_EPSILONS --sk_iters 50 --lr 1e-3 \
   --batch_size "$RQ_BATCH" --weight_decay 1e-4 --epochs "$RQ_EPOCHS" --eval_step "$RQ_EVAL_STEP"
 step "item indices"     "$D.index.json" "$PYTHON" index/generate_indices.py \
   --ckpt_path "$RUN_DIR/index/best_collision_model.pth" --data_path "$EMB_FILE" \
   --output_file "$D.index.json" --plot "$RUN_DIR/code_usage.png"
-step "user profiles"    "$D.user.json"   profiles
+if [[ ",$TASKS," =~ ,(itemsearch|preferenceobtain), ]]; then
+  step "user profiles"  "$D.user.json"   profiles
+fi
 step "fine-tuning"      "$CKPT_DIR/config.json" finetune
 step "evaluation"       "$RESULTS_DIR/lcrec.json" evaluate
 step "popularity"       "$RESULTS_DIR/popularity.json" "$PYTHON" baseline.py --dataset "$DATASET" \

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -167,8 +168,11 @@ def load_indices(path: str | os.PathLike, required_items: Any = None) -> dict[st
 
 def index_tokens(indices: dict[str, list[str]]) -> list[str]:
     """All distinct index tokens, sorted by level then code, for adding to a tokenizer."""
-    tokens = {t for toks in indices.values() for t in toks}
-    return sorted(tokens, key=lambda t: (len(t), t))
+    def level_and_code(token: str) -> tuple:
+        m = re.fullmatch(r"<([a-z]+)_(\d+)>", token)
+        return (m.group(1), int(m.group(2)), token) if m else (token, -1, token)
+
+    return sorted({t for toks in indices.values() for t in toks}, key=level_and_code)
 
 
 # --------------------------------------------------------------------------- runtime

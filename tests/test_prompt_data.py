@@ -220,6 +220,10 @@ def test_train_collator_labels(tokenizer_with_indices):
     # too long: the oldest prompt tokens go, the response and its EOS stay
     short = collator.TrainCollator(tok, only_train_response=True, model_max_length=12)([batch[0]])
     assert short["input_ids"].shape[1] == 12 and short["labels"][0, -1] == tok.eos_token_id
+    # a response longer than the limit is cut before its EOS, which always ends the sequence
+    tiny = collator.TrainCollator(tok, only_train_response=True, model_max_length=2)([batch[0]])
+    assert tiny["input_ids"].shape[1] == 2 and tiny["input_ids"][0, -1] == tok.eos_token_id
+    assert tiny["labels"][0].tolist() == tok(batch[0]["response"], add_special_tokens=False)["input_ids"][:1] + [tok.eos_token_id]
 
 
 def test_test_collator_matches_training_prompt(tokenizer_with_indices):
