@@ -20,7 +20,6 @@ any index), kept as a baseline for bench/bench_decode.py; it can produce indices
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -32,8 +31,8 @@ from tqdm import tqdm
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from evaluate import aggregate, compute_metrics, format_table, max_k, parse_metrics, target_rank
-from utils import (TEST_TASKS, DataError, atomic_path, dataset_file, default_dtype, get_device, parse_list,
-                   set_seed, write_json_atomic)
+from utils import (TEST_TASKS, DataError, dataset_file, default_dtype, get_device, parse_list, set_seed,
+                   write_json_atomic, write_jsonl_atomic)
 
 log = logging.getLogger("lcrec.eval")
 
@@ -563,11 +562,3 @@ def predictions_path(results_file: str | Path) -> Path:
     """``results/x.json`` -> ``results/x.predictions.jsonl``."""
     p = Path(results_file)
     return p.with_name(p.stem + ".predictions.jsonl")
-
-
-def write_jsonl_atomic(rows: list[dict], path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-

@@ -56,6 +56,15 @@ def write_json_atomic(obj: Any, path: str | os.PathLike, indent: int | None = No
             json.dump(obj, f, indent=indent, ensure_ascii=False)
 
 
+def write_jsonl_atomic(rows: list[dict], path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+
+
 def save_npy_atomic(array: np.ndarray, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         np.save(tmp, array)

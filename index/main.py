@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from index.datasets import EmbDataset  # noqa: E402
 from index.trainer import Trainer, build_model  # noqa: E402
-from utils import DataError, set_seed  # noqa: E402
+from utils import DataError, get_device, set_seed  # noqa: E402
 
 
 def str2bool(value: str) -> bool:
@@ -35,7 +35,7 @@ def str2bool(value: str) -> bool:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return get_device()
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: CUDA is not available on this machine (use --device auto or cpu)")
