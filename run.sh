@@ -24,10 +24,10 @@ case "$PROFILE" in
   quick)  # fits the 15-minute budget of a 2-core CPU machine
     : "${RQ_EPOCHS:=120}" "${RQ_EVAL_STEP:=10}" "${RQ_BATCH:=128}" "${RQ_LAYERS:=512 256 128 64}"
     : "${PROFILE_USERS:=20}"
-    : "${EPOCHS:=1}" "${MAX_STEPS:=24}" "${BATCH:=8}" "${GRAD_ACC:=1}" "${LR:=5e-4}"
+    : "${EPOCHS:=1}" "${MAX_STEPS:=48}" "${BATCH:=8}" "${GRAD_ACC:=1}" "${LR:=5e-4}"
     : "${MAX_HIS_LEN:=5}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
     : "${TRAIN_DATA_SAMPLE_NUM:=20000,1682,400,400,0,0}"
-    : "${SAVE_STRATEGY:=steps}" "${SAVE_STEPS:=12}" "${VALID_USERS:=40}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=2}"
+    : "${SAVE_STRATEGY:=steps}" "${SAVE_STEPS:=24}" "${VALID_USERS:=40}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=2}"
     : "${TEST_SAMPLE_NUM:=100}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=4}"
     # both cores of a small CPU machine: two processes of one thread, plain DDP over gloo
     if [ "$GPUS" = 0 ]; then : "${NPROC:=2}" "${DEEPSPEED=}"; fi ;;
