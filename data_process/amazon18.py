@@ -29,7 +29,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_process.common import (  # noqa: E402
-    build_sequences, check_not_empty, clean_text, dataset_stats, dedup_first, k_core, print_stats, write_dataset)
+    build_sequences, check_not_empty, clean_text, dedup_first, k_core, write_and_report)
 from utils import MIN_INTERACTIONS, DataError  # noqa: E402
 
 # The paper's short dataset names and the 2018 category file names they come from.
@@ -151,12 +151,7 @@ def build(dataset: str, input_path: Path, output_path: Path, category: str | Non
     items = {str(new): items_raw[asin] for asin, new in item_map.items()}
     wanted = {line_no: f"({user_map[user]}, {item_map[asin]})" for user, asin, _, line_no in records}
     reviews = read_review_texts(review_path, wanted)
-    paths = write_dataset(output_path, dataset, inters, items, {".review.json": reviews})
-    stats = dataset_stats(inters, len(items))
-    print_stats(dataset, stats)
-    for path in paths:
-        print(f"Wrote {path}")
-    return stats
+    return write_and_report(output_path, dataset, inters, items, {".review.json": reviews})
 
 
 def main(argv: list[str] | None = None) -> None:

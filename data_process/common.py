@@ -132,3 +132,14 @@ def write_dataset(data_path: str | Path, dataset: str, inters: dict[str, list[in
         write_json_atomic(obj, path)
         paths.append(path)
     return paths
+
+
+def write_and_report(data_path: str | Path, dataset: str, inters: dict[str, list[int]],
+                     items: dict[str, dict[str, Any]], extra: dict[str, Any] | None = None) -> dict[str, float]:
+    """``write_dataset``, then print the statistics and the written files; returns the statistics."""
+    paths = write_dataset(data_path, dataset, inters, items, extra)
+    stats = dataset_stats(inters, len(items))
+    print_stats(dataset, stats)
+    for path in paths:
+        print(f"Wrote {path}")
+    return stats

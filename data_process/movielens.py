@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_process.base_model import DEFAULT_CACHE, fetch_wheel  # noqa: E402
 from data_process.common import (  # noqa: E402
-    Record, build_sequences, check_not_empty, clean_text, dataset_stats, print_stats, write_dataset)
+    Record, build_sequences, check_not_empty, clean_text, write_and_report)
 from utils import MIN_INTERACTIONS, DataError  # noqa: E402
 
 RECBOLE_SPEC = "recbole==1.2.1"
@@ -171,12 +171,7 @@ def build(dataset: str, output_dir: Path, raw_dir: Path | None = None, cache_dir
 
     inters, _, item_map = build_sequences(kept)
     items = {str(new): raw_items[raw] for raw, new in item_map.items()}
-    paths = write_dataset(output_dir, dataset, inters, items)
-    stats = dataset_stats(inters, len(items))
-    print_stats(dataset, stats)
-    for path in paths:
-        print(f"Wrote {path}")
-    return stats
+    return write_and_report(output_dir, dataset, inters, items)
 
 
 def main(argv: list[str] | None = None) -> None:
