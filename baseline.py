@@ -15,9 +15,9 @@ import sys
 from collections import Counter
 
 import data
-from evaluate import aggregate, compute_metrics, format_table, max_k, parse_metrics, target_rank
+from metrics import aggregate, compute_metrics, format_table, max_k, parse_metrics, target_rank
 from generation import resolve_prompt_ids
-from utils import DataError, parse_args, write_json_atomic
+from utils import DataError, check_writable, parse_args, write_results
 
 
 def popularity_ranking(inters: dict[str, list[int]]) -> list[str]:
@@ -27,6 +27,7 @@ def popularity_ranking(inters: dict[str, list[int]]) -> list[str]:
 
 
 def evaluate_popularity(args: argparse.Namespace) -> dict:
+    check_writable(args.results_file, "--results_file")
     metrics = parse_metrics(args.metrics)
     files = data.load_files(args)
     item_of_index = {files.index_str(item): item for item in files.indices}
@@ -45,9 +46,7 @@ def evaluate_popularity(args: argparse.Namespace) -> dict:
     results = {"dataset": args.dataset, "test_task": args.test_task, "model": "popularity",
                "sample_num": args.sample_num, "metrics": metrics, "prompt_ids": [int(p) for p in per_prompt],
                "num_examples": n_examples, "per_prompt": per_prompt, **summary}
-    write_json_atomic(results, args.results_file, indent=2)
-    print(format_table(per_prompt, summary, metrics))
-    print(f"results: {args.results_file}")
+    write_results(results, args.results_file, format_table(per_prompt, summary, metrics))
     return results
 
 

@@ -76,12 +76,23 @@ class TestCollator:
 
     __test__ = False  # not a pytest test class despite the name
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, max_prompt_length: int | None = None):
         self.tokenizer = tokenizer
         self.pad_id = ensure_pad_token(tokenizer)
+        self.max_prompt_length = max_prompt_length
+        self.last_cut: list[bool] = []  # which rows of the last batch were cut
+
+    def encode(self, prompt: str) -> tuple[list[int], bool]:
+        """(prompt ids, whether they were cut). Too long: the oldest tokens go, as in training."""
+        ids = encode_prompt(self.tokenizer, prompt)
+        if self.max_prompt_length is None or len(ids) <= self.max_prompt_length:
+            return ids, False
+        return ids[len(ids) - self.max_prompt_length:], True
 
     def __call__(self, batch: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[str]]:
-        rows = [encode_prompt(self.tokenizer, b["prompt"]) for b in batch]
+        encoded = [self.encode(b["prompt"]) for b in batch]
+        rows = [ids for ids, _ in encoded]
+        self.last_cut = [cut for _, cut in encoded]
         encodings = {
             "input_ids": _pad(rows, self.pad_id, left=True),  # [B, T]
             "attention_mask": _pad([[1] * len(r) for r in rows], 0, left=True),  # [B, T]

@@ -9,8 +9,11 @@ The final model and its tokenizer (with the index tokens) are saved to --output_
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -124,36 +127,125 @@ def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -
     )
 
 
-def resume_arg(value: str | None):
-    """--resume_from_checkpoint: a folder, or true/last for the newest checkpoint in --output_dir."""
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a complete ``checkpoint-N`` folder, None for one cut short by a kill. The
+    Trainer writes ``trainer_state.json`` last, so a readable one means the save finished."""
+    try:
+        return int(json.loads((folder / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def newest_complete_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | None, list[Path]]:
+    """(newest complete ``checkpoint-N`` in output_dir or None, the newer incomplete ones skipped)."""
+    folders = [f for f in Path(output_dir).glob("checkpoint-*") if f.is_dir() and CHECKPOINT_RE.match(f.name)]
+    skipped = []
+    for folder in sorted(folders, key=lambda f: int(CHECKPOINT_RE.match(f.name).group(1)), reverse=True):
+        if checkpoint_step(folder) is not None:
+            return folder, skipped
+        skipped.append(folder)
+    return None, skipped
+
+
+def resume_arg(value: str | None, output_dir: str | os.PathLike = ".") -> str | None:
+    """--resume_from_checkpoint: a folder, or true/last for the newest *complete* checkpoint in
+    --output_dir (folders a kill left half-written are skipped, and said so)."""
     if value is None or value.lower() in ("", "false", "no", "none"):
         return None
     if value.lower() in ("true", "last", "latest"):
-        return True
+        folder, skipped = newest_complete_checkpoint(output_dir)
+        for bad in skipped:
+            log(f"resume: skipping {bad}: incomplete (no readable trainer_state.json; killed during a save?)")
+        if folder is None:
+            log(f"resume: no complete checkpoint in {output_dir}; training from the start")
+            return None
+        log(f"resume: from {folder}")
+        return str(folder)
     if not Path(value).is_dir():
         raise SystemExit(f"error: --resume_from_checkpoint: {value} is not a folder")
+    if checkpoint_step(Path(value)) is None:
+        raise SystemExit(f"error: --resume_from_checkpoint: {value} is incomplete (no readable trainer_state.json; "
+                         "killed during a save?); pass an earlier checkpoint or 'true' for the newest complete one")
     return value
 
 
-def save_final(trainer: Trainer, output_dir: str) -> None:
-    """Model + tokenizer into output_dir. Under ZeRO-3 without 16-bit gathering the Trainer writes a
-    DeepSpeed checkpoint instead; it is then consolidated to fp32 with DeepSpeed's own utility."""
-    trainer.save_model(output_dir)
-    trainer.save_state()
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """Fail before any work when --output_dir cannot be created or written."""
     out = Path(output_dir)
-    has_weights = any(out.glob("*.safetensors")) or any(out.glob("pytorch_model*.bin"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise DataError(f"--output_dir {out}: cannot be created or written ({e.strerror or e})") from e
+
+
+def final_model_complete(output_dir: str | os.PathLike) -> bool:
+    """A finished final model: ``config.json`` is published last (see publish_folder)."""
+    return (Path(output_dir) / "config.json").is_file()
+
+
+def publish_folder(tmp: Path, output_dir: Path) -> None:
+    """Move every file of ``tmp`` into ``output_dir``, ``config.json`` last: a kill in between
+    leaves a folder without config.json, which neither run.sh nor from_pretrained takes as finished."""
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+        target = output_dir / f.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(f, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_final(trainer: Trainer, output_dir: str, state_dict: dict | None = None) -> None:
+    """Model + tokenizer into output_dir, through a temporary folder published at the end (a kill
+    never leaves a folder that looks finished). Under ZeRO-3 without 16-bit gathering the Trainer
+    writes a DeepSpeed checkpoint instead; it is then consolidated to fp32 with DeepSpeed's own utility."""
+    out = Path(output_dir)
+    tmp = out / ".final.tmp"  # the same name on every rank: ZeRO-3 saves collectively
+    barrier = torch.distributed.barrier if torch.distributed.is_initialized() else (lambda: None)
+    if trainer.args.should_save:
+        (out / "config.json").unlink(missing_ok=True)  # a re-save: the old model is no longer the final one
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    if state_dict is not None:
+        if trainer.args.should_save:
+            trainer._save(str(tmp), state_dict=state_dict)
+    else:
+        trainer.save_model(str(tmp))
     if trainer.is_deepspeed_enabled:
-        torch.distributed.barrier() if torch.distributed.is_initialized() else None
+        barrier()
+        has_weights = any(tmp.glob("*.safetensors")) or any(tmp.glob("pytorch_model*.bin"))
         if not has_weights and trainer.args.should_save:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(out))
-            trainer._save(str(out), state_dict=state_dict)
-            for tag in out.glob("global_step*"):
+            consolidated = get_fp32_state_dict_from_zero_checkpoint(str(tmp))
+            trainer._save(str(tmp), state_dict=consolidated)
+            for tag in tmp.glob("global_step*"):
                 shutil.rmtree(tag)  # the sharded optimizer states are no longer needed
             for name in ("latest", "zero_to_fp32.py", "zero_to_torch.py"):
-                (out / name).unlink(missing_ok=True)
-        torch.distributed.barrier() if torch.distributed.is_initialized() else None
+                (tmp / name).unlink(missing_ok=True)
+    barrier()
+    if trainer.args.should_save:
+        publish_folder(tmp, out)
+        trainer.save_state()
+    barrier()
+
+
+def finished_checkpoint_weights(trainer: Trainer, checkpoint: str) -> dict | None:
+    """Weights of a checkpoint that already reached --max_steps, for saving without training
+    (the Trainer would otherwise run one more step on resume). None where the model could be
+    restored in place."""
+    if trainer.is_deepspeed_enabled:
+        if not trainer.args.should_save:
+            return {}  # only the main process writes; the others skip the consolidation
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoint)
+    trainer._load_from_checkpoint(checkpoint)
+    return None
 
 
 def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=None, what: str = "model") -> None:
@@ -161,6 +253,7 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
 
     ``adapt_model(model, args)`` wraps the loaded model (LoRA); ``model_kwargs`` go to from_pretrained."""
     set_seed(args.seed)
+    check_output_dir(args.output_dir)  # before any work: an unwritable folder would lose the run
     init_distributed(args)
     training_args = training_arguments(args)
 
@@ -176,8 +269,19 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
         model.config.use_cache = False
 
     trainer = build_trainer(args, training_args, model, tokenizer, train_set, valid_set)
-    trainer.train(resume_from_checkpoint=resume_arg(args.resume_from_checkpoint))
-    save_final(trainer, args.output_dir)
+    checkpoint = resume_arg(args.resume_from_checkpoint, args.output_dir)
+    done = checkpoint_step(Path(checkpoint)) if checkpoint else None
+    if done is not None and 0 < args.max_steps <= done:
+        log(f"resume: {checkpoint} already reached step {done} of --max_steps {args.max_steps}; nothing to train")
+        if final_model_complete(args.output_dir):
+            log(f"the final {what} in {args.output_dir} is complete")
+            return
+        save_final(trainer, args.output_dir, state_dict=finished_checkpoint_weights(trainer, checkpoint))
+        if trainer.args.should_save:  # the finished run's state, not the unused trainer's
+            shutil.copyfile(Path(checkpoint) / "trainer_state.json", Path(args.output_dir) / "trainer_state.json")
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
+        save_final(trainer, args.output_dir)
     log(f"saved {what} and tokenizer to {args.output_dir}")
 
 

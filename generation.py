@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from evaluate import aggregate, compute_metrics, format_table, max_k, parse_metrics, target_rank
-from utils import (TEST_TASKS, DataError, dataset_file, default_dtype, get_device, parse_list, set_seed,
-                   write_json_atomic, write_jsonl_atomic)
+from metrics import aggregate, compute_metrics, format_table, max_k, parse_metrics, target_rank
+from utils import (TEST_TASKS, DataError, check_writable, dataset_file, default_dtype, get_device, parse_list,
+                   set_seed, write_jsonl_atomic, write_results)
 
 log = logging.getLogger("lcrec.eval")
 
@@ -451,12 +451,14 @@ def shard_range(n: int, rank: int, world_size: int) -> range:
 
 
 def evaluate_prompt(model, tokenizer, dataset, decoder: Decoder, args: argparse.Namespace, metrics: list[str],
-                    positions: Sequence[int], desc: str = "", show: bool = True) -> list[dict]:
+                    positions: Sequence[int], desc: str = "", show: bool = True,
+                    max_prompt_length: int | None = None) -> list[dict]:
     """Score ``dataset[i]`` for i in ``positions``; one record per example (its position, the
-    target item, its rank, the ranked items and scores)."""
+    target item, its rank, the ranked items and scores, whether its prompt was cut to
+    ``max_prompt_length`` tokens)."""
     from collator import TestCollator
 
-    collate = TestCollator(tokenizer)
+    collate = TestCollator(tokenizer, max_prompt_length)
     device = next(model.parameters()).device
     records: list[dict] = []
     backoffs: list[tuple[int, int]] = []
@@ -471,12 +473,13 @@ def evaluate_prompt(model, tokenizer, dataset, decoder: Decoder, args: argparse.
         ranked, beams = rank_batch_with_backoff(decoder, model, encodings, args.num_beams,
                                                 getattr(args, "oom_backoff", False),
                                                 on_backoff=lambda old, new: backoffs.append((old, new)))
-        for pos, example, target, items in zip(chunk, batch, targets, ranked):
+        for pos, example, target, items, cut in zip(chunk, batch, targets, ranked, collate.last_cut):
             target_item = decoder.item_of_string(target)
             names = [i for i, _ in items]
             records.append({"position": pos, "user": example.get("user"), "target": target,
                             "target_item": target_item, "rank": target_rank(names, target_item) if target_item else 0,
-                            "items": names, "scores": [round(s, 6) for _, s in items], "beams": beams})
+                            "items": names, "scores": [round(s, 6) for _, s in items], "beams": beams,
+                            "prompt_cut": cut})
         running = compute_metrics([r["rank"] for r in records], metrics)
         bar.set_postfix({m: f"{v:.4f}" for m, v in running.items() if m in (metrics[0], metrics[-1])})
     return records
@@ -491,6 +494,8 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     from modeling import load_for_inference
 
     check_test_args(args)
+    if rank == 0:
+        check_writable(args.results_file, "--results_file")
     metrics = parse_metrics(args.metrics)
     prompt_ids = resolve_prompt_ids(args.test_prompt_ids, args.test_task)
     indices = data.load_item_indices(args)
@@ -514,9 +519,14 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
                             share_prefill=not getattr(args, "no_share_prefill", False),
                             search=getattr(args, "beam_search", "trie"))
 
+    # Prompts are cut as in training, leaving room for the index and its EOS.
+    max_prompt_length = args.model_max_length - len(next(iter(indices.values()))) - 1
+    if max_prompt_length < 1:
+        raise DataError(f"--model_max_length {args.model_max_length} leaves no room for a prompt before "
+                        f"an index of {len(next(iter(indices.values())))} tokens")
     per_prompt: dict[str, dict[str, float]] = {}
     predictions: list[dict] = []
-    n_examples, reduced = 0, 0
+    n_examples, reduced, cut = 0, 0, 0
     for pid in prompt_ids:
         set_seed(args.seed)
         dataset = data.load_test_dataset(args, args.test_task, pid)
@@ -524,7 +534,8 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
             raise DataError(f"{args.test_task} prompt {pid}: the test set of {args.dataset} is empty")
         shard = shard_range(len(dataset), rank, world_size)
         records = evaluate_prompt(model, tokenizer, dataset, decoder, args, metrics, shard,
-                                  desc=f"{args.test_task} prompt {pid}", show=rank == 0)
+                                  desc=f"{args.test_task} prompt {pid}", show=rank == 0,
+                                  max_prompt_length=max_prompt_length)
         if world_size > 1:
             records = [r for part in gather(records) for r in part]
         if rank != 0:
@@ -535,6 +546,7 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         per_prompt[str(pid)] = compute_metrics([r["rank"] for r in records], metrics)
         n_examples = len(records)
         reduced += sum(r["beams"] < args.num_beams for r in records)
+        cut += sum(r["prompt_cut"] for r in records)
         log.info("prompt %d: %s", pid, {m: round(v, 4) for m, v in per_prompt[str(pid)].items()})
         if args.save_predictions:
             predictions += [{"prompt_id": pid, **r} for r in records]
@@ -548,13 +560,12 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         "decoding": decoder.mode, "beam_search": decoder.search, "filter_items": bool(args.filter_items), "num_beams": args.num_beams,
         "test_batch_size": args.test_batch_size, "sample_num": args.sample_num, "world_size": world_size,
         "metrics": metrics, "prompt_ids": prompt_ids, "num_examples": n_examples,
-        "examples_with_fewer_beams": reduced, "per_prompt": per_prompt, **summary,
+        "examples_with_fewer_beams": reduced, "model_max_length": args.model_max_length,
+        "prompts_cut": cut, "per_prompt": per_prompt, **summary,
     }
-    write_json_atomic(results, args.results_file, indent=2)
+    write_results(results, args.results_file, format_table(per_prompt, summary, metrics))
     if args.save_predictions:
         write_jsonl_atomic(predictions, predictions_path(args.results_file))
-    print(format_table(per_prompt, summary, metrics))
-    print(f"results: {args.results_file}")
     return results
 
 

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -63,6 +64,30 @@ def write_jsonl_atomic(rows: list[dict], path: str | os.PathLike) -> None:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+
+
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Fail before any work when the folder of output file ``path`` cannot be created or written
+    (an evaluation that ends in a PermissionError loses its metrics)."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise DataError(f"{flag} {path}: its folder {folder} cannot be created or written ({e.strerror or e})") from e
+
+
+def write_results(results: dict, path: str | os.PathLike, table: str, flag: str = "--results_file") -> None:
+    """Print the metrics table, then write the results JSON; a failed write names the file and
+    says that the metrics are printed above."""
+    print(table, flush=True)
+    try:
+        write_json_atomic(results, path, indent=2)
+    except OSError as e:
+        raise DataError(f"{flag} {path}: could not write the results ({e.strerror or e}); "
+                        "the metrics are printed above") from e
+    print(f"results: {path}")
 
 
 def save_npy_atomic(array: np.ndarray, path: str | os.PathLike) -> None:
@@ -154,16 +179,19 @@ def load_indices(path: str | os.PathLike, required_items: Any = None) -> dict[st
     data = load_json(path, "index")
     if not isinstance(data, dict) or not data:
         raise DataError(f"{path}: expected a non-empty object {{item: [token, ...]}}")
-    lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
-    expected_len = max(lengths)
-    seen: dict[tuple[str, ...], str] = {}
     for item, tokens in data.items():
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
             raise DataError(f"{path}: item {item!r} must map to a non-empty list of token strings")
-        if len(tokens) != expected_len:
-            raise DataError(
-                f"{path}: item {item!r} has an index of length {len(tokens)}; every index must have length {expected_len}"
-            )
+    # The most common length is the norm, so the message blames the odd items, not the first one.
+    lengths = Counter(len(v) for v in data.values())
+    expected_len = lengths.most_common(1)[0][0]
+    odd = [item for item, tokens in data.items() if len(tokens) != expected_len]
+    if odd:
+        shown = ", ".join(f"{item!r} (length {len(data[item])})" for item in odd[:5])
+        raise DataError(f"{path}: {len(odd)} items have an index whose length differs from the other items' "
+                        f"{expected_len}: {shown}{' ...' if len(odd) > 5 else ''}")
+    seen: dict[tuple[str, ...], str] = {}
+    for item, tokens in data.items():
         key = tuple(tokens)
         if key in seen:
             raise DataError(f"{path}: items {seen[key]!r} and {item!r} share the index {''.join(tokens)}; indices must be distinct")
@@ -306,6 +334,8 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test_prompt_ids", type=str, default="0", help="'all' or comma-separated template ids")
     g.add_argument("--metrics", type=str, default=DEFAULT_METRICS)
     g.add_argument("--test_task", type=str, default="seqrec", help="seqrec, itemsearch or fusionseqrec")
+    g.add_argument("--model_max_length", type=int, default=2048,
+                   help="prompts longer than this (less the index and EOS) lose their oldest tokens, as in training")
     g.add_argument("--oom_backoff", action="store_true", help="on CUDA OOM retry the batch with fewer beams")
     g.add_argument("--decoding", type=str, default="trie", choices=["trie", "position", "none"],
                    help="trie: only real items (default); position: any token seen at each index position "
@@ -332,11 +362,19 @@ def build_parser(stage: str, description: str | None = None) -> argparse.Argumen
 def check_task_args(args: argparse.Namespace) -> None:
     """SPEC section 7: task lists of equal length and known names."""
     tasks = parse_list(args.tasks, str, "--tasks")
+    if not tasks:
+        raise DataError(f"--tasks: no task given; expected comma-separated names from {list(ALL_TASKS)}")
     unknown = [t for t in tasks if t.lower() not in ALL_TASKS]
     if unknown:
         raise DataError(f"--tasks: unknown task(s) {unknown}; expected names from {list(ALL_TASKS)}")
     prompt_nums = parse_list(args.train_prompt_sample_num, int, "--train_prompt_sample_num")
     data_nums = parse_list(args.train_data_sample_num, int, "--train_data_sample_num")
+    for flag, nums in (("--train_prompt_sample_num", prompt_nums), ("--train_data_sample_num", data_nums)):
+        negative = [n for n in nums if n < 0]
+        if negative:
+            raise DataError(f"{flag}: {negative} are negative; expected counts >= 0 per task (0 = all)")
+    if getattr(args, "valid_sample_num", 0) < 0:
+        raise DataError(f"--valid_sample_num: {args.valid_sample_num} is negative; expected a count >= 0 (0 = all)")
     if not (len(tasks) == len(prompt_nums) == len(data_nums)):
         raise DataError(
             f"--tasks has {len(tasks)} entries, --train_prompt_sample_num {len(prompt_nums)} and "
@@ -347,6 +385,8 @@ def check_task_args(args: argparse.Namespace) -> None:
 def parse_args(stage: str, argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
     parser = build_parser(stage, description)
     args = parser.parse_args(argv)
+    if stage == "test":
+        args.test_task = args.test_task.lower()  # the original accepts any case
     if stage == "train":
         try:
             check_task_args(args)

@@ -15,6 +15,24 @@ import pytest  # noqa: E402
 from fixtures import make_dataset, save_tiny_checkpoint  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def isolated_state():
+    """Every test starts from the same global state, whatever ran before it (the suite runs in a
+    shuffled order): seeds, torch's thread count and default dtype, and the loaders' caches."""
+    import torch
+
+    import data
+    from utils import set_seed
+
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    data._load_files.cache_clear()
+    data._load_user_file.cache_clear()
+    set_seed(0)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     """(data_path, dataset name) of a small synthetic dataset in the SPEC formats."""

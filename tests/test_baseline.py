@@ -43,3 +43,15 @@ def test_results_table_rejects_mismatched_names(tmp_path):
     f.write_text(json.dumps({"metrics": ["hit@1"], "mean": {"hit@1": 0.5}}))
     with pytest.raises(DataError, match="--names"):
         results_table([str(f)], ["a", "b"])
+
+
+def test_baseline_refuses_an_unwritable_results_folder_up_front(tiny_data, tmp_path):
+    data_path, name = tiny_data
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = subprocess.run([sys.executable, "baseline.py", "--dataset", name, "--data_path", str(data_path),
+                           "--results_file", str(blocker / "pop.json"), "--test_task", "SEQREC"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--results_file" in proc.stderr and "cannot be created or written" in proc.stderr
+    assert "hit@" not in proc.stdout  # it stopped before the work

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 import collator
 import data
@@ -134,32 +135,59 @@ def test_lora_trains_and_adapter_reloads(tiny_data, tiny_base_model, tmp_path):
     assert eval_loss(model, tok, valid, 2) == pytest.approx(trained_loss, abs=1e-4)
 
 
+def greedy_reproduces(model, tok, examples) -> bool:
+    """Greedy decoding gives back every example's response followed by EOS."""
+    was_training = model.training
+    model.eval()
+    batch = [{"prompt": x["prompt"], "target": x["response"]} for x in examples]
+    enc, targets = collator.TestCollator(tok)(batch)
+    with torch.no_grad():
+        gen = model.generate(**enc, max_new_tokens=5, do_sample=False, num_beams=1,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model.train(was_training)
+    new = gen[:, enc["input_ids"].shape[1]:].tolist()
+    for row, target in zip(new, targets):
+        expected = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if row[: len(expected)] != expected:
+            return False
+    return True
+
+
+class StopWhenReproduced(TrainerCallback):
+    """Checks every ``every`` steps whether greedy decoding reproduces the training responses."""
+
+    def __init__(self, model, tok, examples, every: int = 10):
+        self.model, self.tok, self.examples, self.every = model, tok, examples, every
+        self.reproduced_at = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and greedy_reproduces(self.model, self.tok, self.examples):
+            self.reproduced_at = state.global_step
+            control.should_training_stop = True
+        return control
+
+
 def test_overfit_reproduces_responses(tiny_data, tiny_base_model, tmp_path):
-    """Loss falls and greedy decoding gives back the 8 training responses (labels, EOS and padding right)."""
+    """Trained on 8 examples until greedy decoding gives back their responses (index, then EOS:
+    labels, EOS and padding are right), within a generous step cap; the loss falls on the way."""
     data_path, _ = tiny_data
-    argv = cli(tiny_base_model, data_path, tmp_path / "fit", "--max_steps", "100", "--learning_rate", "1e-2",
+    cap = 600  # about 3x the steps this usually takes: the trajectory moves with CPU and thread count
+    argv = cli(tiny_base_model, data_path, tmp_path / "fit", "--max_steps", str(cap), "--learning_rate", "1e-2",
                "--per_device_batch_size", "8", "--warmup_ratio", "0", "--lr_scheduler_type", "constant",
                "--save_and_eval_strategy", "no", "--logging_step", "10")
     args = parse_args("train", argv)
     train = data.SeqRecDataset(args, "train", prompt_id=0, sample_num=8)
     assert len(train) == 8
     model, tok = finetune.load_for_training(str(tiny_base_model), indices_of(data_path))
+    assert not greedy_reproduces(model, tok, train)  # an untrained model does not
+    stop = StopWhenReproduced(model, tok, train)
     trainer = finetune.build_trainer(args, finetune.training_arguments(args, disable_tqdm=True), model, tok,
                                      data.MultiTaskDataset([train]), None)
+    trainer.add_callback(stop)
     trainer.train()
+    assert stop.reproduced_at is not None, f"responses not reproduced within {cap} steps"
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert losses[-1] < 0.05 and losses[0] > 1.0
-
-    model.eval()
-    batch = [{"prompt": x["prompt"], "target": x["response"]} for x in train]
-    enc, targets = collator.TestCollator(tok)(batch)
-    with torch.no_grad():
-        gen = model.generate(**enc, max_new_tokens=5, do_sample=False, num_beams=1,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    new = gen[:, enc["input_ids"].shape[1]:]
-    for row, target in zip(new.tolist(), targets):
-        expected = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        assert row[: len(expected)] == expected  # the index, then EOS: the model learned to stop
+    assert losses[-1] < 0.2 * losses[0]
 
 
 def test_cli_errors(tiny_data, tiny_base_model, tmp_path, capsys):
@@ -197,3 +225,119 @@ def test_cli_errors(tiny_data, tiny_base_model, tmp_path, capsys):
     tok.save_pretrained(small)
     with pytest.raises(DataError, match="embedding rows"):
         load_for_inference(str(small), indices)
+
+
+# --------------------------------------------------------------------------- kills and resumes
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import finetune, transformers
+when, at_step = sys.argv[1], int(sys.argv[2])
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+if when == "checkpoint":  # after the weights, before optimizer and trainer_state.json
+    real = transformers.Trainer._save_optimizer_and_scheduler
+    def save_opt(self, output_dir):
+        if self.state.global_step == at_step:
+            die()
+        return real(self, output_dir)
+    transformers.Trainer._save_optimizer_and_scheduler = save_opt
+else:  # the final model written to its temporary folder, not yet published
+    finetune.publish_folder = die
+finetune.main(sys.argv[3:])
+"""
+
+
+def run_killed(when, at_step, argv, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-c", KILLER.format(root=str(ROOT)), when, str(at_step), *argv],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]  # SIGKILL, not an error
+
+
+def steps_logged(out):
+    return [h["step"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+
+
+def test_resume_skips_checkpoint_killed_during_save(tiny_data, tiny_base_model, tmp_path, capsys):
+    data_path, _ = tiny_data
+    out = tmp_path / "out"
+    argv = cli(tiny_base_model, data_path, out, "--max_steps", "6", "--save_and_eval_strategy", "steps",
+               "--save_and_eval_steps", "2")
+    run_killed("checkpoint", 4, argv, tmp_path)
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-4" / "trainer_state.json").exists()
+    assert not finetune.final_model_complete(out)  # a killed run never looks finished
+
+    finetune.main(argv + ["--resume_from_checkpoint", "true"])
+    printed = capsys.readouterr().out
+    assert f"skipping {out / 'checkpoint-4'}" in printed and f"from {out / 'checkpoint-2'}" in printed
+    assert steps_logged(out) == [1, 2, 3, 4, 5, 6]  # steps 1-2 from the checkpoint, 3-6 trained now
+    assert finetune.final_model_complete(out) and not (out / ".final.tmp").exists()
+    assert_reloads(out, data_path, tiny_base_model)
+
+    # an explicit incomplete folder is refused with a message, not a traceback
+    shutil.rmtree(out / "checkpoint-6")
+    (out / "checkpoint-6").mkdir()
+    with pytest.raises(SystemExit, match="checkpoint-6 is incomplete"):
+        finetune.main(argv + ["--resume_from_checkpoint", str(out / "checkpoint-6")])
+
+
+def test_resume_after_last_checkpoint_trains_no_extra_step(tiny_data, tiny_base_model, tmp_path, capsys):
+    data_path, _ = tiny_data
+    out = tmp_path / "out"
+    argv = cli(tiny_base_model, data_path, out, "--max_steps", "4", "--save_and_eval_strategy", "steps",
+               "--save_and_eval_steps", "2")
+    run_killed("final", 0, argv, tmp_path)  # killed after the last checkpoint, during the final save
+    assert (out / "checkpoint-4" / "trainer_state.json").is_file()
+    assert not finetune.final_model_complete(out)
+
+    finetune.main(argv + ["--resume_from_checkpoint", "true"])
+    assert "already reached step 4 of --max_steps 4" in capsys.readouterr().out
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and steps_logged(out) == [1, 2, 3, 4]
+    model = assert_reloads(out, data_path, tiny_base_model)
+    ckpt = load_file(str(out / "checkpoint-4" / "model.safetensors"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(model.state_dict()[key], ckpt[key])  # the checkpoint's weights, not retrained
+
+    # once more on the finished folder: nothing to do, nothing trained
+    finetune.main(argv + ["--resume_from_checkpoint", "true"])
+    assert "is complete" in capsys.readouterr().out
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_publish_folder_moves_config_last(tmp_path, monkeypatch):
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir(), out.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        (tmp / name).write_text(name)
+    moved = []
+    real = os.replace
+    monkeypatch.setattr(finetune.os, "replace", lambda a, b: (moved.append(Path(b).name), real(a, b)))
+    finetune.publish_folder(tmp, out)
+    assert moved[-1] == "config.json" and sorted(moved) == sorted(p.name for p in out.iterdir())
+    assert not tmp.exists()
+
+
+def test_unwritable_output_dir_fails_before_work(tiny_data, tiny_base_model, tmp_path):
+    data_path, _ = tiny_data
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DataError, match="--output_dir .* cannot be created or written"):
+        finetune.main(cli(tiny_base_model, data_path, blocker / "out"))
+
+
+def test_task_flag_errors(tiny_data, tiny_base_model, tmp_path, capsys):
+    data_path, _ = tiny_data
+    base = cli(tiny_base_model, data_path, tmp_path / "x")
+    for extra, message in ((["--tasks", "", "--train_prompt_sample_num", "", "--train_data_sample_num", ""],
+                            "--tasks: no task given"),
+                           (["--tasks", "seqrec", "--train_prompt_sample_num", "1", "--train_data_sample_num", "-5"],
+                            "--train_data_sample_num: [-5] are negative"),
+                           (["--tasks", "seqrec", "--train_prompt_sample_num", "-1", "--train_data_sample_num", "0"],
+                            "--train_prompt_sample_num: [-1] are negative"),
+                           (["--valid_sample_num", "-3"], "--valid_sample_num: -3 is negative")):
+        with pytest.raises(SystemExit) as e:
+            finetune.main(base + extra)
+        assert e.value.code == 2 and message in capsys.readouterr().err

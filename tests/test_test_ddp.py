@@ -133,3 +133,55 @@ def test_lora_adapter_evaluates_like_its_merged_model(ckpt_and_data, tiny_base_m
     assert [x["items"] for x in a] == [y["items"] for y in b]
     assert [s for x in a for s in x["scores"]] == pytest.approx([s for y in b for s in y["scores"]], abs=1e-4)
     assert lora["per_prompt"]["1"] == pytest.approx(full["per_prompt"]["1"])
+
+
+def test_unwritable_results_folder_fails_before_the_evaluation(ckpt_and_data, tmp_path, monkeypatch):
+    root, data_path = ckpt_and_data
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    import generation
+
+    monkeypatch.setattr(generation, "evaluate_prompt", lambda *a, **k: pytest.fail("evaluated before the check"))
+    with pytest.raises(DataError, match="--results_file .* cannot be created or written"):
+        evaluate_checkpoint(parse_args("test", _args(root / "ckpt", data_path, blocker / "sub" / "r.json")))
+
+
+def test_failed_results_write_prints_the_metrics_first(ckpt_and_data, tmp_path, monkeypatch, capsys):
+    root, data_path = ckpt_and_data
+    import utils
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(utils, "write_json_atomic", disk_full)
+    results = tmp_path / "r.json"
+    with pytest.raises(DataError, match="could not write the results .*No space left.*printed above"):
+        evaluate_checkpoint(parse_args("test", _args(root / "ckpt", data_path, results, "--sample_num", "3")))
+    out = capsys.readouterr().out
+    assert "hit@1" in out and "mean" in out and not results.exists()
+
+
+def test_long_test_prompts_are_cut_like_training_prompts(ckpt_and_data, tmp_path):
+    root, data_path = ckpt_and_data
+    full = evaluate_checkpoint(parse_args("test", _args(root / "ckpt", data_path, tmp_path / "full.json",
+                                                         "--save_predictions")))
+    assert full["prompts_cut"] == 0
+    short = evaluate_checkpoint(parse_args("test", _args(root / "ckpt", data_path, tmp_path / "cut.json",
+                                                          "--model_max_length", "30", "--save_predictions",
+                                                          "--test_task", "SeqRec")))
+    assert short["test_task"] == "seqrec"  # case-insensitive, as in the original
+    assert short["prompts_cut"] == short["num_examples"] == N_USERS and short["model_max_length"] == 30
+    rows = [json.loads(line) for line in predictions_path(tmp_path / "cut.json").read_text().splitlines()]
+    assert all(r["prompt_cut"] for r in rows) and all(len(r["items"]) == 20 for r in rows)
+
+
+def test_test_collator_keeps_the_newest_prompt_tokens():
+    from collator import TestCollator, encode_prompt
+
+    tok = train_tokenizer()
+    prompt = "The user has watched the following items in order. red blue night river king star city"
+    ids = encode_prompt(tok, prompt)
+    collate = TestCollator(tok, max_prompt_length=5)
+    enc, _ = collate([{"prompt": prompt, "target": "x"}, {"prompt": "red", "target": "y"}])
+    assert collate.last_cut == [True, len(encode_prompt(tok, "red")) > 5]
+    assert enc["input_ids"][0].tolist() == ids[-5:]

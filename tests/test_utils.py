@@ -54,3 +54,11 @@ def test_task_flags_must_match(capsys):
     assert "unknown task" in capsys.readouterr().err
     args = parse_args("train", [])
     assert args.learning_rate == 5e-5 and args.epochs == 4 and args.per_device_batch_size == 8
+
+
+def test_index_length_blames_the_odd_item_not_the_first(tmp_path):
+    p = tmp_path / "x.index.json"
+    rows = {"0": ["<a_1>"], **{str(i): [f"<a_{i}>", f"<b_{i}>"] for i in range(1, 6)}}
+    p.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"1 items have an index whose length differs from the other items' 2: '0' \(length 1\)"):
+        load_indices(p)

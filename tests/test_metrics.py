@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from evaluate import aggregate, compute_metrics, format_table, metric_value, parse_metrics, target_rank
+from metrics import aggregate, compute_metrics, format_table, metric_value, parse_metrics, target_rank
 from utils import DataError
 
 
