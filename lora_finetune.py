@@ -19,7 +19,8 @@ from utils import DataError, parse_args, parse_list
 
 
 def quantization_kwargs(args: argparse.Namespace) -> dict:
-    """from_pretrained kwargs for --load_in_8bit / --load_in_4bit (bitsandbytes, CUDA only)."""
+    """from_pretrained kwargs for --load_in_8bit / --load_in_4bit (bitsandbytes: CUDA, or the CPU
+    kernels of recent releases)."""
     if not (args.load_in_8bit or args.load_in_4bit):
         return {}
     flag = "--load_in_8bit" if args.load_in_8bit else "--load_in_4bit"
@@ -27,8 +28,6 @@ def quantization_kwargs(args: argparse.Namespace) -> dict:
         raise DataError("--load_in_8bit and --load_in_4bit are exclusive")
     if args.deepspeed:
         raise DataError(f"{flag} cannot be combined with --deepspeed")
-    if not torch.cuda.is_available():
-        raise DataError(f"{flag} needs a CUDA GPU (bitsandbytes quantization); drop the flag on CPU")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
@@ -38,7 +37,8 @@ def quantization_kwargs(args: argparse.Namespace) -> dict:
     compute = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     config = (BitsAndBytesConfig(load_in_8bit=True) if args.load_in_8bit else
               BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute))
-    return {"quantization_config": config, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
+    device = int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
 
 
 def add_lora(model, args: argparse.Namespace):

@@ -44,7 +44,17 @@ case "$PROFILE" in
     : "${PROFILE_USERS:=0}"
     : "${EPOCHS:=4}" "${MAX_STEPS:=-1}" "${BATCH:=8}" "${GRAD_ACC:=2}" "${LR:=5e-5}"
     : "${MAX_HIS_LEN:=20}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
-    : "${TRAIN_DATA_SAMPLE_NUM:=0,0,0,100000,0,0}"
+    # fusionseqrec examples per dataset, as the paper's runs used them (every other task: all)
+    case "$DATASET" in
+      Instruments) FUSION_SAMPLES=20000 ;;
+      Arts)        FUSION_SAMPLES=30000 ;;
+      Games)       FUSION_SAMPLES=100000 ;;
+      *)           FUSION_SAMPLES=100000
+                   if [ -z "${TRAIN_DATA_SAMPLE_NUM:-}" ]; then
+                     echo "note: no paper sample size for dataset '$DATASET'; fusionseqrec keeps 100000 examples" >&2
+                   fi ;;
+    esac
+    : "${TRAIN_DATA_SAMPLE_NUM:=0,0,0,$FUSION_SAMPLES,0,0}"
     : "${SAVE_STRATEGY:=epoch}" "${SAVE_STEPS:=1000}" "${VALID_USERS:=0}" "${VALID_PROMPTS:=2}"
     : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=all}" "${TEST_BATCH:=1}" ;;
   *) echo "error: PROFILE must be quick, gpu or paper, got '$PROFILE'" >&2; exit 2 ;;
@@ -56,6 +66,15 @@ RQ_CODES=${RQ_CODES:-256 256 256 256}   # codes per level of the RQ-VAE
 SK_EPSILONS=${SK_EPSILONS:-$(for _ in $(seq 2 "$(wc -w <<< "$RQ_CODES")"); do printf '0.0 '; done; echo 0.003)}
 NPROC=${NPROC:-$(( GPUS > 1 ? GPUS : 1 ))}
 DEEPSPEED=${DEEPSPEED-config/ds_z3_bf16.json}   # used when NPROC > 1; empty = plain DDP
+
+if [ "${DRY_RUN:-0}" = 1 ]; then  # print the settings this profile resolves to, run nothing
+  for name in PROFILE DATASET NPROC DEEPSPEED RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS PROFILE_USERS \
+              EPOCHS MAX_STEPS BATCH GRAD_ACC LR MAX_HIS_LEN TASKS TRAIN_PROMPT_SAMPLE_NUM TRAIN_DATA_SAMPLE_NUM \
+              TEST_SAMPLE_NUM TEST_PROMPT_IDS TEST_BATCH NUM_BEAMS; do
+    printf '%s=%s\n' "$name" "${!name}"
+  done
+  exit 0
+fi
 
 TIMES=()
 T_START=$SECONDS

@@ -341,3 +341,22 @@ def test_task_flag_errors(tiny_data, tiny_base_model, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             finetune.main(base + extra)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--load_in_8bit", "--load_in_4bit"])
+def test_quantized_lora_trains_on_cpu(tiny_data, tiny_base_model, tmp_path, flag):
+    """bitsandbytes quantises on CPU too: the base weights load quantised and the adapter trains."""
+    data_path, _ = tiny_data
+    out = tmp_path / "qlora"
+    lora_finetune.main(cli(tiny_base_model, data_path, out, "--max_steps", "2", "--learning_rate", "1e-2",
+                           "--save_and_eval_strategy", "no", flag))
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: it trained
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    args = parse_args("train", cli(tiny_base_model, data_path, out, flag))
+    kwargs = lora_finetune.quantization_kwargs(args)
+    assert kwargs["device_map"] == {"": 0 if torch.cuda.is_available() else "cpu"}
+    with pytest.raises(DataError, match="exclusive"):
+        lora_finetune.quantization_kwargs(parse_args("train", cli(tiny_base_model, data_path, out, "--load_in_8bit",
+                                                                  "--load_in_4bit")))

@@ -46,3 +46,26 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model):
     again = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count(": skipped (") == 8
+
+
+def run_sh_settings(**env) -> tuple[dict, str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("TRAIN_DATA_SAMPLE_NUM", "DATASET", "PROFILE")}
+    out = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**clean, "DRY_RUN": "1", **env},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line), out.stderr
+
+
+@pytest.mark.parametrize("dataset,fusion", [("Instruments", 20000), ("Arts", 30000), ("Games", 100000)])
+def test_paper_profile_picks_fusionseqrec_samples_by_dataset(dataset, fusion):
+    settings, err = run_sh_settings(PROFILE="paper", DATASET=dataset)
+    assert settings["TRAIN_DATA_SAMPLE_NUM"] == f"0,0,0,{fusion},0,0" and "note:" not in err
+    assert settings["EPOCHS"] == "4" and settings["LR"] == "5e-5" and settings["TEST_PROMPT_IDS"] == "all"
+
+
+def test_paper_profile_on_an_unknown_dataset_keeps_100000_and_says_so():
+    settings, err = run_sh_settings(PROFILE="paper", DATASET="MyShop")
+    assert settings["TRAIN_DATA_SAMPLE_NUM"] == "0,0,0,100000,0,0"
+    assert "no paper sample size for dataset 'MyShop'" in err
+    settings, err = run_sh_settings(PROFILE="paper", DATASET="MyShop", TRAIN_DATA_SAMPLE_NUM="0,0,0,5,0,0")
+    assert settings["TRAIN_DATA_SAMPLE_NUM"] == "0,0,0,5,0,0" and "note:" not in err
