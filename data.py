@@ -7,8 +7,11 @@ any task ever contains ``s[-2]`` or ``s[-1]`` by position.
 Every dataset is a list of *examples* (a dict of raw fields) plus, per example, the templates it
 can be rendered with. A training item is ``{"prompt", "response"}``; which template renders it
 is drawn at ``__getitem__`` from an RNG keyed on (seed, epoch, example), so it is re-drawn each
-epoch (``set_epoch``) and identical on every rank. Test items are
-``{"prompt", "target", "user"}``.
+epoch (``set_epoch``) and identical on every rank. Fields with several candidates (a user's
+preference sentences, the itemsearch query) are drawn the same way, from a second RNG keyed on
+the example and its template slot; at test time that RNG is keyed on (seed, user, template id),
+so a test set renders identically on every run with the same seed, whatever ``--sample_num``
+keeps. Test items are ``{"prompt", "target", "user"}``.
 """
 from __future__ import annotations
 
@@ -107,6 +110,12 @@ class TaskDataset(Dataset):
                  sample_num: int = 0, prompt_id: int | None = None):
         if mode not in ("train", "valid", "test"):
             raise ValueError(f"mode must be train, valid or test, got {mode!r}")
+        # Negative counts used to slip through as "all"; 0 is the only way to ask for everything.
+        if int(prompt_sample_num) < 0:
+            raise DataError(f"{self.task}: prompt sample number {prompt_sample_num} is negative; "
+                            "expected >= 0 (0 = every template)")
+        if int(sample_num) < 0:
+            raise DataError(f"{self.task}: data sample number {sample_num} is negative; expected >= 0 (0 = all)")
         self.args = args
         self.mode = mode
         self.seed = int(getattr(args, "seed", 42))
@@ -128,8 +137,10 @@ class TaskDataset(Dataset):
         # Templates each example can use: those whose fields are all non-empty for it.
         # Test sets keep every user (an empty field renders empty) so that all ids see the same users.
         allowed = range(len(self.templates)) if prompt_id is None else [prompt_id]
-        self.choices = [[t for t in allowed if mode == "test" or self._fits(ex, t)]
-                        for ex in self.examples]
+        self.choices = []
+        for ex in self.examples:
+            missing = set() if mode == "test" else self.missing_fields(ex)  # once per example, not per template
+            self.choices.append([t for t in allowed if not self.template_needs[t] & missing])
         keep = [i for i, c in enumerate(self.choices) if c]
         self.examples = [self.examples[i] for i in keep]
         self.choices = [self.choices[i] for i in keep]
@@ -147,7 +158,7 @@ class TaskDataset(Dataset):
         if "item" in ex:
             feat = self.files.items[str(ex["item"])]
             out["item"] = self.files.index_str(ex["item"])
-            out["title"] = " ".join(feat["title"].split())
+            out["title"] = self.title_of(ex["item"])
             out["description"] = " ".join(str(feat.get("description", "")).split())
         return out
 
@@ -155,26 +166,38 @@ class TaskDataset(Dataset):
     def recent(self, items: list[int]) -> list[int]:
         return items[-self.max_his_len:] if self.max_his_len > 0 else list(items)
 
+    def title_of(self, item: int | str) -> str:
+        """The item's title with whitespace collapsed ("" when it has none)."""
+        return " ".join(str(self.files.items[str(item)].get("title", "")).split())
+
     def format_history(self, items: list[int], by: str = "index") -> str:
-        """The last ``max_his_len`` items as index strings (or quoted titles), numbered with add_prefix."""
-        parts = []
-        for k, item in enumerate(self.recent(items), start=1):
-            text = self.files.index_str(item) if by == "index" else '"' + " ".join(self.files.items[str(item)]["title"].split()) + '"'
-            parts.append(f"{k}. {text}" if self.add_prefix else text)
-        return self.his_sep.join(parts)
+        """The last ``max_his_len`` items as index strings (or quoted titles), numbered with add_prefix.
+
+        ``by="title"``: items of that window without a title (empty or blank) are left out, since
+        an empty ``""`` tells the model nothing and an index string would mix the two
+        modalities that fusionseqrec keeps apart; numbering (add_prefix) counts the items shown.
+        When no item of the window has a title the result is "" and ``missing_fields`` reports
+        ``title_history``, so training never draws a title-history template for that example.
+        """
+        if by == "index":
+            texts = [self.files.index_str(item) for item in self.recent(items)]
+        elif by == "title":
+            texts = [f'"{t}"' for t in map(self.title_of, self.recent(items)) if t]
+        else:
+            raise ValueError(f"by must be 'index' or 'title', got {by!r}")
+        return self.his_sep.join(f"{k}. {t}" if self.add_prefix else t for k, t in enumerate(texts, start=1))
 
     def missing_fields(self, ex: dict[str, Any]) -> set[str]:
         """Fields that would render empty for this example (cheap: no string building)."""
         missing = set()
         if "history" in ex and not ex["history"]:
             missing |= {"history", "title_history"}
+        elif "history" in ex and not any(self.title_of(i) for i in self.recent(ex["history"])):
+            missing.add("title_history")
         if "item" in ex:
             feat = self.files.items[str(ex["item"])]
             missing |= {f for f in ("title", "description") if not str(feat.get(f, "")).strip()}
         return missing
-
-    def _fits(self, ex: dict[str, Any], template_id: int) -> bool:
-        return not (self.template_needs[template_id] & self.missing_fields(ex))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -183,25 +206,40 @@ class TaskDataset(Dataset):
         epoch = self.epoch if self.mode == "train" else 0  # evaluation sets are fixed
         return random.Random(f"{self.seed}:{self.task}:{self.mode}:{epoch}:{example_idx}")
 
+    def _field_rng(self, example_idx: int, slot: int, template_id: int) -> random.Random:
+        """RNG of the field draws (preference sentence, query) of one access.
+
+        Training: keyed on (epoch, example, slot), so each of an example's k templates draws on
+        its own and every epoch draws again. Test: keyed on (user, template id), so a user's
+        draw does not depend on which users ``--sample_num`` keeps, and reruns agree.
+        """
+        if self.mode == "test":
+            key = f"0:user={self.examples[example_idx].get('user')}:tid={template_id}"
+        else:
+            epoch = self.epoch if self.mode == "train" else 0
+            key = f"{epoch}:{example_idx}:{slot}"
+        return random.Random(f"{self.seed}:{self.task}:{self.mode}:fields:{key}")
+
     def _per_example(self) -> int:
         if self.prompt_id is not None:
             return 1
         return self.prompt_sample_num if self.prompt_sample_num > 0 else len(self.templates)
 
     def template_of(self, idx: int) -> tuple[int, int, random.Random]:
-        """(example index, template id, rng) of dataset item ``idx``."""
+        """(example index, template id, rng for the fields) of dataset item ``idx``."""
         k = self._per_example()
         ex_idx, slot = divmod(idx, k)
-        rng = self._rng(ex_idx)
         choices = self.choices[ex_idx]
         if self.prompt_id is not None:
-            return ex_idx, self.prompt_id, rng
-        if self.prompt_sample_num <= 0:  # every template once (those that fit; others repeat the first fits)
+            tid = self.prompt_id
+        elif self.prompt_sample_num <= 0:  # every template once (those that fit; others repeat the first fits)
             tid = slot if slot in choices else choices[slot % len(choices)]
-            return ex_idx, tid, rng
-        # k distinct templates per example (with repeats only when fewer fit)
-        order = rng.sample(choices, len(choices))
-        return ex_idx, order[slot % len(order)], rng
+        else:
+            # k distinct templates per example (with repeats only when fewer fit): one shared
+            # order per example and epoch, read at position `slot`
+            order = self._rng(ex_idx).sample(choices, len(choices))
+            tid = order[slot % len(order)]
+        return ex_idx, tid, self._field_rng(ex_idx, slot, tid)
 
     def __len__(self) -> int:
         return len(self.examples) * self._per_example()
@@ -275,10 +313,18 @@ class Index2ItemDataset(ItemDataset):
     task = "index2item"
 
 
+def _texts(values: Any) -> list[str]:
+    """The non-empty strings of a list (anything else is skipped)."""
+    return [v for v in values if isinstance(v, str) and v.strip()] if isinstance(values, list) else []
+
+
 class ItemSearchDataset(TaskDataset):
     """Explicit preference + vague intention (+ history) -> item. Users of the user file only.
 
     Train: the intention about s[-3] with history s[:-3]; test: about s[-1] with history s[:-1].
+    At each access one of the user's preference sentences is drawn for ``{explicit_preference}``
+    and one of the two intentions (user-related or item-related) for ``{query}``; templates 1 and
+    2 name the user-related and the item-related intention themselves (see prompt.py).
     """
 
     task = "itemsearch"
@@ -306,28 +352,33 @@ class ItemSearchDataset(TaskDataset):
                 raise DataError(f"{path}: user_vague_intention.{self.mode}[{user!r}].item is {rec.get('item')!r} "
                                 f"but the interactions put item {seq[pos]} at position -{offset}")
             out.append({"user": str(user), "history": seq[:pos], "item": seq[pos], "pos": pos, "querys": querys,
-                        "preferences": [p for p in preferences.get(str(user), []) if isinstance(p, str) and p.strip()]})
+                        "preferences": _texts(preferences.get(str(user)))})
         return out
 
     def missing_fields(self, ex):
         missing = super().missing_fields(ex)
         names = ("user_related_intention", "item_related_intention")
         missing |= {n for n, q in zip(names, ex["querys"]) if not q.strip()}
+        if not any(q.strip() for q in ex["querys"]):
+            missing.add("query")
         return missing | (set() if ex["preferences"] else {"explicit_preference"})
 
     def fields(self, ex, rng):
         out = super().fields(ex, rng)
         out["user_related_intention"] = _sentence(ex["querys"][0])
         out["item_related_intention"] = _sentence(ex["querys"][1])
+        # Both draws happen at every access, in a fixed order, so a template's draw does not
+        # depend on which fields it happens to use.
         prefs = ex["preferences"]
-        # training re-draws with the example's rng; test keeps one fixed choice per user
-        pick = rng if self.mode == "train" else random.Random(f"{self.seed}:{ex['user']}")
-        out["explicit_preference"] = _sentence(pick.choice(prefs)) if prefs else ""
+        out["explicit_preference"] = _sentence(rng.choice(prefs)) if prefs else ""
+        queries = [q for q in ex["querys"] if q.strip()]
+        out["query"] = _sentence(rng.choice(queries)) if queries else ""
         return out
 
 
 class PreferenceObtainDataset(TaskDataset):
-    """History s[:-3] -> one explicit preference (each preference sentence is one example)."""
+    """History s[:-3] -> explicit preference: one example per user, one of the user's preference
+    sentences drawn at each access (so a new one each epoch)."""
 
     task = "preferenceobtain"
 
@@ -342,14 +393,17 @@ class PreferenceObtainDataset(TaskDataset):
                 raise DataError(f"{path}: user {user!r} of user_explicit_preference is not in the interactions")
             if not isinstance(prefs, list):
                 raise DataError(f"{path}: user_explicit_preference[{user!r}] must be a list of strings")
-            history = seq[:-3]  # the preferences were drawn from these items only
-            out += [{"user": str(user), "history": history, "preference": p}
-                    for p in prefs if isinstance(p, str) and p.strip()]
+            # the preferences were drawn from items[:-3] only
+            out.append({"user": str(user), "history": seq[:-3], "preferences": _texts(prefs)})
         return out
+
+    def missing_fields(self, ex):
+        # a user without any usable sentence has nothing to learn from: dropped by the base class
+        return super().missing_fields(ex) | (set() if ex["preferences"] else {"explicit_preference"})
 
     def fields(self, ex, rng):
         out = super().fields(ex, rng)
-        out["explicit_preference"] = " ".join(ex["preference"].split())
+        out["explicit_preference"] = " ".join(rng.choice(ex["preferences"]).split()) if ex["preferences"] else ""
         return out
 
 
@@ -391,6 +445,9 @@ def load_datasets(args: argparse.Namespace) -> tuple[MultiTaskDataset, TaskDatas
             raise DataError(f"task {task}: no training examples in {Path(args.data_path) / args.dataset}")
         train.append(ds)
     valid_num = max(int(getattr(args, "valid_sample_num", 0)), 0)
+    if getattr(args, "sample_valid", True) and int(args.valid_prompt_sample_num) < 0:
+        raise DataError(f"--valid_prompt_sample_num: {args.valid_prompt_sample_num} is negative; "
+                        "expected >= 0 (0 = every template)")
     if getattr(args, "sample_valid", True):
         valid = SeqRecDataset(args, "valid", prompt_sample_num=args.valid_prompt_sample_num, sample_num=valid_num)
     else:
@@ -398,11 +455,17 @@ def load_datasets(args: argparse.Namespace) -> tuple[MultiTaskDataset, TaskDatas
     return MultiTaskDataset(train), valid
 
 
+def normalize_test_task(task: str) -> str:
+    """``--test_task`` is case-insensitive: "SeqRec" -> "seqrec"; an unknown name is refused."""
+    name = str(task).strip().lower()
+    if name not in ("seqrec", "itemsearch", "fusionseqrec"):
+        raise DataError(f"--test_task: {task!r} is not a test task; expected seqrec, itemsearch or fusionseqrec")
+    return name
+
+
 def test_prompt_ids(task: str) -> list[int]:
     """Template ids of ``task`` whose response is an item index (fusionseqrec: the index-output ones)."""
-    if task not in ("seqrec", "itemsearch", "fusionseqrec"):
-        raise DataError(f"--test_task: {task!r} is not a test task; expected seqrec, itemsearch or fusionseqrec")
-    return prompt.item_output_ids(task)
+    return prompt.item_output_ids(normalize_test_task(task))
 
 
 def load_test_dataset(args: argparse.Namespace, task: str, prompt_id: int) -> TaskDataset:
@@ -410,6 +473,7 @@ def load_test_dataset(args: argparse.Namespace, task: str, prompt_id: int) -> Ta
 
     ``args.sample_num`` (-1 = all) keeps a seeded random subset of users, the same for every id.
     """
+    task = normalize_test_task(task)
     ids = test_prompt_ids(task)
     if prompt_id not in ids:
         raise DataError(f"--test_prompt_ids: {prompt_id} is not an item-output template of {task}; valid ids: {ids}")

@@ -431,6 +431,7 @@ def resolve_prompt_ids(spec: str, task: str) -> list[int]:
 
 def check_test_args(args: argparse.Namespace) -> None:
     """Cheap checks before any model is loaded."""
+    args.test_task = str(args.test_task).strip().lower()  # case-insensitive, as in the original
     if args.test_task not in TEST_TASKS:
         raise DataError(f"--test_task: unknown test task {args.test_task!r}; expected one of {list(TEST_TASKS)}")
     if args.num_beams < 1:

@@ -33,12 +33,14 @@ RESPONSE_HEADER = "### Response:"
 #   title, description            text of that item
 #   explicit_preference           one of the user's preference sentences
 #   user_related_intention, item_related_intention   the two vague intentions of the user file
+#   query                         one of those two intentions, drawn at each access
 FIELDS = {
     "seqrec": ("history", "item"),
     "item2index": ("item", "title", "description"),
     "index2item": ("item", "title", "description"),
     "fusionseqrec": ("history", "title_history", "item", "title", "description"),
-    "itemsearch": ("history", "item", "explicit_preference", "user_related_intention", "item_related_intention"),
+    "itemsearch": ("history", "item", "explicit_preference", "user_related_intention", "item_related_intention",
+                   "query"),
     "preferenceobtain": ("history", "explicit_preference"),
 }
 
@@ -144,27 +146,27 @@ TEMPLATES: dict[str, list[dict[str, str]]] = {
         _t("Titles of past interactions: {title_history}. Output the item the user is likely to choose next."),
     ],
     # ------------------------------------------------------------------ preference + intention -> index
+    # 0: preference + history, no intention; 1: history + user-related intention; 2: history +
+    # item-related intention; 3-5: the drawn {query} with history and/or preference; 6-10: the
+    # drawn {query} alone (a bare search request).
     "itemsearch": [
-        _t('A user has the following preferences: {explicit_preference} They now say: "{user_related_intention}" '
-           "Which item would satisfy them?"),
-        _t("User preference: {explicit_preference}\nCurrent request: \"{item_related_intention}\"\n"
-           "Find the item that matches this request."),
-        _t("Here is what a user has interacted with: {history}. The user is now looking for something and says: "
-           '"{user_related_intention}" Recommend an item.'),
-        _t("The user's history is {history}, and the user's stated tastes are: {explicit_preference} "
-           'Search for an item that fits the query "{item_related_intention}"'),
-        _t('Query: "{item_related_intention}" Return the item that best answers this query.'),
-        _t('Find an item for a user who says "{user_related_intention}" and whose preferences are: '
-           "{explicit_preference}"),
-        _t('Past interactions: {history}. Request: "{item_related_intention}" Which item should be retrieved?'),
-        _t('A shopper describes what they want as "{user_related_intention}" Considering their history '
-           "{history}, pick the item they are searching for."),
-        _t('Search the catalogue for an item matching "{item_related_intention}" for a user who likes the '
-           "following: {explicit_preference}"),
-        _t("Given the user's preferences ({explicit_preference}) and history ({history}), find the item "
-           'described by "{item_related_intention}"'),
-        _t("Recommend the item that a user with interaction history {history} wants when they say "
-           '"{user_related_intention}"'),
+        _t("A user's past interactions are {history}, and the user's tastes are summarised as follows: "
+           "{explicit_preference} Recommend an item that suits these tastes."),
+        _t("The user has interacted with {history}. Speaking about what they want now, the user says: "
+           '"{user_related_intention}" Retrieve the item that meets this need.'),
+        _t("After interacting with {history}, the user is looking for an item described like this: "
+           '"{item_related_intention}" Find that item.'),
+        _t('Here is a user\'s interaction history: {history}. The user now searches for "{query}" '
+           "Which item should be returned?"),
+        _t('A user whose preferences are "{explicit_preference}" issues the query "{query}" '
+           "Pick the item that answers it."),
+        _t("Interaction history: {history}\nPreferences: {explicit_preference}\nQuery: {query}\n"
+           "Using all of this, recommend the item the user is searching for."),
+        _t('Query: "{query}" Return the item that best answers this query.'),
+        _t('Find the item a user is after when they say: "{query}"'),
+        _t('Search the catalogue for an item that fits the request "{query}"'),
+        _t('Which item would you suggest to someone asking for the following? "{query}"'),
+        _t('A user types the search "{query}" Output the index of the matching item.'),
     ],
     # ------------------------------------------------------------------ history -> preference text
     "preferenceobtain": [

@@ -42,6 +42,9 @@ case "$PROFILE" in
   paper)  # the paper's settings (section 6 of the README); meant for 8 GPUs
     : "${RQ_EPOCHS:=10000}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=1024}" "${RQ_LAYERS:=2048 1024 512 256 128 64}"
     : "${PROFILE_USERS:=0}"
+    # the original's profiles came from an instruction model (512 new tokens, temperature 0.4):
+    # never from a base model without a chat template
+    : "${PROFILE_FLAGS:=--require_instruct --max_new_tokens 512 --temperature 0.4}"
     : "${EPOCHS:=4}" "${MAX_STEPS:=-1}" "${BATCH:=8}" "${GRAD_ACC:=2}" "${LR:=5e-5}"
     : "${MAX_HIS_LEN:=20}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
     # fusionseqrec examples per dataset, as the paper's runs used them (every other task: all)
@@ -59,6 +62,7 @@ case "$PROFILE" in
     : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=all}" "${TEST_BATCH:=1}" ;;
   *) echo "error: PROFILE must be quick, gpu or paper, got '$PROFILE'" >&2; exit 2 ;;
 esac
+PROFILE_FLAGS=${PROFILE_FLAGS-}
 TASKS=${TASKS:-seqrec,item2index,index2item,fusionseqrec,itemsearch,preferenceobtain}
 NUM_BEAMS=${NUM_BEAMS:-20}
 RQ_CODES=${RQ_CODES:-256 256 256 256}   # codes per level of the RQ-VAE
@@ -69,7 +73,7 @@ DEEPSPEED=${DEEPSPEED-config/ds_z3_bf16.json}   # used when NPROC > 1; empty = p
 
 if [ "${DRY_RUN:-0}" = 1 ]; then  # print the settings this profile resolves to, run nothing
   for name in PROFILE DATASET NPROC DEEPSPEED RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS PROFILE_USERS \
-              EPOCHS MAX_STEPS BATCH GRAD_ACC LR MAX_HIS_LEN TASKS TRAIN_PROMPT_SAMPLE_NUM TRAIN_DATA_SAMPLE_NUM \
+              PROFILE_FLAGS EPOCHS MAX_STEPS BATCH GRAD_ACC LR MAX_HIS_LEN TASKS TRAIN_PROMPT_SAMPLE_NUM TRAIN_DATA_SAMPLE_NUM \
               TEST_SAMPLE_NUM TEST_PROMPT_IDS TEST_BATCH NUM_BEAMS; do
     printf '%s=%s\n' "$name" "${!name}"
   done
@@ -154,8 +158,11 @@ evaluate() {
 profiles() {
   local cap=()
   if [ "$PROFILE_USERS" != 0 ]; then cap=(--max_users "$PROFILE_USERS"); fi
+  # PROFILE_BACKEND=openai reads $OPENAI_BASE_URL, $OPENAI_MODEL and $OPENAI_API_KEY
+  # shellcheck disable=SC2086
   "$PYTHON" data_process/user_profiles.py --dataset "$DATASET" --data_path "$DATA_PATH" \
-    --model_path "${PROFILE_MODEL:-$BASE_MODEL}" ${cap[@]+"${cap[@]}"}
+    --backend "${PROFILE_BACKEND:-hf}" --model_path "${PROFILE_MODEL:-$BASE_MODEL}" \
+    ${cap[@]+"${cap[@]}"} $PROFILE_FLAGS
 }
 
 echo "LC-Rec run: PROFILE=$PROFILE DATASET=$DATASET BASE_MODEL=$BASE_MODEL NPROC=$NPROC -> $RUN_DIR"

@@ -10,13 +10,24 @@ For every user (items sorted by time):
     own title and description.
 
 Backends: ``hf`` (a local transformers causal LM, the embedded SmolLM2-135M-Instruct by default)
-and ``openai`` (any OpenAI-compatible chat-completions endpoint).
+and ``openai`` (any OpenAI-compatible chat-completions endpoint; base URL, model and key default
+to $OPENAI_BASE_URL, $OPENAI_MODEL and $OPENAI_API_KEY). ``--require_instruct`` refuses an hf
+model whose tokenizer has no chat template (a base model, not instruction-tuned).
+
+Answers are one sentence, greedy, at most 32 new tokens (hf) or 80 (openai) by default; the
+paper's profiles came from an OpenAI instruction model with ``--max_new_tokens 512
+--temperature 0.4``.
 
 Every finished user is appended to a JSONL journal, so a rerun resumes where it stopped; the
 final step validates and writes user.json atomically. Answers are cleaned; an unusable answer
 is retried once with sampling and then replaced by a sentence built from the data.
 
     python data_process/user_profiles.py --dataset ml-100k --data_path ./data --max_users 40
+
+Bad input (a malformed or missing data file, a user with fewer than 3 interactions, a journal
+written with other settings, a refused model, a failing endpoint) prints one ``error: ...`` line
+and exits with status 1. The output file is never half-written; the journal keeps only users
+that were finished before the error.
 """
 from __future__ import annotations
 
@@ -86,6 +97,10 @@ def domain_verbs(domain: str) -> tuple[str, str]:
     if any(w in d for w in ("music", "song", "album")) and "instrument" not in d:
         return "listened to", "listen to"
     return "bought", "buy"
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot answer (endpoint down, bad key, unknown model): ends the run cleanly."""
 
 
 # --------------------------------------------------------------------------- prompts
@@ -523,9 +538,9 @@ class OpenAIBackend:
             except Exception as e:  # noqa: BLE001 -- sorted into transient / fatal just below
                 wait = self._retry_wait(e, attempt)
                 if wait is None:
-                    raise RuntimeError(f"--api_base {self.client.base_url}: request failed: {e}") from e
+                    raise BackendError(f"--api_base {self.client.base_url}: request failed: {e}") from e
                 if attempt == self.max_retries:
-                    raise RuntimeError(
+                    raise BackendError(
                         f"--api_base {self.client.base_url}: still failing after {self.max_retries} retries: {e}"
                     ) from e
                 self.retries_done += 1
@@ -565,18 +580,38 @@ class Journal:
             except json.JSONDecodeError as e:
                 raise DataError(f"{self.path}: line {n + 1} is not valid JSON ({e}); delete the file or use --restart")
             if "meta" in rec:
-                diff = {k: (rec["meta"].get(k), v) for k, v in self.meta.items() if rec["meta"].get(k) != v}
-                if diff:
-                    raise DataError(
-                        f"{self.path}: this journal was written with other settings {diff} (journal, now); "
-                        "rerun with the same settings or pass --restart to discard it"
-                    )
+                self._check_meta(rec["meta"])
                 continue
             if _record_matches(rec, inters):
                 records[rec["user"]] = rec
             else:
                 stale.add(str(rec.get("user")))
         return records, len(stale - set(records))  # stale: written for interactions that changed since
+
+    def _check_meta(self, old: Any) -> None:
+        # Settings a journal's header lacks (written by an older version) are not compared, so
+        # such journals still resume; a setting both have must be equal.
+        old = old if isinstance(old, dict) else {}
+        diff = [f"{k} {old[k]!r} (journal) vs {v!r} (now)" for k, v in self.meta.items() if k in old and old[k] != v]
+        if diff:
+            raise DataError(
+                f"{self.path}: this journal was written with other settings: {'; '.join(diff)}; "
+                "rerun with the same settings or pass --restart to discard it"
+            )
+
+    def check_settings(self) -> None:
+        """Refuse a journal written with other settings, reading only its header line (cheap:
+        called before a large model is loaded)."""
+        if not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8") as f:
+            first = f.readline()
+        try:
+            header = json.loads(first) if first.strip() else {}
+        except json.JSONDecodeError:
+            return  # a torn header is reported by load()
+        if isinstance(header, dict) and "meta" in header:
+            self._check_meta(header["meta"])
 
     def start(self, restart: bool) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -626,6 +661,8 @@ def load_reviews(path: Path) -> dict[tuple[str, int], dict[str, str]]:
             out[(m.group(1), int(m.group(2)))] = value
         elif isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
             for item, rv in value.items():
+                if not str(item).strip().isdigit():
+                    raise DataError(f"{path}: user {key!r} has review key {item!r}; expected an integer item id")
                 out[(str(key), int(item))] = rv
         else:
             raise DataError(f"{path}: key {key!r} is not \"(<user>, <item>)\" with a {{review, summary}} object")
@@ -773,16 +810,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pref_len", type=int, default=20, help="last N titles of items[:-3] used for preferences")
     p.add_argument("--recent_len", type=int, default=5, help="most recent titles used for the short-term preference")
     p.add_argument("--max_new_tokens", type=int, default=None,
-                   help="answer length cap in tokens (default 32 for hf, 80 for openai: one sentence)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+                   help="answer length cap in tokens (default 32 for hf, 80 for openai: one sentence; "
+                        "the paper used 512 with an OpenAI model)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default, reproducible); the paper used 0.4")
+    p.add_argument("--require_instruct", action="store_true",
+                   help="refuse an hf model whose tokenizer has no chat template (not instruction-tuned)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--backend", choices=("hf", "openai"), default="hf")
     g = p.add_argument_group("hf backend")
     g.add_argument("--model_path", type=str, default=None, help="HF folder (default: the embedded SmolLM2 Instruct)")
     g.add_argument("--repetition_penalty", type=float, default=1.1)
     g = p.add_argument_group("openai backend")
-    g.add_argument("--api_base", type=str, default="http://127.0.0.1:8000/v1")
-    g.add_argument("--model_name", type=str, default=None, help="model name the endpoint serves")
+    g.add_argument("--api_base", type=str, default=os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8000/v1",
+                   help="endpoint base URL (default $OPENAI_BASE_URL, else http://127.0.0.1:8000/v1)")
+    g.add_argument("--model_name", type=str, default=os.environ.get("OPENAI_MODEL") or None,
+                   help="model name the endpoint serves (default $OPENAI_MODEL)")
     g.add_argument("--api_key_env", type=str, default="OPENAI_API_KEY", help="env var with the key ('EMPTY' if unset)")
     g.add_argument("--max_retries", type=int, default=5)
     g.add_argument("--retry_delay", type=float, default=1.0, help="first backoff in seconds, doubled each retry")
@@ -798,26 +841,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_new_tokens = 80 if args.backend == "openai" else 32
     if args.max_new_tokens < 1:
         p.error("--max_new_tokens must be at least 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        p.error(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
     if args.backend == "openai" and not args.model_name:
-        p.error("--backend openai needs --model_name (the model the endpoint serves)")
+        p.error("--backend openai needs --model_name or $OPENAI_MODEL (the model the endpoint serves)")
     return args
 
 
-def make_backend(args: argparse.Namespace) -> Any:
+OPENAI_HINT = ("or use an OpenAI-compatible endpoint: --backend openai with $OPENAI_BASE_URL, $OPENAI_MODEL and "
+               "$OPENAI_API_KEY set (or --api_base, --model_name, --api_key_env)")
+
+
+def check_instruct_model(model_path: str | os.PathLike) -> None:
+    """Refuse a model that is not instruction-tuned, judged by its tokenizer's chat template.
+
+    Only the tokenizer is loaded, so a refused 7B base model costs a second, not a load.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--model_path {model_path}: cannot load its tokenizer ({_one_line(str(e), 200)})") from e
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"--model_path {model_path}: the tokenizer has no chat template, so this is not an instruction-tuned "
+            "model and --require_instruct refuses to write profiles with it; name an instruction model with "
+            f"--model_path (run.sh: PROFILE_MODEL=...) {OPENAI_HINT}"
+        )
+
+
+def resolve_model_path(args: argparse.Namespace) -> str | None:
+    """The hf model folder (the embedded default is built on first use); None for openai."""
+    if args.backend == "openai":
+        return None
+    if args.model_path is not None:
+        return args.model_path
+    from data_process.base_model import build_base_model
+
+    return str(build_base_model())
+
+
+def backend_name(args: argparse.Namespace, model_path: str | None) -> str:
+    """What the journal records as the model (known before anything is loaded)."""
+    return f"{args.api_base} {args.model_name}" if args.backend == "openai" else str(model_path)
+
+
+def make_backend(args: argparse.Namespace, model_path: str | None = None) -> Any:
     if args.backend == "openai":
         key = os.environ.get(args.api_key_env) or "EMPTY"  # local servers accept any key
         return OpenAIBackend(args.api_base, args.model_name, key, args.max_new_tokens, args.temperature,
                              args.max_retries, args.retry_delay, args.request_timeout, args.batch_size)
-    model_path = args.model_path
-    if model_path is None:
-        from data_process.base_model import build_base_model
-
-        model_path = build_base_model()
+    model_path = model_path or resolve_model_path(args)
+    if args.require_instruct:
+        check_instruct_model(model_path)
     return HFBackend(model_path, args.max_new_tokens, args.temperature, args.repetition_penalty)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> None:
+    """Everything after argument parsing; bad input raises DataError before anything is written."""
     inters = load_inters(dataset_file(args.data_path, args.dataset, ".inter.json"))
     items = load_items(dataset_file(args.data_path, args.dataset, ".item.json"))
     missing = sorted({i for seq in inters.values() for i in seq if str(i) not in items})
@@ -830,17 +912,40 @@ def main(argv: list[str] | None = None) -> None:
     journal_path = Path(args.journal) if args.journal else output_file.with_name(output_file.stem + ".journal.jsonl")
     domain = args.domain or default_domain(args.dataset)
 
+    model_path = resolve_model_path(args)
+    # Generation settings are part of the journal's settings: answers of one file share them.
+    meta = {"dataset": args.dataset, "domain": domain, "backend": args.backend,
+            "model": backend_name(args, model_path), "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature}
+    journal = Journal(journal_path, meta)
+    if not args.restart:
+        journal.check_settings()  # before the model is loaded: a refusal should be instant
+
     import torch
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    backend = make_backend(args)
-    meta = {"dataset": args.dataset, "domain": domain, "backend": args.backend, "model": backend.name}
+    backend = make_backend(args, model_path)
+    if args.backend == "hf" and not backend.has_chat_template:
+        print(f"warning: {model_path} has no chat template; prompts use a plain 'User:/Assistant:' format, and a "
+              "model that is not instruction-tuned writes poor profiles (--require_instruct refuses it)",
+              file=sys.stderr)
     print(f"{args.dataset}: {len(inters)} users, reviews {'yes' if reviews else 'no'}, domain {domain!r}, "
-          f"backend {args.backend} ({backend.name})")
-    stats = build_profiles(backend, inters, items, reviews, domain, Journal(journal_path, meta), output_file,
+          f"backend {args.backend} ({backend.name}), max_new_tokens {args.max_new_tokens}, "
+          f"temperature {args.temperature}")
+    stats = build_profiles(backend, inters, items, reviews, domain, journal, output_file,
                            args.max_users, args.batch_size, args.retries, args.pref_len, args.recent_len, args.restart)
     print_summary(stats, output_file)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (DataError, BackendError) as e:
+        # One line, like every other script; the journal keeps what was finished.
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

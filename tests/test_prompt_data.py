@@ -63,13 +63,13 @@ def test_sample_numbers_per_task(tiny_data):
     sizes = dict(zip(full.tasks, (len(d) for d in full.datasets)))
     assert sizes["seqrec"] == sizes["fusionseqrec"] == n_seqrec
     assert sizes["item2index"] == sizes["index2item"] == 24
-    assert sizes["itemsearch"] == 15 and sizes["preferenceobtain"] == 30  # 2 preference sentences per user
+    assert sizes["itemsearch"] == 15 and sizes["preferenceobtain"] == 15  # one example per user
 
     args = train_args(*tiny_data, prompt_nums=[2, 0, 1, 3, 1, 1], data_nums=[10, 0, 5, 0, 4, 0])
     train, valid = data.load_datasets(args)
     sizes = dict(zip(train.tasks, (len(d) for d in train.datasets)))
     assert sizes == {"seqrec": 20, "item2index": 24 * 19, "index2item": 5, "fusionseqrec": n_seqrec * 3,
-                     "itemsearch": 4, "preferenceobtain": 30}
+                     "itemsearch": 4, "preferenceobtain": 15}
     assert len(train) == sum(sizes.values())
     # 2 validation templates per user, on the second-to-last item
     assert len(valid) == 2 * len(inters)
@@ -240,3 +240,142 @@ def test_test_collator_matches_training_prompt(tokenizer_with_indices):
         assert mask[-n:].all() and not mask[:-n].any()  # left padding
         prompt_ids, n_prompt = train_collate.encode(item["prompt"], item["target"])
         assert enc["input_ids"][row, -n:].tolist() == prompt_ids[:n_prompt]
+
+
+# ------------------------------------------------------------------ task arguments, titles, draws
+
+
+def test_empty_tasks_and_negative_sample_numbers_are_refused(tiny_data):
+    args = train_args(*tiny_data)
+    for field, value, flag in (("tasks", "", "--tasks"),
+                               ("train_prompt_sample_num", "1,1,-1,1,1,1", "--train_prompt_sample_num"),
+                               ("train_data_sample_num", "0,0,0,-5,0,0", "--train_data_sample_num"),
+                               ("valid_prompt_sample_num", -2, "--valid_prompt_sample_num")):
+        bad = train_args(*tiny_data)
+        setattr(bad, field, value)
+        if field == "tasks":  # all three lists empty: equal lengths, so only the emptiness check can catch it
+            bad.train_prompt_sample_num = bad.train_data_sample_num = ""
+        with pytest.raises(DataError, match=flag):
+            data.load_datasets(bad)
+    # the datasets themselves refuse negative counts instead of reading them as "all"
+    for kwargs in ({"prompt_sample_num": -1}, {"sample_num": -3}):
+        with pytest.raises(DataError, match="negative"):
+            data.SeqRecDataset(args, "train", **kwargs)
+
+
+def _blank_titles(root, items_to_blank):
+    path = dataset_file(root, "Tiny", ".item.json")
+    items = json.loads(path.read_text())
+    for n, item in enumerate(items_to_blank):
+        items[str(item)]["title"] = "" if n % 2 else "   "
+    path.write_text(json.dumps(items))
+    data._load_files.cache_clear()
+
+
+def test_title_history_leaves_out_items_without_title(tmp_path):
+    root = make_dataset(tmp_path / "d", unique_items=True)
+    inters = json.loads(dataset_file(root, "Tiny", ".inter.json").read_text())
+    seq = inters["0"]
+    untitled = seq[:2]  # two of user 0's training items lose their title
+    _blank_titles(root, untitled)
+    args = train_args(root, "Tiny", "--add_prefix")
+    ds = data.FusionSeqRecDataset(args, "train", prompt_sample_num=0)
+    history = seq[:-2]
+    text = ds.format_history(history, by="title")
+    titled = [i for i in history if i not in untitled]
+    assert '""' not in text and text.count('"') == 2 * len(titled)
+    assert text == ", ".join(f'{k}. "{ds.files.items[str(i)]["title"]}"' for k, i in enumerate(titled, 1))
+    # index histories keep every item
+    assert ds.format_history(history, by="index").count("<a_") == len(history)
+    # an example whose whole window is untitled never gets a title-history template in training
+    title_ids = {i for i, t in enumerate(prompt.TEMPLATES["fusionseqrec"])
+                 if "title_history" in prompt.template_fields(t)}
+    assert title_ids == {8, 9, 10, 11}
+    first = next(j for j, ex in enumerate(ds.examples) if ex["user"] == "0" and ex["history"] == seq[:1])
+    assert not set(ds.choices[first]) & title_ids
+    assert all('""' not in ds[i]["prompt"] for i in range(len(ds)))
+    # test prompts render no empty quotes either
+    test_args = parse_args("test", ["--data_path", str(root), "--dataset", "Tiny"])
+    assert all('""' not in x["prompt"] for x in data.load_test_dataset(test_args, "fusionseqrec", 8))
+
+
+def test_preferenceobtain_one_example_per_user_sentence_drawn_per_epoch(tiny_data):
+    args = train_args(*tiny_data, tasks=["preferenceobtain"])
+    prefs = json.loads(dataset_file(*tiny_data, ".user.json").read_text())["user_explicit_preference"]
+    ds = data.PreferenceObtainDataset(args, "train", prompt_sample_num=1)
+    assert len(ds) == len(prefs) == 15
+    assert sorted(ex["user"] for ex in ds.examples) == sorted(prefs)
+    seen: dict[str, set[str]] = {u: set() for u in prefs}
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        responses = [ds[i]["response"] for i in range(len(ds))]
+        assert responses == [ds[i]["response"] for i in range(len(ds))]  # same epoch, same draw
+        for ex, response in zip(ds.examples, responses):
+            assert response in prefs[ex["user"]]
+            seen[ex["user"]].add(response)
+    # over the epochs, the draws reach both sentences of (nearly) every user
+    assert sum(len(s) == 2 for s in seen.values()) >= 12
+
+
+def test_itemsearch_template_structure():
+    fields = [prompt.template_fields(t) for t in prompt.TEMPLATES["itemsearch"]]
+    intentions = {"user_related_intention", "item_related_intention", "query"}
+    assert fields[0] >= {"history", "explicit_preference"} and not fields[0] & intentions
+    assert "user_related_intention" in fields[1] and not fields[1] & (intentions - {"user_related_intention"})
+    assert "item_related_intention" in fields[2] and not fields[2] & (intentions - {"item_related_intention"})
+    for f in fields[3:]:
+        assert "query" in f and not f & {"user_related_intention", "item_related_intention"}
+    query_alone = [i for i, f in enumerate(fields) if f == {"query", "item"}]
+    assert len(query_alone) == 5 and min(query_alone) >= 3
+    assert prompt.item_output_ids("itemsearch") == list(range(11)) == data.test_prompt_ids("itemsearch")
+
+
+def _which_intention(text, querys):
+    hits = [k for k, q in enumerate(querys) if data._sentence(q) in text]
+    assert len(hits) == 1, (text, querys)
+    return hits[0]
+
+
+def test_itemsearch_query_drawn_from_both_intentions(tiny_data):
+    intents = json.loads(dataset_file(*tiny_data, ".user.json").read_text())["user_vague_intention"]
+    args = train_args(*tiny_data, tasks=["itemsearch"])
+    ds = data.ItemSearchDataset(args, "train", prompt_id=6)  # the query alone
+    drawn: dict[str, set[int]] = {ex["user"]: set() for ex in ds.examples}
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        for i, ex in enumerate(ds.examples):
+            drawn[ex["user"]].add(_which_intention(ds[i]["prompt"], intents["train"][ex["user"]]["querys"]))
+    assert sum(s == {0, 1} for s in drawn.values()) >= 12
+    # templates 1 and 2 always name their own intention
+    for tid, k in ((1, 0), (2, 1)):
+        fixed = data.ItemSearchDataset(args, "train", prompt_id=tid)
+        for epoch in range(3):
+            fixed.set_epoch(epoch)
+            assert all(_which_intention(fixed[i]["prompt"], intents["train"][ex["user"]]["querys"]) == k
+                       for i, ex in enumerate(fixed.examples))
+
+
+def test_itemsearch_test_draws_are_seeded(tiny_data):
+    intents = json.loads(dataset_file(*tiny_data, ".user.json").read_text())["user_vague_intention"]["test"]
+    prefs = json.loads(dataset_file(*tiny_data, ".user.json").read_text())["user_explicit_preference"]
+
+    def render(seed, pid):
+        args = parse_args("test", ["--data_path", str(tiny_data[0]), "--dataset", "Tiny", "--seed", str(seed)])
+        return list(data.load_test_dataset(args, "itemsearch", pid))
+
+    first = render(42, 5)
+    assert render(42, 5) == first  # reproducible
+    picked = [_which_intention(x["prompt"], intents[x["user"]]["querys"]) for x in first]
+    assert set(picked) == {0, 1}  # the query is drawn per access, from both intentions
+    assert all(any(p in x["prompt"] for p in prefs[x["user"]]) for x in first)
+    assert render(7, 5) != first  # another seed, other draws
+    assert [x["target"] for x in render(7, 5)] == [x["target"] for x in first]
+
+
+def test_test_task_is_case_insensitive(tiny_data):
+    assert data.test_prompt_ids("FusionSeqRec") == [8, 9, 10, 11]
+    assert data.normalize_test_task(" ItemSearch ") == "itemsearch"
+    args = parse_args("test", ["--data_path", str(tiny_data[0]), "--dataset", "Tiny"])
+    assert list(data.load_test_dataset(args, "SEQREC", 3)) == list(data.load_test_dataset(args, "seqrec", 3))
+    with pytest.raises(DataError, match="--test_task"):
+        data.load_test_dataset(args, "Item2Index", 0)

@@ -69,3 +69,10 @@ def test_paper_profile_on_an_unknown_dataset_keeps_100000_and_says_so():
     assert "no paper sample size for dataset 'MyShop'" in err
     settings, err = run_sh_settings(PROFILE="paper", DATASET="MyShop", TRAIN_DATA_SAMPLE_NUM="0,0,0,5,0,0")
     assert settings["TRAIN_DATA_SAMPLE_NUM"] == "0,0,0,5,0,0" and "note:" not in err
+
+
+def test_paper_profile_writes_profiles_with_an_instruction_model_only():
+    settings, _ = run_sh_settings(PROFILE="paper", DATASET="Instruments")
+    assert settings["PROFILE_FLAGS"] == "--require_instruct --max_new_tokens 512 --temperature 0.4"
+    quick, _ = run_sh_settings(PROFILE="quick")
+    assert "--require_instruct" not in quick["PROFILE_FLAGS"]

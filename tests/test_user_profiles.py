@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from data_process import user_profiles as up
+from fixtures import make_dataset
 from utils import DataError, dataset_file, load_inters, load_items
 
 # --------------------------------------------------------------------------- cleaning
@@ -357,3 +362,106 @@ def test_hf_backend_tiny_model_end_to_end(tiny_data, tiny_base_model, capsys):
     assert len(profiles["user_explicit_preference"]) == 3
     assert all(t.strip() for texts in profiles["user_explicit_preference"].values() for t in texts)
     assert "replaced by a sentence built from the data" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- bad input, model guard, settings
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _break_malformed(data_path, name, tmp_path):
+    dataset_file(data_path, name, ".inter.json").write_text('{"0": [1, 2,')
+    return r"Tiny\.inter\.json: interaction file is not valid JSON"
+
+
+def _break_few_interactions(data_path, name, tmp_path):
+    path = dataset_file(data_path, name, ".inter.json")
+    inters = json.loads(path.read_text())
+    inters["4"] = inters["4"][:2]
+    path.write_text(json.dumps(inters))
+    return r"Tiny\.inter\.json: user '4' has 2 interactions; leave-one-out needs at least 3"
+
+
+def _break_journal(data_path, name, tmp_path):
+    journal = dataset_file(data_path, name, ".user.journal.jsonl")
+    journal.write_text(json.dumps({"meta": {"dataset": name, "backend": "hf", "model": "another-model"}}) + "\n")
+    return (r"Tiny\.user\.journal\.jsonl: this journal was written with other settings: "
+            r"model 'another-model' \(journal\)")
+
+
+@pytest.mark.parametrize("breaker", [_break_malformed, _break_few_interactions, _break_journal])
+def test_main_bad_input_is_one_error_line(breaker, tiny_data, tiny_base_model, tmp_path, capsys):
+    data_path, name = tiny_data
+    dataset_file(data_path, name, ".user.json").unlink()
+    pattern = breaker(data_path, name, tmp_path)
+    before = sorted(p.name for p in (data_path / name).iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        up.main(["--dataset", name, "--data_path", str(data_path), "--model_path", str(tiny_base_model),
+                 "--max_new_tokens", "3"])
+    assert exit_info.value.code == 1
+    line = _one_error_line(capsys)
+    assert re.search(pattern, line), line
+    assert sorted(p.name for p in (data_path / name).iterdir()) == before  # nothing written
+
+
+def test_script_prints_one_error_line(tmp_path):
+    root = make_dataset(tmp_path / "d")
+    dataset_file(root, "Tiny", ".item.json").write_text("[1, 2]")  # valid JSON, wrong shape
+    script = up.__file__
+    proc = subprocess.run([sys.executable, script, "--dataset", "Tiny", "--data_path", str(root),
+                           "--model_path", str(tmp_path / "unused")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {dataset_file(root, 'Tiny', '.item.json')}: expected a non-empty object "
+                      "{item: {title, description}}"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_require_instruct_refuses_a_model_without_chat_template(tiny_data, tiny_base_model, tmp_path, capsys):
+    data_path, name = tiny_data
+    before = sorted(p.name for p in (data_path / name).iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        up.main(["--dataset", name, "--data_path", str(data_path), "--model_path", str(tiny_base_model),
+                 "--require_instruct", "--restart"])
+    assert exit_info.value.code == 1
+    line = _one_error_line(capsys)
+    assert f"--model_path {tiny_base_model}" in line and "no chat template" in line
+    assert "--backend openai" in line and "$OPENAI_BASE_URL" in line and "$OPENAI_MODEL" in line
+    assert sorted(p.name for p in (data_path / name).iterdir()) == before  # no journal, no output
+
+    # the same tokenizer with a chat template passes the check
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_model)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    chat_dir = tmp_path / "chat"
+    tok.save_pretrained(chat_dir)
+    up.check_instruct_model(chat_dir)
+    with pytest.raises(DataError, match="no chat template"):
+        up.check_instruct_model(tiny_base_model)
+
+
+def test_generation_flags_reach_the_endpoint(tiny_data, tiny_base_model, monkeypatch, capsys):
+    args = up.parse_args(["--dataset", "Tiny"])
+    assert (args.max_new_tokens, args.temperature, args.require_instruct) == (32, 0.0, False)
+    with pytest.raises(SystemExit):
+        up.parse_args(["--dataset", "Tiny", "--temperature", "-0.1"])
+    data_path, name = tiny_data
+    with TinyChatServer(tiny_base_model) as server:
+        # endpoint and model from the environment, the paper's generation settings from flags
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        monkeypatch.setenv("OPENAI_MODEL", "tiny-instruct")
+        assert up.parse_args(["--dataset", "Tiny", "--backend", "openai"]).max_new_tokens == 80
+        up.main(["--dataset", name, "--data_path", str(data_path), "--backend", "openai", "--max_users", "1",
+                 "--max_new_tokens", "512", "--temperature", "0.4", "--retries", "0", "--restart"])
+    first = server.requests[:7]
+    assert len(first) == 7 and all(r["model"] == "tiny-instruct" for r in first)
+    assert all(r["max_tokens"] == 512 and r["temperature"] == 0.4 for r in first)
+    header = json.loads(dataset_file(data_path, name, ".user.journal.jsonl").read_text().splitlines()[0])
+    assert header["meta"]["max_new_tokens"] == 512 and header["meta"]["temperature"] == 0.4
+    assert "max_new_tokens 512, temperature 0.4" in capsys.readouterr().out
