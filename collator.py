@@ -40,12 +40,22 @@ def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
 
 
 class TrainCollator:
-    """Items ``{"prompt", "response"}`` to ``input_ids``, ``attention_mask``, ``labels`` (right padded)."""
+    """Items ``{"prompt", "response"}`` to ``input_ids``, ``attention_mask``, ``labels`` (right padded).
 
-    def __init__(self, tokenizer, only_train_response: bool = True, model_max_length: int = 2048):
+    ``response_logits_only`` (with ``only_train_response``): the output layer runs on the response
+    positions only, where the loss needs it, instead of on every prompt token (its ~50k-row
+    matmul and softmax are thrown away there). Rows are then left padded so that every response
+    ends at the last position, ``logits_to_keep`` tells the model how many final positions to
+    project, ``labels`` holds just those columns, and ``position_ids`` count from each row's
+    first real token (as generation does), so loss and gradients equal the right-padded ones.
+    """
+
+    def __init__(self, tokenizer, only_train_response: bool = True, model_max_length: int = 2048,
+                 response_logits_only: bool = False):
         self.tokenizer = tokenizer
         self.only_train_response = only_train_response
         self.model_max_length = int(model_max_length)
+        self.response_logits_only = bool(response_logits_only and only_train_response)
         self.pad_id = ensure_pad_token(tokenizer)
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token; responses could not end")
@@ -61,6 +71,8 @@ class TrainCollator:
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         encoded = [self.encode(b["prompt"], b["response"]) for b in batch]
+        if self.response_logits_only:
+            return self.response_only(encoded)
         input_ids = _pad([ids for ids, _ in encoded], self.pad_id, left=False)  # [B, T]
         attention_mask = _pad([[1] * len(ids) for ids, _ in encoded], 0, left=False)  # [B, T]
         labels = input_ids.clone()
@@ -69,6 +81,19 @@ class TrainCollator:
             for row, (_, n_prompt) in enumerate(encoded):
                 labels[row, :n_prompt] = IGNORE_INDEX
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def response_only(self, encoded: list[tuple[list[int], int]]) -> dict[str, Any]:
+        input_ids = _pad([ids for ids, _ in encoded], self.pad_id, left=True)  # [B, T]
+        attention_mask = _pad([[1] * len(ids) for ids, _ in encoded], 0, left=True)  # [B, T]
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # [B, T]
+        # the last `keep` positions: every response, plus the prompt token that predicts its first id
+        keep = min(max(len(ids) - n_prompt for ids, n_prompt in encoded) + 1, input_ids.shape[1])
+        labels = torch.full((len(encoded), keep), IGNORE_INDEX, dtype=torch.long)  # [B, keep]
+        for row, (ids, n_prompt) in enumerate(encoded):
+            n_response = len(ids) - n_prompt
+            labels[row, keep - n_response:] = torch.tensor(ids[n_prompt:])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                "labels": labels, "logits_to_keep": keep}
 
 
 class TestCollator:

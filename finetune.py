@@ -9,6 +9,7 @@ The final model and its tokenizer (with the index tokens) are saved to --output_
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -115,13 +116,20 @@ class EpochCallback(TrainerCallback):
         self.dataset.set_epoch(int((state.epoch or 0) + 1e-6))  # floor, robust to float sums and resumes
 
 
+def keeps_logits(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (every recent causal LM of transformers)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -> Trainer:
     return Trainer(
         model=model,
         args=training_args,
         train_dataset=train_set,
         eval_dataset=valid_set if training_args.eval_strategy != "no" else None,
-        data_collator=TrainCollator(tokenizer, args.only_train_response, args.model_max_length),
+        data_collator=TrainCollator(tokenizer, args.only_train_response, args.model_max_length,
+                                    response_logits_only=args.response_logits_only and keeps_logits(model)),
         processing_class=tokenizer,
         callbacks=[EpochCallback(train_set)],
     )

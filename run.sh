@@ -70,9 +70,21 @@ RQ_CODES=${RQ_CODES:-256 256 256 256}   # codes per level of the RQ-VAE
 SK_EPSILONS=${SK_EPSILONS:-$(for _ in $(seq 2 "$(wc -w <<< "$RQ_CODES")"); do printf '0.0 '; done; echo 0.003)}
 NPROC=${NPROC:-$(( GPUS > 1 ? GPUS : 1 ))}
 DEEPSPEED=${DEEPSPEED-config/ds_z3_bf16.json}   # used when NPROC > 1; empty = plain DDP
+# Training precision: auto = bf16 on GPUs, with DeepSpeed, and on CPUs with native bf16 (avx512_bf16,
+# AMX); fp32 on other CPUs, where emulated bf16 matmuls are slower than fp32 ones.
+PRECISION=${PRECISION:-auto}
+if [ "$PRECISION" = auto ]; then
+  if [ "$GPUS" -gt 0 ] || { [ "$NPROC" -gt 1 ] && [ -n "$DEEPSPEED" ]; } || \
+     [ "$("$PYTHON" -c 'from utils import cpu_supports_bf16; print(int(cpu_supports_bf16()))' 2>/dev/null)" = 1 ]; then
+    PRECISION=bf16
+  else
+    PRECISION=fp32
+  fi
+fi
+case "$PRECISION" in bf16|fp32) ;; *) echo "error: PRECISION must be auto, bf16 or fp32, got '$PRECISION'" >&2; exit 2 ;; esac
 
 if [ "${DRY_RUN:-0}" = 1 ]; then  # print the settings this profile resolves to, run nothing
-  for name in PROFILE DATASET NPROC DEEPSPEED RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS PROFILE_USERS \
+  for name in PROFILE DATASET NPROC DEEPSPEED PRECISION RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS PROFILE_USERS \
               PROFILE_FLAGS EPOCHS MAX_STEPS BATCH GRAD_ACC LR MAX_HIS_LEN TASKS TRAIN_PROMPT_SAMPLE_NUM TRAIN_DATA_SAMPLE_NUM \
               TEST_SAMPLE_NUM TEST_PROMPT_IDS TEST_BATCH NUM_BEAMS; do
     printf '%s=%s\n' "$name" "${!name}"
@@ -135,7 +147,7 @@ build_data() {
 finetune() {
   local extra=()
   if [ "$NPROC" -gt 1 ] && [ -n "$DEEPSPEED" ]; then extra+=(--deepspeed "$DEEPSPEED"); fi
-  if [ "$GPUS" -gt 0 ] || [ ${#extra[@]} -gt 0 ]; then extra+=(--bf16); fi   # bf16 on GPUs and with DeepSpeed
+  if [ "$PRECISION" = bf16 ]; then extra+=(--bf16); fi
   launch finetune.py --base_model "$BASE_MODEL" --output_dir "$CKPT_DIR" \
     --dataset "$DATASET" --data_path "$DATA_PATH" --index_file .index.json \
     --per_device_batch_size "$BATCH" --gradient_accumulation_steps "$GRAD_ACC" \

@@ -234,6 +234,19 @@ def get_device(gpu_id: int | None = None) -> "torch.device":  # noqa: F821
     return torch.device("cpu")
 
 
+def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
+    """Native bf16 arithmetic on this CPU (avx512_bf16 or AMX on x86, the bf16 extension on Arm),
+    read from ``/proc/cpuinfo`` (or the text given). Without it torch emulates bf16 matmuls,
+    which then run slower than fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    info = cpuinfo
+    return re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", info) is not None
+
+
 def default_dtype(device: "torch.device") -> "torch.dtype":  # noqa: F821
     """bf16 on GPUs that support it, fp32 on CPU (bf16 matmuls are slow and lossy there)."""
     import torch
@@ -305,6 +318,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--deepspeed", type=str, default=None, help="DeepSpeed config JSON")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--full_logits", dest="response_logits_only", action="store_false",
+                   help="run the output layer on every token; by default (with --only_train_response) it runs "
+                        "on the response positions only, which gives the same loss and gradients, faster")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--report_to", type=str, default="none")
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))

@@ -1,19 +1,29 @@
-"""Fine-tuning throughput: training tokens per second at a fixed batch on the available device.
+"""Fine-tuning throughput on real training batches: the plain path against the fast one, in one run.
 
-The embedded SmolLM2-135M-Instruct (built by data_process/base_model.py) gets 1024 index tokens
-added, like a real run, and takes optimizer steps (forward, backward, AdamW) on a fixed batch of
-``batch_size x seq_len`` tokens with every token a label. On CUDA it uses bf16 autocast (what
-``--bf16`` does in the Trainer), on CPU fp32. Warm-up steps are not timed.
+Both paths take optimizer steps (forward, backward, AdamW) on batches of the given dataset's
+training mixture, rendered and tokenized exactly as finetune.py does:
+- ``plain``: random batches, right padding, the output layer on every token, fp32 on CPU
+  (bf16 autocast on GPUs);
+- ``fast``: length-grouped batches (as ``--group_by_length``), the output layer on the response
+  positions only (the default of finetune.py), and bf16 autocast wherever the device has native
+  bf16 (GPUs, CPUs with avx512_bf16 or AMX).
+Steps of the two paths alternate, so that a machine whose speed drifts slows both alike; the
+figures are medians over the timed steps. Before any step, both collators score the same batch
+with the same weights: their losses must agree (exactly in fp32, within bf16 rounding otherwise).
 
 One figure per line on stdout:
-    device, train_tokens_per_second, seconds_per_step, peak_memory_gib (CUDA only)
+    device, loss_plain, loss_fast, <path>_examples_per_second, <path>_tokens_per_second,
+    <path>_padding_share, speedup
 
-    python bench/bench_train.py [--batch_size 8] [--seq_len 256] [--steps 3] [--warmup 1]
+    python bench/bench_train.py --data_path runs/ml-100k-SmolLM2-135M-Instruct-quick/data --dataset ml-100k \
+        [--tasks seqrec --train_data_sample_num 0 --max_his_len 5] [--batch_size 16] [--steps 8]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,70 +34,111 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from utils import get_device, set_seed  # noqa: E402
+import data  # noqa: E402
+from collator import TrainCollator  # noqa: E402
+from modeling import load_for_training  # noqa: E402
+from utils import cpu_supports_bf16, get_device, parse_args, set_seed  # noqa: E402
 
 
-def index_tokens(levels: int = 4, codes: int = 256) -> list[str]:
-    return [f"<{chr(ord('a') + lvl)}_{c}>" for lvl in range(levels) for c in range(codes)]
+def length_grouped(lengths: list[int], batch_size: int, rng: random.Random, mega: int = 50) -> list[list[int]]:
+    """Batches of similar length, as transformers' LengthGroupedSampler forms them: shuffle, cut
+    into mega-batches of ``mega`` batches, sort each by length, then shuffle the batches."""
+    order = rng.sample(range(len(lengths)), len(lengths))
+    batches = []
+    for start in range(0, len(order), mega * batch_size):
+        chunk = sorted(order[start:start + mega * batch_size], key=lambda i: -lengths[i])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return [b for b in batches if len(b) == batch_size]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=str, default=None, help="HF folder (default: the embedded SmolLM2)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--data_path", type=str, required=True)
+    p.add_argument("--dataset", type=str, default="ml-100k")
+    p.add_argument("--tasks", type=str, default="seqrec")
+    p.add_argument("--train_data_sample_num", type=str, default="0")
+    p.add_argument("--max_his_len", type=int, default=5)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per path")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per path first")
+    p.add_argument("--paths", type=str, default="plain,fast")
     args = p.parse_args()
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model is None:
         from data_process.base_model import build_base_model
 
         args.model = str(build_base_model())
+    n_tasks = len(args.tasks.split(","))
+    train_args = parse_args("train", [
+        "--base_model", args.model, "--data_path", args.data_path, "--dataset", args.dataset,
+        "--tasks", args.tasks, "--train_data_sample_num", args.train_data_sample_num,
+        "--train_prompt_sample_num", ",".join(["1"] * n_tasks), "--max_his_len", str(args.max_his_len),
+        "--only_train_response"])
     set_seed(0)
     device = get_device()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    tokenizer.add_tokens(index_tokens())
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    train_set, _ = data.load_datasets(train_args)
+    model, tokenizer = load_for_training(args.model, data.load_item_indices(train_args), dtype=torch.float32)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    native_bf16 = device.type == "cuda" or cpu_supports_bf16()
 
-    input_ids = torch.randint(0, len(tokenizer), (args.batch_size, args.seq_len), device=device)  # [B, T]
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+    collators = {"plain": TrainCollator(tokenizer, True, 2048, response_logits_only=False),
+                 "fast": TrainCollator(tokenizer, True, 2048, response_logits_only=True)}
+    autocasts = {"plain": device.type == "cuda", "fast": native_bf16}
+    rng = random.Random(0)
+    n_batches = args.warmup + args.steps
+    pool = rng.sample(range(len(train_set)), min(len(train_set), 50 * args.batch_size * n_batches))
+    lengths = [len(tokenizer(train_set[i]["prompt"] + train_set[i]["response"])["input_ids"]) for i in
+               tqdm(pool, desc="lengths", file=sys.stderr)]
+    batches = {"plain": [pool[k * args.batch_size:(k + 1) * args.batch_size] for k in range(n_batches)],
+               "fast": [[pool[i] for i in b] for b in length_grouped(lengths, args.batch_size, rng)][:n_batches]}
 
-    def step() -> None:
-        with autocast:
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def encode(path: str, idx: list[int]) -> dict:
+        batch = collators[path]([train_set[i] for i in idx])
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    for _ in tqdm(range(args.warmup), desc="warm-up", file=sys.stderr):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in tqdm(range(args.steps), desc="timed steps", file=sys.stderr):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
+    def loss_of(path: str, batch: dict) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocasts[path]):
+            return model(**batch).loss
 
-    print(f"device {device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else os.cpu_count()} "
-          f"{'' if device.type == 'cuda' else 'cpus, OMP_NUM_THREADS=' + os.environ['OMP_NUM_THREADS']})")
-    print(f"train_tokens_per_second {args.batch_size * args.seq_len / seconds:.1f}")
-    print(f"seconds_per_step {seconds:.3f}")
-    if device.type == "cuda":
-        print(f"peak_memory_gib {torch.cuda.max_memory_allocated(device) / 2**30:.2f}")
+    with torch.no_grad():  # same weights, same examples: the two paths must give the same loss
+        same = batches["plain"][0]
+        print(f"loss_plain {loss_of('plain', encode('plain', same)).item():.5f}")
+        print(f"loss_fast {loss_of('fast', encode('fast', same)).item():.5f}")
+
+    paths = [q for q in args.paths.split(",") if q]
+    times: dict[str, list[float]] = {q: [] for q in paths}
+    tokens: dict[str, list[int]] = {q: [] for q in paths}
+    padded: dict[str, list[int]] = {q: [] for q in paths}
+    for step in tqdm(range(n_batches), desc="steps", file=sys.stderr):
+        for path in paths:
+            batch = encode(path, batches[path][step])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            loss_of(path, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= args.warmup:
+                times[path].append(time.perf_counter() - start)
+                tokens[path].append(int(batch["attention_mask"].sum()))
+                padded[path].append(batch["attention_mask"].numel())
+
+    cpu = f"{os.cpu_count()} cpus, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, native bf16 {native_bf16}"
+    print(f"device {device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu})")
+    rate = {}
+    for path in paths:
+        median = statistics.median(times[path])
+        rate[path] = args.batch_size / median
+        print(f"{path}_examples_per_second {rate[path]:.2f}")
+        print(f"{path}_tokens_per_second {statistics.median(tokens[path]) / median:.1f}")
+        print(f"{path}_padding_share {1 - sum(tokens[path]) / sum(padded[path]):.3f}")
+    if len(paths) == 2:
+        print(f"speedup {rate[paths[1]] / rate[paths[0]]:.2f}")
 
 
 if __name__ == "__main__":

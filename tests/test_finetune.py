@@ -360,3 +360,34 @@ def test_quantized_lora_trains_on_cpu(tiny_data, tiny_base_model, tmp_path, flag
     with pytest.raises(DataError, match="exclusive"):
         lora_finetune.quantization_kwargs(parse_args("train", cli(tiny_base_model, data_path, out, "--load_in_8bit",
                                                                   "--load_in_4bit")))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_response_only_logits_give_the_same_loss_and_gradients(tiny_data, tiny_base_model, attn):
+    """Left padding + logits_to_keep + position_ids == right padding with full logits (fp32)."""
+    data_path, _ = tiny_data
+    args = parse_args("train", cli(tiny_base_model, data_path, "unused", "--tasks", "seqrec,index2item",
+                                   "--train_prompt_sample_num", "1,1", "--train_data_sample_num", "0,0"))
+    train, _ = data.load_datasets(args)
+    batch = [train[i] for i in (0, 3, len(train) - 1, len(train) - 5)]  # seqrec and title responses
+    model, tok = finetune.load_for_training(str(tiny_base_model), indices_of(data_path), attn_implementation=attn)
+    grads = {}
+    for fast in (False, True):
+        enc = collator.TrainCollator(tok, True, 2048, response_logits_only=fast)(batch)
+        model.zero_grad()
+        out = model(**enc)
+        out.loss.backward()
+        grads[fast] = (out.loss.item(), out.logits.shape[1], {n: p.grad.clone() for n, p in model.named_parameters()})
+    (loss_full, width_full, g_full), (loss_fast, width_fast, g_fast) = grads[False], grads[True]
+    assert width_fast < width_full  # fewer positions through the output layer
+    assert loss_fast == pytest.approx(loss_full, rel=1e-5)
+    for name, g in g_full.items():
+        assert torch.allclose(g_fast[name], g, atol=1e-6, rtol=1e-4), name
+
+
+def test_cpu_bf16_is_detected_from_the_cpu_flags():
+    from utils import cpu_supports_bf16
+
+    assert cpu_supports_bf16("flags : fpu avx512f avx512_bf16 amx_tile")
+    assert cpu_supports_bf16("Features : fp asimd bf16 i8mm")  # Arm
+    assert not cpu_supports_bf16("flags : fpu avx2 avx512f avx512_vnni")

@@ -76,3 +76,17 @@ def test_paper_profile_writes_profiles_with_an_instruction_model_only():
     assert settings["PROFILE_FLAGS"] == "--require_instruct --max_new_tokens 512 --temperature 0.4"
     quick, _ = run_sh_settings(PROFILE="quick")
     assert "--require_instruct" not in quick["PROFILE_FLAGS"]
+
+
+def test_precision_is_bf16_only_where_the_cpu_has_it():
+    import torch
+
+    from utils import cpu_supports_bf16
+
+    settings, _ = run_sh_settings(PROFILE="quick")
+    expected = "bf16" if torch.cuda.is_available() or cpu_supports_bf16() else "fp32"
+    assert settings["PRECISION"] == expected
+    assert run_sh_settings(PROFILE="quick", PRECISION="fp32")[0]["PRECISION"] == "fp32"
+    bad = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**os.environ, "DRY_RUN": "1", "PRECISION": "fp8"},
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "PRECISION must be auto, bf16 or fp32" in bad.stderr
