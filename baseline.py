@@ -15,7 +15,8 @@ import sys
 from collections import Counter
 
 import data
-from metrics import aggregate, compute_metrics, format_table, max_k, parse_metrics, target_rank
+from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, personalisation,
+                     standard_errors, target_rank)
 from generation import resolve_prompt_ids
 from utils import DataError, check_writable, parse_args, write_results
 
@@ -34,6 +35,8 @@ def evaluate_popularity(args: argparse.Namespace) -> dict:
     top = popularity_ranking(files.inters)[: max_k(metrics)]
 
     per_prompt: dict[str, dict[str, float]] = {}
+    stderr: dict[str, dict[str, float]] = {}
+    personal: dict[str, dict[str, float]] = {}
     n_examples = 0
     for pid in resolve_prompt_ids(args.test_prompt_ids, args.test_task):
         dataset = data.load_test_dataset(args, args.test_task, pid)
@@ -41,12 +44,15 @@ def evaluate_popularity(args: argparse.Namespace) -> dict:
             raise DataError(f"{args.test_task} prompt {pid}: the test set of {args.dataset} is empty")
         ranks = [target_rank(top, item_of_index[dataset[i]["target"]]) for i in range(len(dataset))]
         per_prompt[str(pid)] = compute_metrics(ranks, metrics)
+        stderr[str(pid)] = standard_errors(ranks, metrics)
+        personal[str(pid)] = personalisation([top] * len(ranks))
         n_examples = len(ranks)
     summary = aggregate(per_prompt, metrics)
     results = {"dataset": args.dataset, "test_task": args.test_task, "model": "popularity",
                "sample_num": args.sample_num, "metrics": metrics, "prompt_ids": [int(p) for p in per_prompt],
-               "num_examples": n_examples, "per_prompt": per_prompt, **summary}
-    write_results(results, args.results_file, format_table(per_prompt, summary, metrics))
+               "num_examples": n_examples, "per_prompt": per_prompt, "stderr": stderr,
+               "personalisation": personal, **summary}
+    write_results(results, args.results_file, format_table(per_prompt, summary, metrics, stderr, personal))
     return results
 
 

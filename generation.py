@@ -30,7 +30,8 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from metrics import aggregate, compute_metrics, format_table, max_k, parse_metrics, target_rank
+from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, personalisation,
+                     standard_errors, target_rank)
 from utils import (TEST_TASKS, DataError, check_writable, dataset_file, default_dtype, get_device, parse_list,
                    set_seed, write_jsonl_atomic, write_results)
 
@@ -526,6 +527,8 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         raise DataError(f"--model_max_length {args.model_max_length} leaves no room for a prompt before "
                         f"an index of {len(next(iter(indices.values())))} tokens")
     per_prompt: dict[str, dict[str, float]] = {}
+    stderr: dict[str, dict[str, float]] = {}
+    personal: dict[str, dict[str, float]] = {}
     predictions: list[dict] = []
     n_examples, reduced, cut = 0, 0, 0
     for pid in prompt_ids:
@@ -545,6 +548,8 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         if [r["position"] for r in records] != list(range(len(dataset))):
             raise RuntimeError(f"prompt {pid}: the shards did not cover every test example exactly once")
         per_prompt[str(pid)] = compute_metrics([r["rank"] for r in records], metrics)
+        stderr[str(pid)] = standard_errors([r["rank"] for r in records], metrics)
+        personal[str(pid)] = personalisation([r["items"] for r in records])
         n_examples = len(records)
         reduced += sum(r["beams"] < args.num_beams for r in records)
         cut += sum(r["prompt_cut"] for r in records)
@@ -562,9 +567,9 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         "test_batch_size": args.test_batch_size, "sample_num": args.sample_num, "world_size": world_size,
         "metrics": metrics, "prompt_ids": prompt_ids, "num_examples": n_examples,
         "examples_with_fewer_beams": reduced, "model_max_length": args.model_max_length,
-        "prompts_cut": cut, "per_prompt": per_prompt, **summary,
+        "prompts_cut": cut, "per_prompt": per_prompt, "stderr": stderr, "personalisation": personal, **summary,
     }
-    write_results(results, args.results_file, format_table(per_prompt, summary, metrics))
+    write_results(results, args.results_file, format_table(per_prompt, summary, metrics, stderr, personal))
     if args.save_predictions:
         write_jsonl_atomic(predictions, predictions_path(args.results_file))
     return results

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from typing import Iterable, Sequence
 
 from utils import DataError, parse_list
@@ -65,6 +66,31 @@ def compute_metrics(ranks: Iterable[int], metrics: Sequence[str]) -> dict[str, f
     return {m: sum(metric_value(m, r) for r in ranks) / len(ranks) for m in metrics}
 
 
+def standard_errors(ranks: Iterable[int], metrics: Sequence[str]) -> dict[str, float]:
+    """Standard error of each metric's mean over examples: sqrt(sample variance / n)."""
+    ranks = list(ranks)
+    n = len(ranks)
+    out = {}
+    for m in metrics:
+        values = [metric_value(m, r) for r in ranks]
+        mean = sum(values) / n
+        var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+        out[m] = math.sqrt(var / n)
+    return out
+
+
+def personalisation(ranked: Sequence[Sequence], k: int = 10) -> dict[str, float]:
+    """How much rankings depend on the user: distinct top-1 items across examples, and the share
+    of examples whose top-k differs from the most common top-k (0 for a model that ranks alike
+    for everyone, as popularity does)."""
+    if not ranked:
+        return {"distinct_top1": 0, f"top{k}_differs_share": 0.0}
+    tops = [tuple(r[:k]) for r in ranked]
+    most_common = Counter(tops).most_common(1)[0][0]
+    return {"distinct_top1": len({r[0] for r in ranked if len(r)}),
+            f"top{k}_differs_share": sum(t != most_common for t in tops) / len(tops)}
+
+
 def aggregate(per_prompt: dict[str, dict[str, float]], metrics: Sequence[str]) -> dict[str, dict[str, float]]:
     """``{"mean": {...}, "min": {...}, "max": {...}}`` of each metric over prompt templates."""
     if not per_prompt:
@@ -78,13 +104,22 @@ def aggregate(per_prompt: dict[str, dict[str, float]], metrics: Sequence[str]) -
 
 
 def format_table(per_prompt: dict[str, dict[str, float]], summary: dict[str, dict[str, float]],
-                 metrics: Sequence[str]) -> str:
-    """A plain-text table: one row per prompt template, then mean/min/max."""
-    head = f"{'prompt':>8} " + " ".join(f"{m:>9}" for m in metrics)
+                 metrics: Sequence[str], stderr: dict[str, dict[str, float]] | None = None,
+                 personal: dict[str, dict[str, float]] | None = None) -> str:
+    """A plain-text table: one row per prompt template (with each metric's standard error over
+    examples, and how personal the rankings are, when given), then mean/min/max."""
+    width = 18 if stderr else 9
+    extra = personal and next(iter(personal.values()))
+    head = f"{'prompt':>8} " + " ".join(f"{m:>{width}}" for m in metrics)
+    head += "".join(f" {k:>20}" for k in extra) if extra else ""
     rows = [head, "-" * len(head)]
     for pid, res in per_prompt.items():
-        rows.append(f"{pid:>8} " + " ".join(f"{res[m]:>9.4f}" for m in metrics))
+        cells = [f"{res[m]:.4f} ± {stderr[pid][m]:.4f}" if stderr else f"{res[m]:.4f}" for m in metrics]
+        row = f"{pid:>8} " + " ".join(f"{c:>{width}}" for c in cells)
+        if extra:
+            row += "".join(f" {personal[pid][k]:>20.4g}" for k in extra)
+        rows.append(row)
     rows.append("-" * len(head))
     for name in ("mean", "min", "max"):
-        rows.append(f"{name:>8} " + " ".join(f"{summary[name][m]:>9.4f}" for m in metrics))
+        rows.append(f"{name:>8} " + " ".join(f"{summary[name][m]:>{width}.4f}" for m in metrics))
     return "\n".join(rows)

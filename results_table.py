@@ -19,12 +19,27 @@ def results_table(files: list[str], names: list[str] | None = None) -> str:
     for f, res in zip(files, results):
         if "mean" not in res or res.get("metrics") != metrics:
             raise DataError(f"{f}: expected a results file with 'mean' over the metrics {metrics}")
-    head = "| model | examples | " + " | ".join(m.replace("hit", "HR").replace("ndcg", "NDCG") for m in metrics) + " |"
-    rows = [head, "|" + "---|" * (len(metrics) + 2)]
+    head = ("| model | examples | " + " | ".join(m.replace("hit", "HR").replace("ndcg", "NDCG") for m in metrics)
+            + " | distinct top-1 | top-10 differs |")
+    rows = [head, "|" + "---|" * (len(metrics) + 4)]
     for name, res in zip(names, results):
-        rows.append(f"| {name} | {res.get('num_examples', '?')} | "
-                    + " | ".join(f"{res['mean'][m]:.4f}" for m in metrics) + " |")
+        se, personal = mean_over_prompts(res.get("stderr")), mean_over_prompts(res.get("personalisation"))
+        cells = [f"{res['mean'][m]:.4f}" + (f" ± {se[m]:.4f}" if m in se else "") for m in metrics]
+        cells += [f"{personal['distinct_top1']:.0f}" if "distinct_top1" in personal else "–",
+                  f"{personal['top10_differs_share']:.0%}" if "top10_differs_share" in personal else "–"]
+        rows.append(f"| {name} | {res.get('num_examples', '?')} | " + " | ".join(cells) + " |")
+    rows.append("")
+    rows.append("± is the standard error over test users (averaged over prompt templates); distinct top-1: items "
+                "ranked first for some user; top-10 differs: users whose top 10 is not the most common one.")
     return "\n".join(rows)
+
+
+def mean_over_prompts(per_prompt: dict | None) -> dict[str, float]:
+    """{prompt id: {name: value}} -> {name: mean over prompts}; {} when absent (older files)."""
+    if not per_prompt:
+        return {}
+    names = set.intersection(*(set(v) for v in per_prompt.values()))
+    return {n: sum(v[n] for v in per_prompt.values()) / len(per_prompt) for n in names}
 
 
 def main() -> None:

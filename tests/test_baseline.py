@@ -34,6 +34,9 @@ def test_baseline_script_matches_hand_computation(tiny_data, tmp_path):
     assert res["per_prompt"]["0"]["hit@5"] == pytest.approx(hits5)
     assert res["per_prompt"]["3"] == res["per_prompt"]["0"]
     assert res["mean"]["hit@1"] == pytest.approx(hits1)
+    assert res["personalisation"]["0"] == {"distinct_top1": 1, "top10_differs_share": 0.0}  # the same list for all
+    se = (hits5 * (1 - hits5) / (len(inters) - 1)) ** 0.5
+    assert res["stderr"]["0"]["hit@5"] == pytest.approx(se)
     table = results_table([str(out), str(out)], ["A", "B"])
     assert "| A |" in table and "HR@5" in table and f"{hits5:.4f}" in table
 

@@ -41,3 +41,23 @@ def test_per_prompt_aggregation():
     assert agg["max"] == {"hit@1": 0.4, "ndcg@5": 0.3}
     table = format_table(per_prompt, agg, ["hit@1", "ndcg@5"])
     assert "mean" in table and "0.4000" in table and len(table.splitlines()) == 2 + 3 + 1 + 3
+
+
+def test_standard_errors_match_the_formula():
+    from metrics import standard_errors
+
+    ranks = [1, 0, 3, 12, 1, 0]
+    hits = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]  # hit@10
+    mean = sum(hits) / 6
+    expected = (sum((h - mean) ** 2 for h in hits) / 5 / 6) ** 0.5
+    assert standard_errors(ranks, ["hit@10"])["hit@10"] == pytest.approx(expected)
+    assert standard_errors([2], ["hit@1"]) == {"hit@1": 0.0}
+
+
+def test_personalisation_sees_a_collapsed_model():
+    from metrics import personalisation
+
+    same = [list("abcdefghij")] * 5
+    assert personalisation(same) == {"distinct_top1": 1, "top10_differs_share": 0.0}
+    varied = same[:3] + [list("bacdefghij"), list("cabdefghij")]
+    assert personalisation(varied) == {"distinct_top1": 3, "top10_differs_share": pytest.approx(0.4)}
