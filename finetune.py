@@ -277,6 +277,16 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
         model.config.use_cache = False
 
     trainer = build_trainer(args, training_args, model, tokenizer, train_set, valid_set)
+    if args.curve_steps:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            log("learning curve: skipped under DeepSpeed ZeRO-3 (the weights are partitioned across processes)")
+        else:
+            from learning_curve import LearningCurve
+
+            per_step = args.per_device_batch_size * args.gradient_accumulation_steps * world_size()
+            trainer.add_callback(LearningCurve(args, tokenizer, args.output_dir, per_step))
     checkpoint = resume_arg(args.resume_from_checkpoint, args.output_dir)
     done = checkpoint_step(Path(checkpoint)) if checkpoint else None
     if done is not None and 0 < args.max_steps <= done:

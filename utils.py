@@ -318,6 +318,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--deepspeed", type=str, default=None, help="DeepSpeed config JSON")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--curve_steps", type=int, default=0,
+                   help="every N steps, score --curve_users validation users with the constrained beam search "
+                        "(the learning curve, in <output_dir>/learning_curve.json); 0 = off")
+    g.add_argument("--curve_users", type=int, default=100, help="validation users of the learning curve (seeded)")
+    g.add_argument("--curve_beams", type=int, default=20, help="beams of the learning curve's search")
+    g.add_argument("--curve_batch_size", type=int, default=8, help="prompts per batch of the learning curve")
     g.add_argument("--full_logits", dest="response_logits_only", action="store_false",
                    help="run the output layer on every token; by default (with --only_train_response) it runs "
                         "on the response positions only, which gives the same loss and gradients, faster")
@@ -389,6 +395,11 @@ def check_task_args(args: argparse.Namespace) -> None:
         negative = [n for n in nums if n < 0]
         if negative:
             raise DataError(f"{flag}: {negative} are negative; expected counts >= 0 per task (0 = all)")
+    for flag in ("curve_steps", "curve_users", "curve_beams", "curve_batch_size"):
+        value = getattr(args, flag, 1)
+        if value < 0 or (value == 0 and flag != "curve_steps"):
+            expected = "0 (off) or a number of steps" if flag == "curve_steps" else "a positive number"
+            raise DataError(f"--{flag}: {value} is not allowed; expected {expected}")
     if getattr(args, "valid_sample_num", 0) < 0:
         raise DataError(f"--valid_sample_num: {args.valid_sample_num} is negative; expected a count >= 0 (0 = all)")
     if not (len(tasks) == len(prompt_nums) == len(data_nums)):

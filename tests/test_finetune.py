@@ -84,8 +84,11 @@ def test_single_process_eval_save_and_best(tiny_data, tiny_base_model, tmp_path)
 def test_torchrun_ddp_gloo(tiny_data, tiny_base_model, tmp_path):
     data_path, _ = tiny_data
     out = tmp_path / "ddp"
-    proc = torchrun("finetune.py", cli(tiny_base_model, data_path, out, "--save_and_eval_strategy", "no"), tmp_path)
+    proc = torchrun("finetune.py", cli(tiny_base_model, data_path, out, "--save_and_eval_strategy", "no",
+                                       "--curve_steps", "1", "--curve_users", "4", "--curve_beams", "3"), tmp_path)
     assert "saved model and tokenizer" in proc.stdout
+    curve = json.loads((out / "learning_curve.json").read_text())  # the main process scores, the other waits
+    assert [p["step"] for p in curve["points"]] == [1, 2] and curve["points"][0]["examples"] == 4
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert_reloads(out, data_path, tiny_base_model)
@@ -391,3 +394,28 @@ def test_cpu_bf16_is_detected_from_the_cpu_flags():
     assert cpu_supports_bf16("flags : fpu avx512f avx512_bf16 amx_tile")
     assert cpu_supports_bf16("Features : fp asimd bf16 i8mm")  # Arm
     assert not cpu_supports_bf16("flags : fpu avx2 avx512f avx512_vnni")
+
+
+def test_learning_curve_is_logged_and_plotted(tiny_data, tiny_base_model, tmp_path):
+    from plot_learning_curve import plot_learning_curve
+
+    data_path, _ = tiny_data
+    out = tmp_path / "curve"
+    finetune.main(cli(tiny_base_model, data_path, out, "--max_steps", "3", "--save_and_eval_strategy", "no",
+                      "--curve_steps", "2", "--curve_users", "6", "--curve_beams", "5"))
+    curve = json.loads((out / "learning_curve.json").read_text())
+    assert curve["users"] == 6 and [p["step"] for p in curve["points"]] == [2, 3]  # every 2 steps, and the end
+    for p in curve["points"]:
+        assert 0 <= p["ndcg@10"] <= p["hit@10"] <= 1 and 1 <= p["distinct_top1"] <= 6
+        assert p["examples"] == p["step"] * 2 and p["train_seconds"] >= 0
+    assert set(curve["popularity"]) == {"hit@10", "ndcg@10"}
+    png = plot_learning_curve(out / "learning_curve.json", tmp_path / "curve.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_learning_curve_flags_reject_bad_values(tiny_data, tiny_base_model, tmp_path, capsys):
+    data_path, _ = tiny_data
+    for flag, value in (("--curve_steps", "-1"), ("--curve_users", "0"), ("--curve_beams", "-2")):
+        with pytest.raises(SystemExit) as e:
+            finetune.main(cli(tiny_base_model, data_path, tmp_path / "x", flag, value))
+        assert e.value.code == 2 and f"{flag}: {value} is not allowed" in capsys.readouterr().err

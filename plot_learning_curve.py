@@ -1,0 +1,57 @@
+"""Plot the learning curve that fine-tuning logged with --curve_steps (learning_curve.json):
+validation HR@10 and NDCG@10 against the examples seen, popularity on the same users as
+horizontal lines.
+
+    python plot_learning_curve.py --curve <ckpt>/learning_curve.json --output <run>/learning_curve.png
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+from utils import DataError, atomic_path, load_json  # noqa: E402
+
+
+def plot_learning_curve(curve_file: str | Path, output: str | Path) -> Path:
+    curve = load_json(curve_file, "learning curve")
+    points = curve.get("points") if isinstance(curve, dict) else None
+    if not points:
+        raise DataError(f"{curve_file}: no points in 'points' (was --curve_steps larger than the run?)")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    examples = [p["examples"] for p in points]
+    for metric, color in (("hit@10", "tab:blue"), ("ndcg@10", "tab:orange")):
+        name = metric.replace("hit", "HR").replace("ndcg", "NDCG")
+        ax.plot(examples, [p[metric] for p in points], "o-", color=color, label=f"LC-Rec {name}", linewidth=1.5)
+        if metric in curve.get("popularity", {}):
+            ax.axhline(curve["popularity"][metric], color=color, linestyle="--", linewidth=1,
+                       label=f"popularity {name}")
+    ax.set_xlabel("training examples seen")
+    ax.set_ylabel(f"validation metric ({curve.get('users', '?')} users)")
+    ax.set_title("LC-Rec learning curve")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(output)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--curve", required=True, help="learning_curve.json written by finetune.py --curve_steps")
+    parser.add_argument("--output", required=True, help="PNG to write")
+    args = parser.parse_args()
+    try:
+        print(plot_learning_curve(args.curve, args.output))
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
