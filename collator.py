@@ -10,7 +10,7 @@ response, and that EOS must stay a label or the model never learns to stop.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -51,23 +51,30 @@ class TrainCollator:
     """
 
     def __init__(self, tokenizer, only_train_response: bool = True, model_max_length: int = 2048,
-                 response_logits_only: bool = False):
+                 response_logits_only: bool = False, history_token_ids: Iterable[int] | None = None):
         self.tokenizer = tokenizer
         self.only_train_response = only_train_response
         self.model_max_length = int(model_max_length)
         self.response_logits_only = bool(response_logits_only and only_train_response)
+        # With only_train_response: prompt tokens among these (the index tokens of the history)
+        # are labels too, so every history item is a next-item target (see --history_loss).
+        self.history_token_ids = frozenset(history_token_ids or ())
         self.pad_id = ensure_pad_token(tokenizer)
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token; responses could not end")
 
-    def encode(self, prompt: str, response: str) -> tuple[list[int], int]:
-        """(ids of prompt + response + eos, number of prompt ids), cut to model_max_length."""
+    def encode(self, prompt: str, response: str) -> tuple[list[int], list[bool]]:
+        """(ids of prompt + response + eos, which ids are labels), cut to model_max_length."""
         prompt_ids = encode_prompt(self.tokenizer, prompt)
         response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"][: self.model_max_length - 1]
         response_ids = response_ids + [self.tokenizer.eos_token_id]  # after the cut: every response ends
         # Too long: drop the oldest prompt tokens and keep the whole response.
         prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - self.model_max_length):]
-        return prompt_ids + response_ids, len(prompt_ids)
+        if not self.only_train_response:
+            in_loss = [True] * len(prompt_ids)
+        else:
+            in_loss = [i in self.history_token_ids for i in prompt_ids]
+        return prompt_ids + response_ids, in_loss + [True] * len(response_ids)
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         encoded = [self.encode(b["prompt"], b["response"]) for b in batch]
@@ -75,23 +82,18 @@ class TrainCollator:
             return self.response_only(encoded)
         input_ids = _pad([ids for ids, _ in encoded], self.pad_id, left=False)  # [B, T]
         attention_mask = _pad([[1] * len(ids) for ids, _ in encoded], 0, left=False)  # [B, T]
-        labels = input_ids.clone()
-        labels[attention_mask == 0] = IGNORE_INDEX
-        if self.only_train_response:
-            for row, (_, n_prompt) in enumerate(encoded):
-                labels[row, :n_prompt] = IGNORE_INDEX
+        labels = _pad([[i if keep else IGNORE_INDEX for i, keep in zip(ids, in_loss)] for ids, in_loss in encoded],
+                      IGNORE_INDEX, left=False)  # [B, T]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-    def response_only(self, encoded: list[tuple[list[int], int]]) -> dict[str, Any]:
+    def response_only(self, encoded: list[tuple[list[int], list[bool]]]) -> dict[str, Any]:
         input_ids = _pad([ids for ids, _ in encoded], self.pad_id, left=True)  # [B, T]
         attention_mask = _pad([[1] * len(ids) for ids, _ in encoded], 0, left=True)  # [B, T]
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # [B, T]
-        # the last `keep` positions: every response, plus the prompt token that predicts its first id
-        keep = min(max(len(ids) - n_prompt for ids, n_prompt in encoded) + 1, input_ids.shape[1])
-        labels = torch.full((len(encoded), keep), IGNORE_INDEX, dtype=torch.long)  # [B, keep]
-        for row, (ids, n_prompt) in enumerate(encoded):
-            n_response = len(ids) - n_prompt
-            labels[row, keep - n_response:] = torch.tensor(ids[n_prompt:])
+        # the last `keep` positions: every label, plus the position that predicts the first one
+        keep = min(max(len(ids) - in_loss.index(True) for ids, in_loss in encoded) + 1, input_ids.shape[1])
+        labels = _pad([[i if lab else IGNORE_INDEX for i, lab in zip(ids[-keep:], in_loss[-keep:])]
+                       for ids, in_loss in encoded], IGNORE_INDEX, left=True)  # [B, keep]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                 "labels": labels, "logits_to_keep": keep}
 

@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 import data
 from collator import TrainCollator
 from modeling import load_for_training
-from utils import DataError, parse_args, set_seed
+from utils import DataError, index_tokens, parse_args, set_seed
 
 
 def world_size() -> int:
@@ -98,6 +98,7 @@ def training_arguments(args: argparse.Namespace, **overrides) -> TrainingArgumen
         report_to=[] if args.report_to in ("none", "") else args.report_to.split(","),
         remove_unused_columns=False,  # items are {"prompt", "response"}; the collator tokenizes
         prediction_loss_only=True,
+        include_num_input_tokens_seen="non_padding",  # logs train_tokens_per_second
         use_cpu=on_cpu,
         ddp_backend="gloo" if on_cpu and world_size() > 1 else None,
         ddp_find_unused_parameters=False if world_size() > 1 else None,
@@ -122,6 +123,13 @@ def keeps_logits(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def history_token_ids(args: argparse.Namespace, tokenizer) -> list[int]:
+    """Ids of the index tokens, whose history occurrences --history_loss adds to the loss."""
+    if not getattr(args, "history_loss", False):
+        return []
+    return tokenizer.convert_tokens_to_ids(index_tokens(data.load_item_indices(args)))
+
+
 def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -> Trainer:
     return Trainer(
         model=model,
@@ -129,7 +137,8 @@ def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -
         train_dataset=train_set,
         eval_dataset=valid_set if training_args.eval_strategy != "no" else None,
         data_collator=TrainCollator(tokenizer, args.only_train_response, args.model_max_length,
-                                    response_logits_only=args.response_logits_only and keeps_logits(model)),
+                                    response_logits_only=args.response_logits_only and keeps_logits(model),
+                                    history_token_ids=history_token_ids(args, tokenizer)),
         processing_class=tokenizer,
         callbacks=[EpochCallback(train_set)],
     )
@@ -269,7 +278,11 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
     train_set, valid_set = data.load_datasets(args)
     log(f"train examples per task: {dict(zip(train_set.tasks, (len(d) for d in train_set.datasets)))}; "
         f"validation: {len(valid_set)}")
-    model, tokenizer = load_for_training(args.base_model, indices, **(model_kwargs or {}))
+    titles = None
+    if args.index_token_init == "title":
+        titles = {item: feat.get("title", "") for item, feat in data.load_files(args).items.items()}
+    model, tokenizer = load_for_training(args.base_model, indices, titles=titles,
+                                         mean_resizing=args.index_token_init != "normal", **(model_kwargs or {}))
     log(f"vocabulary with index tokens: {len(tokenizer)}")
     if adapt_model is not None:
         model = adapt_model(model, args)

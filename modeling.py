@@ -62,8 +62,43 @@ def check_vocab(model, tokenizer, where: str) -> None:
                         "tokens; the checkpoint does not hold the index tokens")
 
 
-def load_for_training(base_model: str, indices: dict[str, list[str]], dtype=None, **model_kwargs):
-    """Base model + tokenizer with the index tokens added and the embeddings resized (tied stay tied)."""
+def init_index_tokens_from_titles(model, tokenizer, indices: dict[str, list[str]], titles: dict[str, str]) -> int:
+    """Start each index token at the mean embedding of the titles of the items it names (a title's
+    embedding: the mean of its tokens' input embeddings), rescaled to the mean norm of the
+    pretrained rows, instead of 1024 near-copies of one vector the model must first pull apart.
+    Returns how many tokens were set."""
+    import torch
+
+    emb = model.get_input_embeddings().weight  # [V, H]
+    token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in index_tokens(indices)}
+    first_new = min(token_ids.values())
+    with torch.no_grad():
+        norm = emb[:first_new].float().norm(dim=1).mean()
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        for item, tokens in indices.items():
+            ids = tokenizer(titles.get(item, "") or "", add_special_tokens=False)["input_ids"]
+            if not ids:
+                continue
+            vec = emb[ids].float().mean(0)  # [H]
+            for t in tokens:
+                sums[t] = sums.get(t, 0) + vec
+                counts[t] = counts.get(t, 0) + 1
+        for t, total in sums.items():
+            mean = total / counts[t]
+            emb[token_ids[t]] = (mean * norm / mean.norm().clamp(min=1e-8)).to(emb.dtype)
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb.data_ptr():  # untied head: same start
+            out.weight[list(token_ids[t] for t in sums)] = emb[list(token_ids[t] for t in sums)].to(out.weight.dtype)
+    return len(sums)
+
+
+def load_for_training(base_model: str, indices: dict[str, list[str]], dtype=None, titles: dict[str, str] | None = None,
+                      mean_resizing: bool = True, **model_kwargs):
+    """Base model + tokenizer with the index tokens added and the embeddings resized (tied stay tied).
+    New rows: transformers' mean resizing, or (``mean_resizing=False``) the model's own weight
+    init, as older transformers did; with ``titles`` ({item: title}) they start from the titles
+    (init_index_tokens_from_titles)."""
     from transformers import AutoModelForCausalLM
 
     if not base_model:
@@ -74,7 +109,9 @@ def load_for_training(base_model: str, indices: dict[str, list[str]], dtype=None
         model_kwargs["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(base_model, **model_kwargs)
     if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=mean_resizing)
+    if titles is not None:
+        init_index_tokens_from_titles(model, tokenizer, indices, titles)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

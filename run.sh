@@ -29,7 +29,19 @@ case "$PROFILE" in
     : "${TRAIN_DATA_SAMPLE_NUM:=20000,1682,400,400,0,0}"
     : "${SAVE_STRATEGY:=steps}" "${SAVE_STEPS:=24}" "${VALID_USERS:=40}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=2}"
     : "${TEST_SAMPLE_NUM:=100}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=4}"
+    : "${CURVE_STEPS:=24}" "${CURVE_USERS:=20}" "${CURVE_BEAMS:=10}"
     # both cores of a small CPU machine: two processes of one thread, plain DDP over gloo
+    if [ "$GPUS" = 0 ]; then : "${NPROC:=2}" "${DEEPSPEED=}"; fi ;;
+  cpu)    # about 2 hours on a 2-core CPU: seqrec-weighted mixture, dense history targets, all test users
+    : "${RQ_EPOCHS:=300}" "${RQ_EVAL_STEP:=25}" "${RQ_BATCH:=128}" "${RQ_LAYERS:=512 256 128 64}"
+    : "${PROFILE_USERS:=0}" "${TASKS:=seqrec,item2index,index2item,fusionseqrec}"
+    : "${EPOCHS:=1}" "${MAX_STEPS:=1200}" "${BATCH:=8}" "${GRAD_ACC:=1}" "${LR:=5e-4}"
+    : "${MAX_HIS_LEN:=10}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1}" "${TRAIN_DATA_SAMPLE_NUM:=0,1682,1682,2000}"
+    : "${FINETUNE_FLAGS:=--history_loss --index_token_init title}"
+    : "${SAVE_STRATEGY:=steps}" "${SAVE_STEPS:=400}" "${VALID_USERS:=100}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=10}"
+    : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=8}"
+    : "${CURVE_STEPS:=200}" "${CURVE_USERS:=100}" "${CURVE_BEAMS:=20}"
+    : "${BASELINES:=sasrec,gru4rec,tiger}" "${TIGER_MINUTES:=20}"
     if [ "$GPUS" = 0 ]; then : "${NPROC:=2}" "${DEEPSPEED=}"; fi ;;
   gpu)    # one H200-class GPU, about 10 minutes of fine-tuning
     : "${RQ_EPOCHS:=1000}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=256}" "${RQ_LAYERS:=2048 1024 512 256 128 64}"
@@ -38,7 +50,8 @@ case "$PROFILE" in
     : "${MAX_HIS_LEN:=20}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
     : "${TRAIN_DATA_SAMPLE_NUM:=0,0,0,20000,0,0}"
     : "${SAVE_STRATEGY:=epoch}" "${SAVE_STEPS:=1000}" "${VALID_USERS:=0}" "${VALID_PROMPTS:=2}"
-    : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=16}" ;;
+    : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=16}"
+    : "${CURVE_STEPS:=100}" "${CURVE_USERS:=200}" "${CURVE_BEAMS:=20}" "${BASELINES:=sasrec,gru4rec,tiger}" ;;
   paper)  # the paper's settings (section 6 of the README); meant for 8 GPUs
     : "${RQ_EPOCHS:=10000}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=1024}" "${RQ_LAYERS:=2048 1024 512 256 128 64}"
     : "${PROFILE_USERS:=0}"
@@ -59,10 +72,24 @@ case "$PROFILE" in
     esac
     : "${TRAIN_DATA_SAMPLE_NUM:=0,0,0,$FUSION_SAMPLES,0,0}"
     : "${SAVE_STRATEGY:=epoch}" "${SAVE_STEPS:=1000}" "${VALID_USERS:=0}" "${VALID_PROMPTS:=2}"
-    : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=all}" "${TEST_BATCH:=1}" ;;
-  *) echo "error: PROFILE must be quick, gpu or paper, got '$PROFILE'" >&2; exit 2 ;;
+    : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=all}" "${TEST_BATCH:=1}" "${BASELINES:=sasrec,gru4rec,tiger}" ;;
+  *) echo "error: PROFILE must be quick, cpu, gpu or paper, got '$PROFILE'" >&2; exit 2 ;;
 esac
 PROFILE_FLAGS=${PROFILE_FLAGS-}
+FINETUNE_FLAGS=${FINETUNE_FLAGS-}   # extra finetune.py flags, e.g. --history_loss --index_token_init title
+CURVE_STEPS=${CURVE_STEPS:-0} CURVE_USERS=${CURVE_USERS:-100} CURVE_BEAMS=${CURVE_BEAMS:-20}
+# Learned baselines run after LC-Rec (popularity always runs): sasrec, gru4rec, tiger
+BASELINES=${BASELINES-}
+TIGER_MINUTES=${TIGER_MINUTES-}   # a cap on TIGER's training time (it is slow on a CPU)
+BASELINE_FLAGS=${BASELINE_FLAGS-}  # extra flags for every learned baseline, e.g. --seeds 3 or --epochs 5
+LEARNED_BASELINES=()
+for b in ${BASELINES//,/ }; do
+  case "$b" in
+    popularity) ;;
+    sasrec|gru4rec|tiger) LEARNED_BASELINES+=("$b") ;;
+    *) echo "error: BASELINES: unknown baseline '$b'; expected names from popularity, sasrec, gru4rec, tiger" >&2; exit 2 ;;
+  esac
+done
 TASKS=${TASKS:-seqrec,item2index,index2item,fusionseqrec,itemsearch,preferenceobtain}
 NUM_BEAMS=${NUM_BEAMS:-20}
 RQ_CODES=${RQ_CODES:-256 256 256 256}   # codes per level of the RQ-VAE
@@ -85,7 +112,7 @@ case "$PRECISION" in bf16|fp32) ;; *) echo "error: PRECISION must be auto, bf16 
 
 if [ "${DRY_RUN:-0}" = 1 ]; then  # print the settings this profile resolves to, run nothing
   for name in PROFILE DATASET NPROC DEEPSPEED PRECISION RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS PROFILE_USERS \
-              PROFILE_FLAGS EPOCHS MAX_STEPS BATCH GRAD_ACC LR MAX_HIS_LEN TASKS TRAIN_PROMPT_SAMPLE_NUM TRAIN_DATA_SAMPLE_NUM \
+              PROFILE_FLAGS FINETUNE_FLAGS CURVE_STEPS CURVE_USERS CURVE_BEAMS BASELINES TIGER_MINUTES EPOCHS MAX_STEPS BATCH GRAD_ACC LR MAX_HIS_LEN TASKS TRAIN_PROMPT_SAMPLE_NUM TRAIN_DATA_SAMPLE_NUM \
               TEST_SAMPLE_NUM TEST_PROMPT_IDS TEST_BATCH NUM_BEAMS; do
     printf '%s=%s\n' "$name" "${!name}"
   done
@@ -155,7 +182,9 @@ finetune() {
     --save_and_eval_strategy "$SAVE_STRATEGY" --save_and_eval_steps "$SAVE_STEPS" --save_total_limit 1 \
     --valid_sample_num "$VALID_USERS" --valid_prompt_sample_num "$VALID_PROMPTS" --only_train_response --max_his_len "$MAX_HIS_LEN" \
     --tasks "$TASKS" --train_prompt_sample_num "$TRAIN_PROMPT_SAMPLE_NUM" \
-    --train_data_sample_num "$TRAIN_DATA_SAMPLE_NUM" --logging_step "${LOGGING_STEPS:-10}" ${extra[@]+"${extra[@]}"}
+    --train_data_sample_num "$TRAIN_DATA_SAMPLE_NUM" --logging_step "${LOGGING_STEPS:-10}" \
+    --curve_steps "$CURVE_STEPS" --curve_users "$CURVE_USERS" --curve_beams "$CURVE_BEAMS" \
+    ${extra[@]+"${extra[@]}"} $FINETUNE_FLAGS
 }
 
 evaluate() {
@@ -196,8 +225,21 @@ step "evaluation"       "$RESULTS_DIR/lcrec.json" evaluate
 step "popularity"       "$RESULTS_DIR/popularity.json" "$PYTHON" baseline.py --dataset "$DATASET" \
   --data_path "$DATA_PATH" --results_file "$RESULTS_DIR/popularity.json" \
   --sample_num "$TEST_SAMPLE_NUM" --test_prompt_ids "$TEST_PROMPT_IDS" --max_his_len "$MAX_HIS_LEN"
+TABLE_FILES=("$RESULTS_DIR/lcrec.json" "$RESULTS_DIR/popularity.json") TABLE_NAMES=(LC-Rec Popularity)
+for b in "${LEARNED_BASELINES[@]}"; do   # same split, history length and test users as LC-Rec
+  cap=()
+  if [ "$b" = tiger ] && [ -n "$TIGER_MINUTES" ]; then cap=(--max_train_minutes "$TIGER_MINUTES"); fi
+  step "$b"  "$RESULTS_DIR/$b.json" "$PYTHON" -m "baselines.$b" --dataset "$DATASET" --data_path "$DATA_PATH" \
+    --index_file .index.json --results_file "$RESULTS_DIR/$b.json" --sample_num "$TEST_SAMPLE_NUM" \
+    --max_his_len "$MAX_HIS_LEN" ${cap[@]+"${cap[@]}"} $BASELINE_FLAGS
+  TABLE_FILES+=("$RESULTS_DIR/$b.json")
+  case "$b" in sasrec) TABLE_NAMES+=(SASRec) ;; gru4rec) TABLE_NAMES+=(GRU4Rec) ;; tiger) TABLE_NAMES+=(TIGER) ;; esac
+done
 if [ -f "$CKPT_DIR/trainer_state.json" ]; then
   "$PYTHON" plot_loss.py --trainer_state "$CKPT_DIR/trainer_state.json" --output "$RUN_DIR/loss.png" >/dev/null
+fi
+if [ -f "$CKPT_DIR/learning_curve.json" ]; then
+  "$PYTHON" plot_learning_curve.py --curve "$CKPT_DIR/learning_curve.json" --output "$RUN_DIR/learning_curve.png" >/dev/null
 fi
 
 echo
@@ -205,6 +247,5 @@ echo "Step times:"
 printf '  %s\n' "${TIMES[@]}"
 echo "  total                  $((SECONDS - T_START))s"
 echo
-"$PYTHON" results_table.py "$RESULTS_DIR/lcrec.json" "$RESULTS_DIR/popularity.json" \
-  --names LC-Rec Popularity --output "$RESULTS_DIR/table.md"
-echo "Plots: $RUN_DIR/code_usage.png $RUN_DIR/loss.png"
+"$PYTHON" results_table.py "${TABLE_FILES[@]}" --names "${TABLE_NAMES[@]}" --output "$RESULTS_DIR/table.md"
+echo "Plots: $RUN_DIR/code_usage.png $RUN_DIR/loss.png$([ -f "$RUN_DIR/learning_curve.png" ] && echo " $RUN_DIR/learning_curve.png")"

@@ -324,6 +324,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--curve_users", type=int, default=100, help="validation users of the learning curve (seeded)")
     g.add_argument("--curve_beams", type=int, default=20, help="beams of the learning curve's search")
     g.add_argument("--curve_batch_size", type=int, default=8, help="prompts per batch of the learning curve")
+    g.add_argument("--history_loss", action="store_true",
+                   help="with --only_train_response, also train on the index tokens of the history in the prompt: "
+                        "each history item becomes a next-item target (off in the paper)")
+    g.add_argument("--index_token_init", type=str, default="mean", choices=["mean", "normal", "title"],
+                   help="start of the new index-token embeddings: mean (transformers' mean resizing), normal (the "
+                        "model's weight init, N(0, initializer_range), what the original's transformers did) or "
+                        "title (the mean embedding of the titles of the items under each code)")
     g.add_argument("--full_logits", dest="response_logits_only", action="store_false",
                    help="run the output layer on every token; by default (with --only_train_response) it runs "
                         "on the response positions only, which gives the same loss and gradients, faster")

@@ -419,3 +419,24 @@ def test_learning_curve_flags_reject_bad_values(tiny_data, tiny_base_model, tmp_
         with pytest.raises(SystemExit) as e:
             finetune.main(cli(tiny_base_model, data_path, tmp_path / "x", flag, value))
         assert e.value.code == 2 and f"{flag}: {value} is not allowed" in capsys.readouterr().err
+
+
+def test_index_token_init_options(tiny_data, tiny_base_model):
+    from modeling import load_for_training
+
+    data_path, _ = tiny_data
+    indices = indices_of(data_path)
+    items = json.loads((data_path / "Tiny" / "Tiny.item.json").read_text())
+    titles = {i: f["title"] for i, f in items.items()}
+    base_rows = load_tokenizer(tiny_base_model).__len__()
+    rows = {}
+    for name, kwargs in (("mean", {}), ("normal", {"mean_resizing": False}), ("title", {"titles": titles})):
+        model, tok = load_for_training(str(tiny_base_model), indices, **kwargs)
+        rows[name] = model.get_input_embeddings().weight[base_rows:].detach().clone()
+        old = model.get_input_embeddings().weight[:base_rows].detach()
+    # title: distinct rows, at the pretrained rows' mean norm; mean: rows close to the pretrained mean
+    title = rows["title"]
+    assert torch.allclose(title.norm(dim=1), old.norm(dim=1).mean().expand(len(title)), rtol=1e-4)
+    assert torch.cdist(title, title).fill_diagonal_(1.0).min() > 1e-3
+    assert (rows["mean"].mean(0) - old.mean(0)).norm() < (rows["title"].mean(0) - old.mean(0)).norm()
+    assert rows["normal"].std().item() == pytest.approx(0.02, rel=0.3)  # initializer_range

