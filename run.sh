@@ -45,6 +45,7 @@ case "$PROFILE" in
     if [ "$GPUS" = 0 ]; then : "${NPROC:=2}" "${DEEPSPEED=}"; fi ;;
   gpu)    # one H200-class GPU, about 10 minutes of fine-tuning
     : "${RQ_EPOCHS:=1000}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=256}" "${RQ_LAYERS:=2048 1024 512 256 128 64}"
+    : "${RQ_FLAGS:=--bn true --lr_scheduler_type linear}"
     : "${PROFILE_USERS:=943}"
     : "${EPOCHS:=3}" "${MAX_STEPS:=-1}" "${BATCH:=32}" "${GRAD_ACC:=1}" "${LR:=5e-4}"
     : "${MAX_HIS_LEN:=20}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
@@ -54,6 +55,8 @@ case "$PROFILE" in
     : "${CURVE_STEPS:=100}" "${CURVE_USERS:=200}" "${CURVE_BEAMS:=20}" "${BASELINES:=sasrec,gru4rec,tiger}" ;;
   paper)  # the paper's settings (section 6 of the README); meant for 8 GPUs
     : "${RQ_EPOCHS:=10000}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=1024}" "${RQ_LAYERS:=2048 1024 512 256 128 64}"
+    # what the published indices were trained with: BatchNorm on (see the README), linear decay
+    : "${RQ_FLAGS:=--bn true --warmup_epochs 50 --lr_scheduler_type linear --learner AdamW --loss_type mse --dropout_prob 0.0}"
     : "${PROFILE_USERS:=0}"
     # the original's profiles came from an instruction model (512 new tokens, temperature 0.4):
     # never from a base model without a chat template
@@ -76,6 +79,7 @@ case "$PROFILE" in
   *) echo "error: PROFILE must be quick, cpu, gpu or paper, got '$PROFILE'" >&2; exit 2 ;;
 esac
 PROFILE_FLAGS=${PROFILE_FLAGS-}
+RQ_FLAGS=${RQ_FLAGS-}               # extra index/main.py flags (BatchNorm, schedule, ...)
 FINETUNE_FLAGS=${FINETUNE_FLAGS-}   # extra finetune.py flags, e.g. --history_loss --index_token_init title
 CURVE_STEPS=${CURVE_STEPS:-0} CURVE_USERS=${CURVE_USERS:-100} CURVE_BEAMS=${CURVE_BEAMS:-20}
 # Learned baselines run after LC-Rec (popularity always runs): sasrec, gru4rec, tiger
@@ -111,7 +115,7 @@ fi
 case "$PRECISION" in bf16|fp32) ;; *) echo "error: PRECISION must be auto, bf16 or fp32, got '$PRECISION'" >&2; exit 2 ;; esac
 
 if [ "${DRY_RUN:-0}" = 1 ]; then  # print the settings this profile resolves to, run nothing
-  for name in PROFILE DATASET NPROC DEEPSPEED PRECISION RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS PROFILE_USERS \
+  for name in PROFILE DATASET NPROC DEEPSPEED PRECISION RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS RQ_FLAGS PROFILE_USERS \
               PROFILE_FLAGS FINETUNE_FLAGS CURVE_STEPS CURVE_USERS CURVE_BEAMS BASELINES TIGER_MINUTES EPOCHS MAX_STEPS BATCH GRAD_ACC LR MAX_HIS_LEN TASKS TRAIN_PROMPT_SAMPLE_NUM TRAIN_DATA_SAMPLE_NUM \
               TEST_SAMPLE_NUM TEST_PROMPT_IDS TEST_BATCH NUM_BEAMS; do
     printf '%s=%s\n' "$name" "${!name}"
@@ -213,7 +217,7 @@ step "text embeddings"  "$EMB_FILE" "$PYTHON" data_process/text_emb.py --dataset
 step "RQ-VAE"           "$RUN_DIR/index/best_collision_model.pth" "$PYTHON" index/main.py \
   --data_path "$EMB_FILE" --ckpt_dir "$RUN_DIR/index" --num_emb_list $RQ_CODES --e_dim 32 \
   --layers $RQ_LAYERS --sk_epsilons $SK_EPSILONS --sk_iters 50 --lr 1e-3 \
-  --batch_size "$RQ_BATCH" --weight_decay 1e-4 --epochs "$RQ_EPOCHS" --eval_step "$RQ_EVAL_STEP"
+  --batch_size "$RQ_BATCH" --weight_decay 1e-4 --epochs "$RQ_EPOCHS" --eval_step "$RQ_EVAL_STEP" $RQ_FLAGS
 step "item indices"     "$D.index.json" "$PYTHON" index/generate_indices.py \
   --ckpt_path "$RUN_DIR/index/best_collision_model.pth" --data_path "$EMB_FILE" \
   --output_file "$D.index.json" --plot "$RUN_DIR/code_usage.png"

@@ -12,6 +12,11 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import DataError  # noqa: E402
 
+# Text embeddings are of order 1 to 100 (a few LLM dimensions reach thousands). Far beyond this the
+# squared errors overflow float32 (|x| near 1e19) and distances lose all precision long before, so
+# such a file is refused up front rather than failing as NaN losses or an infeasible assignment.
+MAX_ABS_VALUE = 1e6
+
 
 def load_embeddings(path: str | os.PathLike) -> np.ndarray:
     """Read and check an embedding matrix: a 2-D, non-empty, finite float array."""
@@ -30,7 +35,19 @@ def load_embeddings(path: str | os.PathLike) -> np.ndarray:
     if not np.isfinite(emb).all():
         bad = np.unique(np.nonzero(~np.isfinite(emb))[0])
         raise DataError(f"{path}: {len(bad)} rows contain NaN/inf (first rows: {bad[:5].tolist()})")
+    check_scale(emb, path)
     return emb
+
+
+def check_scale(emb: np.ndarray, path: str | os.PathLike) -> None:
+    """Refuse embeddings whose values are absurdly large for a float32 RQ-VAE."""
+    peak = float(np.abs(emb).max())
+    if peak > MAX_ABS_VALUE:
+        row, col = np.unravel_index(int(np.abs(emb).argmax()), emb.shape)
+        raise DataError(
+            f"{path}: values are too large: max |x| = {peak:.3g} (row {row}, column {col}); text embeddings are "
+            f"expected within about +-1e3, and at most {MAX_ABS_VALUE:.0e} is accepted. Check that the file holds "
+            "embeddings, or rescale them (e.g. divide by their standard deviation)")
 
 
 class EmbDataset(Dataset):

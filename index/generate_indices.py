@@ -3,6 +3,8 @@
     python index/generate_indices.py --ckpt_path ckpt/index/ml-100k/best_collision_model.pth \
         --data_path data/ml-100k/ml-100k.emb-smollm2-td.npy --output_file data/ml-100k/ml-100k.index.json
 
+Without --data_path, the embeddings the checkpoint was trained on (its saved --data_path) are used.
+
 1. Every item takes its nearest code at every level (no Sinkhorn).
 2. For up to --max_rounds rounds, each group of items sharing a full code is re-assigned on the
    last level with Sinkhorn (uniform mapping), which spreads the group over the codes.
@@ -64,9 +66,24 @@ def check_prefix_capacity(codes: np.ndarray, n_last: int) -> None:
             "rate and code usage it printed while training): train longer, or with more codes or levels (--num_emb_list)")
 
 
+def finite_costs(cost: np.ndarray) -> np.ndarray:
+    """cost with NaN/inf replaced by a finite value above every finite entry (all 0 if none is finite).
+
+    linear_sum_assignment refuses non-finite costs ("cost matrix is infeasible"); overflowing
+    distances make those, and such entries should simply be the last choice.
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    finite = np.isfinite(cost)
+    if finite.all():
+        return cost
+    worst = float(np.abs(cost[finite]).max()) if finite.any() else 0.0
+    return np.where(finite, cost, 2 * worst + 1)
+
+
 def finish_collisions(codes: np.ndarray, last_dist: np.ndarray) -> int:
     """Give colliding items distinct free last-level codes within their prefix (optimal assignment,
-    least total distance). Edits codes in place; returns the number of items moved."""
+    least total distance; non-finite distances count as the farthest). Edits codes in place;
+    returns the number of items moved."""
     members: dict[tuple, list[int]] = defaultdict(list)
     for i, row in enumerate(map(tuple, codes[:, :-1].tolist())):
         members[row].append(i)
@@ -77,7 +94,8 @@ def finish_collisions(codes: np.ndarray, last_dist: np.ndarray) -> int:
         stuck = np.array([i for i in items if i in colliding])
         taken = {int(codes[i, -1]) for i in items if i not in colliding}
         free = np.array([c for c in range(last_dist.shape[1]) if c not in taken])
-        rows, cols = linear_sum_assignment(last_dist[np.ix_(stuck, free)])  # each stuck item gets a free code
+        cost = finite_costs(last_dist[np.ix_(stuck, free)])
+        rows, cols = linear_sum_assignment(cost)  # each stuck item gets a free code
         new = free[cols]
         moved += int((codes[stuck[rows], -1] != new).sum())
         codes[stuck[rows], -1] = new
@@ -148,10 +166,24 @@ def default_plot_path(output_file: str | os.PathLike) -> Path:
     return out.with_name(f"{stem}.codes.png")
 
 
+def embedding_path_of(ckpt: dict, ckpt_path: str | os.PathLike) -> str:
+    """The embeddings a checkpoint was trained on (its saved --data_path), which must still exist."""
+    saved = (ckpt.get("args") or {}).get("data_path")
+    if not saved:
+        raise DataError(f"no --data_path given and the checkpoint {ckpt_path} does not record its embeddings: "
+                        "pass --data_path <item embeddings .npy>")
+    if not Path(saved).is_file():
+        raise DataError(f"no --data_path given and the embeddings the checkpoint {ckpt_path} was trained on, "
+                        f"{saved}, do not exist (from {Path.cwd()}): pass --data_path <item embeddings .npy>")
+    print(f"embeddings: {saved} (the checkpoint's training data)")
+    return str(saved)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Write the collision-free item index of a trained RQ-VAE.")
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by index/main.py")
-    p.add_argument("--data_path", required=True, help="item embeddings .npy [items, dim]")
+    p.add_argument("--data_path", default=None,
+                   help="item embeddings .npy [items, dim] (default: the checkpoint's training data_path)")
     p.add_argument("--output_file", required=True, help="index JSON to write, e.g. data/<D>/<D>.index.json")
     p.add_argument("--max_rounds", type=int, default=20, help="Sinkhorn re-assignment rounds before the final assignment")
     p.add_argument("--plot", default=None, help="PNG of code usage per level (default <output>.codes.png)")
@@ -166,8 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--max_rounds must be >= 0")
     start = time.perf_counter()
     device = resolve_device(args.device)
-    embeddings = load_embeddings(args.data_path)
     model, ckpt = load_checkpoint(args.ckpt_path, device)
+    args.data_path = args.data_path or embedding_path_of(ckpt, args.ckpt_path)
+    embeddings = load_embeddings(args.data_path)
     if embeddings.shape[1] != model.in_dim:
         raise DataError(f"{args.data_path}: embeddings have dimension {embeddings.shape[1]} but the checkpoint "
                         f"{args.ckpt_path} was trained on dimension {model.in_dim}")

@@ -3,7 +3,11 @@
     python index/main.py --data_path data/ml-100k/ml-100k.emb-smollm2-td.npy --ckpt_dir ckpt/index/ml-100k \
         --num_emb_list 256 256 256 256 --sk_epsilons 0 0 0 0.003 --epochs 10000
 
-Writes <ckpt_dir>/best_loss_model.pth and <ckpt_dir>/best_collision_model.pth.
+Writes <ckpt_dir>/best_loss_model.pth and <ckpt_dir>/best_collision_model.pth (and, with
+--save_limit N, the N latest epoch_<E>_model.pth of the evaluation epochs).
+
+The original's command-line flags are accepted. Unlike there, --bn reads its value: `--bn false`
+turns batchnorm off, `--bn true` or a bare `--bn` turns it on (the original's `--bn False` meant on).
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from index.datasets import EmbDataset  # noqa: E402
-from index.trainer import Trainer, build_model  # noqa: E402
+from index.models.rqvae import RECON_LOSSES  # noqa: E402
+from index.trainer import LR_SCHEDULERS, OPTIMIZERS, Trainer, build_model  # noqa: E402
 from utils import DataError, get_device, set_seed  # noqa: E402
 
 
@@ -53,17 +58,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Sinkhorn epsilon per level (0 = nearest code)")
     p.add_argument("--sk_iters", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--learner", default="AdamW", type=str.lower, choices=list(OPTIMIZERS), metavar="LEARNER",
+                   help="optimiser: AdamW, Adam, SGD, Adagrad or RMSprop (any case)")
+    p.add_argument("--lr_scheduler_type", default="constant", type=str.lower, choices=LR_SCHEDULERS,
+                   metavar="TYPE", help=f"schedule after the warm-up, stepped per batch: {', '.join(LR_SCHEDULERS)} "
+                                        "(linear decays to 0 at the last step)")
+    p.add_argument("--warmup_epochs", type=int, default=50, help="linear learning-rate warm-up, in epochs")
     p.add_argument("--epochs", type=int, default=10000)
     p.add_argument("--batch_size", type=int, default=1024)
+    p.add_argument("--num_workers", type=int, default=0,
+                   help="accepted for the original's command line; batches are slices of the in-memory "
+                        "embedding tensor, so no loader workers are used")
     p.add_argument("--weight_decay", type=float, default=1e-4)
     p.add_argument("--dropout_prob", type=float, default=0.0)
-    p.add_argument("--bn", type=str2bool, nargs="?", const=True, default=False, help="batchnorm in the MLPs")
+    p.add_argument("--bn", type=str2bool, nargs="?", const=True, default=False, metavar="BOOL",
+                   help="batchnorm in the MLPs: true/false (a bare --bn means true)")
+    p.add_argument("--loss_type", default="mse", type=str.lower, choices=list(RECON_LOSSES),
+                   help="reconstruction loss: mse or l1")
     p.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
     p.add_argument("--quant_loss_weight", type=float, default=1.0)
     p.add_argument("--kmeans_init", type=str2bool, nargs="?", const=True, default=True,
                    help="initialise codebooks by k-means on the first batch (true/false)")
     p.add_argument("--kmeans_iters", type=int, default=100)
     p.add_argument("--eval_step", type=int, default=50, help="evaluate the collision rate every N epochs")
+    p.add_argument("--save_limit", type=int, default=0,
+                   help="also keep the N latest epoch checkpoints (epoch_<E>_model.pth, one per evaluation); "
+                        "0 keeps only the best-loss and best-collision ones")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=2023)
     return p
@@ -79,6 +99,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("epochs", "batch_size", "eval_step", "sk_iters", "kmeans_iters"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
+    for flag in ("warmup_epochs", "num_workers", "save_limit"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag} must be >= 0")
+    if args.lr <= 0 or args.weight_decay < 0:
+        p.error("--lr must be > 0 and --weight_decay >= 0")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -65,6 +65,8 @@ def test_paper_profile_picks_fusionseqrec_samples_by_dataset(dataset, fusion):
     settings, err = run_sh_settings(PROFILE="paper", DATASET=dataset)
     assert settings["TRAIN_DATA_SAMPLE_NUM"] == f"0,0,0,{fusion},0,0" and "note:" not in err
     assert settings["EPOCHS"] == "4" and settings["LR"] == "5e-5" and settings["TEST_PROMPT_IDS"] == "all"
+    # the published indices were trained with BatchNorm on and a linear decay
+    assert "--bn true" in settings["RQ_FLAGS"] and "--lr_scheduler_type linear" in settings["RQ_FLAGS"]
 
 
 def test_paper_profile_on_an_unknown_dataset_keeps_100000_and_says_so():
