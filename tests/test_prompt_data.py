@@ -238,8 +238,9 @@ def test_test_collator_matches_training_prompt(tokenizer_with_indices):
         mask = enc["attention_mask"][row]
         n = int(mask.sum())
         assert mask[-n:].all() and not mask[:-n].any()  # left padding
-        prompt_ids, n_prompt = train_collate.encode(item["prompt"], item["target"])
-        assert enc["input_ids"][row, -n:].tolist() == prompt_ids[:n_prompt]
+        ids, in_loss = train_collate.encode(item["prompt"], item["target"])
+        n_prompt = in_loss.index(True)  # the response starts at the first label
+        assert enc["input_ids"][row, -n:].tolist() == ids[:n_prompt]
 
 
 # ------------------------------------------------------------------ task arguments, titles, draws
@@ -379,3 +380,30 @@ def test_test_task_is_case_insensitive(tiny_data):
     assert list(data.load_test_dataset(args, "SEQREC", 3)) == list(data.load_test_dataset(args, "seqrec", 3))
     with pytest.raises(DataError, match="--test_task"):
         data.load_test_dataset(args, "Item2Index", 0)
+
+
+def test_history_loss_labels_the_history_index_tokens(tiny_data, tiny_base_model):
+    """--history_loss: the index tokens of the history are labels as well as the response; both
+    padding sides give the same labels."""
+    from modeling import load_tokenizer
+    from utils import index_tokens, load_indices
+
+    data_path, _ = tiny_data
+    indices = load_indices(data_path / "Tiny" / "Tiny.index.json")
+    tok = load_tokenizer(tiny_base_model)
+    tok.add_tokens(index_tokens(indices))
+    index_ids = set(tok.convert_tokens_to_ids(index_tokens(indices)))
+    args = parse_args("train", ["--data_path", str(data_path), "--dataset", "Tiny", "--tasks", "seqrec",
+                                "--train_prompt_sample_num", "1", "--train_data_sample_num", "0"])
+    ds = data.SeqRecDataset(args, "train", prompt_id=0)
+    batch = [ds[i] for i in (5, 12)]
+    plain = collator.TrainCollator(tok, True, 2048)(batch)
+    dense = collator.TrainCollator(tok, True, 2048, history_token_ids=index_ids)(batch)
+    fast = collator.TrainCollator(tok, True, 2048, response_logits_only=True, history_token_ids=index_ids)(batch)
+    for row in range(2):
+        labels = dense["labels"][row][dense["attention_mask"][row] == 1]
+        ids = dense["input_ids"][row][dense["attention_mask"][row] == 1]
+        assert (labels != -100).sum() > (plain["labels"][row] != -100).sum()  # more labels than the response
+        assert all((int(lab) == int(i)) == (int(i) in index_ids or int(lab) != -100) for i, lab in zip(ids, labels))
+        kept = fast["labels"][row][fast["labels"][row] != -100].tolist()
+        assert kept == labels[labels != -100].tolist()  # response-only logits keep every label
