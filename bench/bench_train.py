@@ -4,9 +4,11 @@ Both paths take optimizer steps (forward, backward, AdamW) on batches of the giv
 training mixture, rendered and tokenized exactly as finetune.py does:
 - ``plain``: random batches, right padding, the output layer on every token, fp32 on CPU
   (bf16 autocast on GPUs);
-- ``fast``: length-grouped batches (as ``--group_by_length``), the output layer on the response
-  positions only (the default of finetune.py), and bf16 autocast wherever the device has native
-  bf16 (GPUs, CPUs with avx512_bf16 or AMX).
+- ``fast``: what finetune.py does by default: the output layer on the response positions only,
+  and bf16 autocast wherever the device has native bf16 (GPUs, CPUs with avx512_bf16 or AMX;
+  run.sh's PRECISION=auto).
+Both paths take the same random batches; ``padding_share`` says how much batching by length
+could still save.
 Steps of the two paths alternate, so that a machine whose speed drifts slows both alike; the
 figures are medians over the timed steps. Before any step, both collators score the same batch
 with the same weights: their losses must agree (exactly in fp32, within bf16 rounding otherwise).
@@ -38,18 +40,6 @@ import data  # noqa: E402
 from collator import TrainCollator  # noqa: E402
 from modeling import load_for_training  # noqa: E402
 from utils import cpu_supports_bf16, get_device, parse_args, set_seed  # noqa: E402
-
-
-def length_grouped(lengths: list[int], batch_size: int, rng: random.Random, mega: int = 50) -> list[list[int]]:
-    """Batches of similar length, as transformers' LengthGroupedSampler forms them: shuffle, cut
-    into mega-batches of ``mega`` batches, sort each by length, then shuffle the batches."""
-    order = rng.sample(range(len(lengths)), len(lengths))
-    batches = []
-    for start in range(0, len(order), mega * batch_size):
-        chunk = sorted(order[start:start + mega * batch_size], key=lambda i: -lengths[i])
-        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return [b for b in batches if len(b) == batch_size]
 
 
 def main() -> None:
@@ -87,13 +77,10 @@ def main() -> None:
     collators = {"plain": TrainCollator(tokenizer, True, 2048, response_logits_only=False),
                  "fast": TrainCollator(tokenizer, True, 2048, response_logits_only=True)}
     autocasts = {"plain": device.type == "cuda", "fast": native_bf16}
-    rng = random.Random(0)
     n_batches = args.warmup + args.steps
-    pool = rng.sample(range(len(train_set)), min(len(train_set), 50 * args.batch_size * n_batches))
-    lengths = [len(tokenizer(train_set[i]["prompt"] + train_set[i]["response"])["input_ids"]) for i in
-               tqdm(pool, desc="lengths", file=sys.stderr)]
-    batches = {"plain": [pool[k * args.batch_size:(k + 1) * args.batch_size] for k in range(n_batches)],
-               "fast": [[pool[i] for i in b] for b in length_grouped(lengths, args.batch_size, rng)][:n_batches]}
+    pool = random.Random(0).sample(range(len(train_set)), min(len(train_set), args.batch_size * n_batches))
+    same_batches = [pool[k * args.batch_size:(k + 1) * args.batch_size] for k in range(n_batches)]
+    batches = {"plain": same_batches, "fast": same_batches}
 
     def encode(path: str, idx: list[int]) -> dict:
         batch = collators[path]([train_set[i] for i in idx])
