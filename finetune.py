@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 import data
 from collator import TrainCollator
 from modeling import load_for_training
-from utils import DataError, index_tokens, parse_args, set_seed
+from utils import DataError, check_writable, index_tokens, parse_args, set_seed
 
 
 def world_size() -> int:
@@ -189,17 +188,6 @@ def resume_arg(value: str | None, output_dir: str | os.PathLike = ".") -> str | 
     return value
 
 
-def check_output_dir(output_dir: str | os.PathLike) -> None:
-    """Fail before any work when --output_dir cannot be created or written."""
-    out = Path(output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise DataError(f"--output_dir {out}: cannot be created or written ({e.strerror or e})") from e
-
-
 def final_model_complete(output_dir: str | os.PathLike) -> bool:
     """A finished final model: ``config.json`` is published last (see publish_folder)."""
     return (Path(output_dir) / "config.json").is_file()
@@ -270,7 +258,7 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
 
     ``adapt_model(model, args)`` wraps the loaded model (LoRA); ``model_kwargs`` go to from_pretrained."""
     set_seed(args.seed)
-    check_output_dir(args.output_dir)  # before any work: an unwritable folder would lose the run
+    check_writable(args.output_dir, "--output_dir", is_dir=True)  # before any work: it would lose the run
     init_distributed(args)
     training_args = training_arguments(args)
 

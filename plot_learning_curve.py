@@ -14,7 +14,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from utils import DataError, atomic_path, load_json  # noqa: E402
+from plot_loss import save_plot  # noqa: E402
+from utils import DataError, load_json  # noqa: E402
 
 
 def plot_learning_curve(curve_file: str | Path, output: str | Path) -> Path:
@@ -30,16 +31,8 @@ def plot_learning_curve(curve_file: str | Path, output: str | Path) -> Path:
         if metric in curve.get("popularity", {}):
             ax.axhline(curve["popularity"][metric], color=color, linestyle="--", linewidth=1,
                        label=f"popularity {name}")
-    ax.set_xlabel("training examples seen")
-    ax.set_ylabel(f"validation metric ({curve.get('users', '?')} users)")
-    ax.set_title("LC-Rec learning curve")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(output) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(output)
+    return save_plot(fig, ax, "training examples seen", f"validation metric ({curve.get('users', '?')} users)",
+                     "LC-Rec learning curve", output, legend_size=8)
 
 
 def main() -> None:

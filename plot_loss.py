@@ -35,11 +35,16 @@ def plot_loss(trainer_state_file: str | Path, output: str | Path) -> Path:
         ax.plot(*zip(*train), label="training loss", linewidth=1.2)
     if valid:
         ax.plot(*zip(*valid), "o-", label="validation loss (seqrec)", linewidth=1.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title("LC-Rec fine-tuning")
+    return save_plot(fig, ax, "optimizer step", "loss", "LC-Rec fine-tuning", output)
+
+
+def save_plot(fig, ax, xlabel: str, ylabel: str, title: str, output: str | Path, legend_size: int | None = None) -> Path:
+    """Labels, grid and legend, then the PNG written atomically; the figure is closed."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     with atomic_path(output) as tmp:
         fig.savefig(tmp, format="png")

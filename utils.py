@@ -66,16 +66,17 @@ def write_jsonl_atomic(rows: list[dict], path: str | os.PathLike) -> None:
 
 
 
-def check_writable(path: str | os.PathLike, flag: str) -> None:
-    """Fail before any work when the folder of output file ``path`` cannot be created or written
-    (an evaluation that ends in a PermissionError loses its metrics)."""
-    folder = Path(path).parent
+def check_writable(path: str | os.PathLike, flag: str, is_dir: bool = False) -> None:
+    """Fail before any work when output file ``path`` (or, with ``is_dir``, output folder ``path``)
+    cannot be created or written: a run that ends in a PermissionError loses its work."""
+    folder = Path(path) if is_dir else Path(path).parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise DataError(f"{flag} {path}: its folder {folder} cannot be created or written ({e.strerror or e})") from e
+        where = "" if is_dir else f" its folder {folder}"
+        raise DataError(f"{flag} {path}:{where} cannot be created or written ({e.strerror or e})") from e
 
 
 def write_results(results: dict, path: str | os.PathLike, table: str, flag: str = "--results_file") -> None:
