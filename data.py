@@ -88,6 +88,19 @@ def load_user_file(args: argparse.Namespace, section: str) -> dict[str, Any]:
     return data[section]
 
 
+def seeded_subset(n: int, sample_num: int, key: str) -> list[int]:
+    """Sorted positions of a seeded random subset of ``sample_num`` out of ``n`` (all when
+    ``sample_num`` is not in 1..n-1)."""
+    if 0 < sample_num < n:
+        return sorted(random.Random(key).sample(range(n), sample_num))
+    return list(range(n))
+
+
+def test_subset_key(seed: int) -> str:
+    """The seed key of ``--sample_num`` test subsets: every test task and baseline scores the same users."""
+    return f"{seed}:test"
+
+
 def _sentence(text: str) -> str:
     """Trim, and end with punctuation so that the text can be followed by another sentence."""
     text = " ".join(str(text).split())
@@ -131,9 +144,8 @@ class TaskDataset(Dataset):
         self.examples: list[dict[str, Any]] = self.build_examples()
         if sample_num and 0 < sample_num < len(self.examples):
             # test subsets ignore the task so that seqrec and fusionseqrec score the same users
-            key = f"{self.seed}:{mode}" if mode == "test" else f"{self.seed}:{self.task}:{mode}"
-            keep = sorted(random.Random(key).sample(range(len(self.examples)), sample_num))
-            self.examples = [self.examples[i] for i in keep]
+            key = test_subset_key(self.seed) if mode == "test" else f"{self.seed}:{self.task}:{mode}"
+            self.examples = [self.examples[i] for i in seeded_subset(len(self.examples), sample_num, key)]
         # Templates each example can use: those whose fields are all non-empty for it.
         # Test sets keep every user (an empty field renders empty) so that all ids see the same users.
         allowed = range(len(self.templates)) if prompt_id is None else [prompt_id]

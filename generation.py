@@ -447,6 +447,16 @@ def check_test_args(args: argparse.Namespace) -> None:
         raise DataError("--ckpt_path is required: the fine-tuned checkpoint folder (or the LoRA adapter with --lora)")
 
 
+def prompt_budget(model_max_length: int, index_len: int) -> int:
+    """Prompt tokens kept at test time: prompts are cut as in training, leaving room for the
+    index and its EOS."""
+    budget = model_max_length - index_len - 1
+    if budget < 1:
+        raise DataError(f"--model_max_length {model_max_length} leaves no room for a prompt before "
+                        f"an index of {index_len} tokens")
+    return budget
+
+
 def shard_range(n: int, rank: int, world_size: int) -> range:
     """Contiguous shard of ``range(n)`` for ``rank``: shards cover every index exactly once."""
     return range(n * rank // world_size, n * (rank + 1) // world_size)
@@ -521,11 +531,7 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
                             share_prefill=not getattr(args, "no_share_prefill", False),
                             search=getattr(args, "beam_search", "trie"))
 
-    # Prompts are cut as in training, leaving room for the index and its EOS.
-    max_prompt_length = args.model_max_length - len(next(iter(indices.values()))) - 1
-    if max_prompt_length < 1:
-        raise DataError(f"--model_max_length {args.model_max_length} leaves no room for a prompt before "
-                        f"an index of {len(next(iter(indices.values())))} tokens")
+    max_prompt_length = prompt_budget(args.model_max_length, len(next(iter(indices.values()))))
     per_prompt: dict[str, dict[str, float]] = {}
     stderr: dict[str, dict[str, float]] = {}
     personal: dict[str, dict[str, float]] = {}

@@ -81,7 +81,7 @@ class LearningCurve(TrainerCallback):
     def score(self, model, state) -> None:
         if not state.is_world_process_zero or model is None:
             return
-        from generation import Decoder, evaluate_prompt
+        from generation import Decoder, evaluate_prompt, prompt_budget
 
         start = time.perf_counter()
         device = next(model.parameters()).device
@@ -95,7 +95,7 @@ class LearningCurve(TrainerCallback):
         try:
             records = evaluate_prompt(model, self.tokenizer, self.examples, self.decoder, settings, CURVE_METRICS,
                                       range(len(self.examples)), show=False,
-                                      max_prompt_length=self.args.model_max_length - self.decoder.trie.index_len - 1)
+                                      max_prompt_length=prompt_budget(self.args.model_max_length, self.decoder.trie.index_len))
         finally:
             model.train(was_training)
         values = compute_metrics([r["rank"] for r in records], CURVE_METRICS)

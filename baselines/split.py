@@ -5,7 +5,7 @@ For a user with items ``s`` (SPEC section 4, as in data.py):
     validation:        history ``s[:-2]`` -> ``s[-2]``
     test:              history ``s[:-1]`` -> ``s[-1]``
 Histories keep their last ``max_his_len`` items. Test users are those LC-Rec is scored on:
-with ``--sample_num N`` the subset data.py draws, ``random.Random(f"{seed}:test")``.
+with ``--sample_num N`` the subset data.py draws (``data.seeded_subset`` with ``data.test_subset_key``).
 
 Histories are stored right-padded as item id + 1 (0 = padding) in ``[n, max_his_len]`` tensors,
 so a model can embed them with ``padding_idx=0``; evaluation targets are plain item ids ``[n]``.
@@ -19,12 +19,12 @@ max_his_len times fewer rows). Histories never reach past ``s[:-2]``.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from data import seeded_subset, test_subset_key
 from utils import DataError, dataset_file, load_inters
 
 
@@ -73,9 +73,7 @@ def train_windows(inters: dict[str, list[int]], max_his_len: int, stride: int) -
 
 def held_out_positions(n_users: int, sample_num: int, seed: int) -> list[int]:
     """Positions (in inters order) of the test users: all, or data.py's seeded subset of ``sample_num``."""
-    if 0 < sample_num < n_users:
-        return sorted(random.Random(f"{seed}:test").sample(range(n_users), sample_num))
-    return list(range(n_users))
+    return seeded_subset(n_users, sample_num, test_subset_key(seed))
 
 
 def to_tensors(examples: list[tuple[list[int], int | list[int]]], max_his_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -365,6 +365,17 @@ def test_hf_backend_tiny_model_end_to_end(tiny_data, tiny_base_model, capsys):
 
 
 # --------------------------------------------------------------------------- bad input, model guard, settings
+def _main_fails_writing_nothing(folder, capsys, argv) -> str:
+    """user_profiles.main(argv) exits with 1 and one error line (returned), writing nothing in ``folder``."""
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        up.main(argv)
+    assert exit_info.value.code == 1
+    line = _one_error_line(capsys)
+    assert sorted(p.name for p in folder.iterdir()) == before  # no journal, no output
+    return line
+
+
 def _one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
@@ -398,14 +409,10 @@ def test_main_bad_input_is_one_error_line(breaker, tiny_data, tiny_base_model, t
     data_path, name = tiny_data
     dataset_file(data_path, name, ".user.json").unlink()
     pattern = breaker(data_path, name, tmp_path)
-    before = sorted(p.name for p in (data_path / name).iterdir())
-    with pytest.raises(SystemExit) as exit_info:
-        up.main(["--dataset", name, "--data_path", str(data_path), "--model_path", str(tiny_base_model),
-                 "--max_new_tokens", "3"])
-    assert exit_info.value.code == 1
-    line = _one_error_line(capsys)
+    line = _main_fails_writing_nothing(data_path / name, capsys, ["--dataset", name, "--data_path", str(data_path),
+                                                                   "--model_path", str(tiny_base_model),
+                                                                   "--max_new_tokens", "3"])
     assert re.search(pattern, line), line
-    assert sorted(p.name for p in (data_path / name).iterdir()) == before  # nothing written
 
 
 def test_script_prints_one_error_line(tmp_path):
@@ -424,15 +431,11 @@ def test_script_prints_one_error_line(tmp_path):
 
 def test_require_instruct_refuses_a_model_without_chat_template(tiny_data, tiny_base_model, tmp_path, capsys):
     data_path, name = tiny_data
-    before = sorted(p.name for p in (data_path / name).iterdir())
-    with pytest.raises(SystemExit) as exit_info:
-        up.main(["--dataset", name, "--data_path", str(data_path), "--model_path", str(tiny_base_model),
-                 "--require_instruct", "--restart"])
-    assert exit_info.value.code == 1
-    line = _one_error_line(capsys)
+    line = _main_fails_writing_nothing(data_path / name, capsys, ["--dataset", name, "--data_path", str(data_path),
+                                                                   "--model_path", str(tiny_base_model),
+                                                                   "--require_instruct", "--restart"])
     assert f"--model_path {tiny_base_model}" in line and "no chat template" in line
     assert "--backend openai" in line and "$OPENAI_BASE_URL" in line and "$OPENAI_MODEL" in line
-    assert sorted(p.name for p in (data_path / name).iterdir()) == before  # no journal, no output
 
     # the same tokenizer with a chat template passes the check
     from transformers import AutoTokenizer
