@@ -130,7 +130,19 @@ def history_token_ids(args: argparse.Namespace, tokenizer) -> list[int]:
 
 
 def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -> Trainer:
-    return Trainer(
+    trainer_class, extra = Trainer, {}
+    if getattr(args, "index_softmax", "none") != "none":
+        from generation import IndexTrie, index_token_ids
+        from index_loss import IndexSoftmax, IndexSoftmaxTrainer, level_token_ids
+
+        indices = data.load_item_indices(args)
+        levels = level_token_ids(tokenizer, index_tokens(indices))
+        trie = None
+        if args.index_softmax == "trie":
+            trie = IndexTrie(list(index_token_ids(tokenizer, indices).values()), tokenizer.eos_token_id)
+        loss = IndexSoftmax(levels, len(tokenizer), args.index_softmax, trie)
+        trainer_class, extra = IndexSoftmaxTrainer, {"index_softmax": loss}
+    return trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_set,
@@ -140,6 +152,7 @@ def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -
                                     history_token_ids=history_token_ids(args, tokenizer)),
         processing_class=tokenizer,
         callbacks=[EpochCallback(train_set)],
+        **extra,
     )
 
 
@@ -272,6 +285,8 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
     model, tokenizer = load_for_training(args.base_model, indices, titles=titles,
                                          mean_resizing=args.index_token_init != "normal", **(model_kwargs or {}))
     log(f"vocabulary with index tokens: {len(tokenizer)}")
+    if args.index_softmax != "none":  # saved in config.json: test.py then scores with the same softmax
+        model.config.index_softmax = args.index_softmax
     if adapt_model is not None:
         model = adapt_model(model, args)
     if args.gradient_checkpointing:

@@ -122,6 +122,8 @@ class IndexTrie:
         self.num_children = torch.tensor([len(ch) for ch in children])  # [num_states]
         self.child_state = torch.tensor([list(ch.values()) + [0] * (max_children - len(ch)) for ch in children])
         self.num_items = len(sequences)
+        # the token ids each level uses, for scoring with the level softmax (see --index_softmax)
+        self.level_tokens = [torch.tensor(sorted({seq[t] for seq in sequences})) for t in range(self.index_len)]
 
     def to(self, device: torch.device) -> "IndexTrie":
         self.symbols, self.next_state, self.allowed, self.num_children, self.child_state = (
@@ -227,7 +229,8 @@ def shared_prefill(model, input_ids: torch.LongTensor, attention_mask: torch.Lon
 # --------------------------------------------------------------------------- trie-native beam search
 @torch.no_grad()
 def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attention_mask: torch.LongTensor,
-                     num_beams: int, eos_token_id: int) -> tuple[torch.LongTensor, torch.FloatTensor]:
+                     num_beams: int, eos_token_id: int,
+                     softmax: str = "full") -> tuple[torch.LongTensor, torch.FloatTensor]:
     """Beam search over the trie's items only -> (index tokens [batch, beams, L], scores [batch, beams]).
 
     The same search and scores as ``generate``'s beam search with ``TrieLogitsProcessor`` (length
@@ -240,10 +243,21 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
     made. Beams that have no real item to reach (fewer than ``num_beams`` items below the kept
     prefixes) score -inf. The prompt runs once per example; its cache is then repeated per beam.
     Candidates with exactly equal float scores may be kept in another order than generate keeps them.
+
+    ``softmax``: what each index token's log-probability is normalised over: the whole vocabulary
+    (full, as generate does), the codes of its level (level) or the children the trie allows after
+    the beam's prefix (trie), matching a model trained with ``--index_softmax`` level or trie (its
+    text rows were never pushed down, so their share of a full softmax would differ from prefix to
+    prefix and blur the ranking). EOS keeps the full softmax, as in that training.
     """
     def full_logprobs(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [batch, 1 or beams, vocab]
         # normalised over the FULL vocabulary, in float32, as generate does
         return torch.log_softmax(logits.float(), -1).view(batch, -1, logits.shape[-1])
+
+    def level_logprobs(logits: torch.Tensor, t: int) -> torch.Tensor:  # the same, over level t's codes
+        logits = logits.float()
+        norm = logits[:, trie.level_tokens[t].to(logits.device)].logsumexp(-1, keepdim=True)  # [rows, 1]
+        return (logits - norm).view(batch, -1, logits.shape[-1])
 
     batch = input_ids.shape[0]
     device, L = input_ids.device, trie.index_len
@@ -262,10 +276,14 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
     offset = torch.arange(batch, device=device)[:, None] * num_beams  # [batch, 1] first row of each example
     children = trie.allowed.shape[1]
     for t in range(L):
-        logprobs = full_logprobs(logits)
         allowed = trie.allowed[state]  # [batch, beams, children]
         real = torch.arange(children, device=device) < trie.num_children[state][..., None]
-        cand = logprobs.expand(batch, num_beams, -1).gather(2, allowed)
+        if softmax == "trie":  # normalised over the real children of each beam's prefix
+            raw = logits.float().view(batch, -1, logits.shape[-1]).expand(batch, num_beams, -1).gather(2, allowed)
+            cand = raw.masked_fill(~real, -math.inf).log_softmax(-1)
+        else:
+            logprobs = level_logprobs(logits, t) if softmax == "level" else full_logprobs(logits)
+            cand = logprobs.expand(batch, num_beams, -1).gather(2, allowed)
         cand = (cand + scores[..., None]).masked_fill_(~real, -math.inf)
         scores, flat = cand.view(batch, -1).topk(num_beams, dim=1)  # [batch, beams]
         beam, slot = flat // children, flat % children
@@ -296,17 +314,23 @@ class Decoder:
     item_of_str: dict[str, str] = field(default_factory=dict)  # "<a_1><b_2><c_3>" -> item id
     share_prefill: bool = True  # run each prompt once, not once per beam (see ``shared_prefill``)
     search: str = "trie"  # trie: ``trie_beam_search`` (mode trie only); hf: transformers' generate
+    softmax: str = "full"  # what each step's scores are normalised over: full, level or trie (see trie_beam_search)
 
     @classmethod
     def build(cls, tokenizer, indices: dict[str, list[str]], vocab_size: int | None = None, mode: str = "trie",
               filter_items: bool = False, device: torch.device | None = None, where: str = "tokenizer",
-              share_prefill: bool = True, search: str = "trie") -> "Decoder":
+              share_prefill: bool = True, search: str = "trie", softmax: str = "full") -> "Decoder":
         """From the index file's ``{item: [token, ...]}``; checks the tokens against the tokenizer and
         the model's vocabulary size (see ``index_token_ids``)."""
         if mode not in DECODING_MODES:
             raise DataError(f"--decoding: {mode!r} is not one of {list(DECODING_MODES)}")
         if search not in BEAM_SEARCHES:
             raise DataError(f"--beam_search: {search!r} is not one of {list(BEAM_SEARCHES)}")
+        if softmax not in SOFTMAXES:
+            raise DataError(f"--score_softmax: {softmax!r} is not one of {list(SOFTMAXES)}")
+        if softmax != "full" and (mode, search) != ("trie", "trie"):
+            raise DataError(f"--score_softmax {softmax} (a model trained with --index_softmax {softmax}) needs the "
+                            "trie search: --decoding trie --beam_search trie, or --score_softmax full")
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         if eos is None:
             raise DataError("the tokenizer has no EOS token; decoding needs one to end an index")
@@ -316,7 +340,7 @@ class Decoder:
         if device is not None:
             trie.to(device)
         return cls(trie, {tuple(v): k for k, v in item_ids.items()}, eos, pad, mode, filter_items,
-                   {"".join(toks): item for item, toks in indices.items()}, share_prefill, search)
+                   {"".join(toks): item for item, toks in indices.items()}, share_prefill, search, softmax)
 
     def generation_config(self, num_beams: int) -> GenerationConfig:
         # do_sample=False explicitly: recent transformers may otherwise sample from the model's defaults.
@@ -346,7 +370,8 @@ class Decoder:
         """Beam-search one left-padded batch; per example, (item or None, score) best first."""
         input_ids, attention_mask = encodings["input_ids"], encodings["attention_mask"]
         if self.mode == "trie" and self.search == "trie" and takes_cache(model):
-            tokens, scores = trie_beam_search(model, self.trie, input_ids, attention_mask, num_beams, self.eos_token_id)
+            tokens, scores = trie_beam_search(model, self.trie, input_ids, attention_mask, num_beams, self.eos_token_id,
+                                              self.softmax)
             return self.ranked(tokens.flatten(0, 1).tolist(), scores.flatten().tolist(), num_beams)
         prompt_len = input_ids.shape[1]
         kwargs = {}
@@ -412,6 +437,24 @@ def rank_batch_with_backoff(decoder: Decoder, model, encodings, num_beams: int, 
         if on_backoff is not None:
             on_backoff(beams, new)
         beams = new
+
+
+SOFTMAXES = ("full", "level", "trie")
+
+
+def scoring_softmax(index_softmax: str) -> str:
+    """The scoring that matches a training loss (finetune.py --index_softmax none|level|trie)."""
+    return "full" if index_softmax in (None, "none") else index_softmax
+
+
+def checkpoint_softmax(choice: str, model) -> str:
+    """``--score_softmax``: ``auto`` follows the checkpoint (``index_softmax`` in its config.json,
+    written by finetune.py --index_softmax); full, level or trie force one."""
+    if choice == "auto":
+        choice = scoring_softmax(getattr(model.config, "index_softmax", "none"))
+    if choice not in SOFTMAXES:
+        raise DataError(f"--score_softmax: {choice!r} is not one of {['auto', *SOFTMAXES]}")
+    return choice
 
 
 # --------------------------------------------------------------------------- the evaluation loop
@@ -529,7 +572,8 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     decoder = Decoder.build(tokenizer, indices, model.get_input_embeddings().weight.shape[0],
                             getattr(args, "decoding", "trie"), args.filter_items, device, where=str(args.ckpt_path),
                             share_prefill=not getattr(args, "no_share_prefill", False),
-                            search=getattr(args, "beam_search", "trie"))
+                            search=getattr(args, "beam_search", "trie"),
+                            softmax=checkpoint_softmax(getattr(args, "score_softmax", "auto"), model))
 
     max_prompt_length = prompt_budget(args.model_max_length, len(next(iter(indices.values()))))
     per_prompt: dict[str, dict[str, float]] = {}

@@ -81,13 +81,14 @@ class LearningCurve(TrainerCallback):
     def score(self, model, state) -> None:
         if not state.is_world_process_zero or model is None:
             return
-        from generation import Decoder, evaluate_prompt, prompt_budget
+        from generation import Decoder, evaluate_prompt, prompt_budget, scoring_softmax
 
         start = time.perf_counter()
         device = next(model.parameters()).device
         if self.decoder is None:
             self.decoder = Decoder.build(self.tokenizer, self.indices, model.get_input_embeddings().weight.shape[0],
-                                         device=device, where="learning curve")
+                                         device=device, where="learning curve",
+                                         softmax=scoring_softmax(getattr(self.args, "index_softmax", "none")))
         settings = argparse.Namespace(test_batch_size=self.args.curve_batch_size, num_beams=self.args.curve_beams,
                                       oom_backoff=True)
         was_training = model.training

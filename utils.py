@@ -332,6 +332,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="start of the new index-token embeddings: mean (transformers' mean resizing), normal (the "
                         "model's weight init, N(0, initializer_range), what the original's transformers did) or "
                         "title (the mean embedding of the titles of the items under each code)")
+    g.add_argument("--index_softmax", type=str, default="none", choices=["none", "level", "trie"],
+                   help="the loss on an index token: a softmax over the whole vocabulary (none, the paper), over "
+                        "the codes of its level (level), or over the codes the item trie allows after the "
+                        "item's earlier tokens (trie: the choice constrained decoding makes)")
     g.add_argument("--full_logits", dest="response_logits_only", action="store_false",
                    help="run the output layer on every token; by default (with --only_train_response) it runs "
                         "on the response positions only, which gives the same loss and gradients, faster")
@@ -375,17 +379,37 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beam_search", type=str, default="trie", choices=["trie", "hf"],
                    help="trie: beam search over the index trie's allowed tokens only (default, fast); "
                         "hf: transformers' generate with the trie as a logits processor (same ranking)")
+    g.add_argument("--score_softmax", type=str, default="auto", choices=["auto", "full", "level", "trie"],
+                   help="normalise each step's beam scores over the whole vocabulary (full), the level's codes "
+                        "(level) or the trie's allowed codes (trie), as finetune.py --index_softmax trained; "
+                        "auto: what the checkpoint's config.json records (full when nothing)")
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
 
 
+def _add_recommend_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recommend")
+    g.add_argument("--user", type=str, default=None, help="a user of <D>.inter.json: their test-time history")
+    g.add_argument("--history", type=str, default=None, help='typed history, oldest first: "Title one; Title two"')
+    g.add_argument("--history_ids", type=str, default=None, help="typed history as item ids: 12,40,7")
+    g.add_argument("--query", type=str, default=None, help="a request in plain words (alone or with a history)")
+    g.add_argument("--k", type=int, default=10, help="items to return")
+    g.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    g.add_argument("--serve", action="store_true", help="serve the web page and its JSON API instead")
+    g.add_argument("--host", type=str, default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+
+
 def build_parser(stage: str, description: str | None = None) -> argparse.ArgumentParser:
-    """The one parser. ``stage`` is "train" (finetune.py, lora_finetune.py) or "test"."""
-    if stage not in ("train", "test"):
-        raise ValueError(f"stage must be 'train' or 'test', got {stage!r}")
+    """The one parser. ``stage`` is "train" (finetune.py, lora_finetune.py), "test" (test.py,
+    test_ddp.py) or "recommend" (the test flags and the request flags)."""
+    if stage not in ("train", "test", "recommend"):
+        raise ValueError(f"stage must be 'train', 'test' or 'recommend', got {stage!r}")
     p = argparse.ArgumentParser(description=description, conflict_handler="resolve")
     _add_global_args(p)
     _add_dataset_args(p)
     (_add_train_args if stage == "train" else _add_test_args)(p)
+    if stage == "recommend":
+        _add_recommend_args(p)
     return p
 
 

@@ -440,3 +440,98 @@ def test_index_token_init_options(tiny_data, tiny_base_model):
     assert torch.cdist(title, title).fill_diagonal_(1.0).min() > 1e-3
     assert (rows["mean"].mean(0) - old.mean(0)).norm() < (rows["title"].mean(0) - old.mean(0)).norm()
     assert rows["normal"].std().item() == pytest.approx(0.02, rel=0.3)  # initializer_range
+
+
+def test_index_softmax_loss_restricts_index_targets_to_their_level(tiny_data, tiny_base_model):
+    """Index targets: a softmax over their level's codes; text targets (EOS, titles): the full one."""
+    from index_loss import IGNORE_INDEX, IndexSoftmax, level_token_ids
+    from utils import index_tokens
+
+    data_path, _ = tiny_data
+    indices = indices_of(data_path)
+    model, tok = finetune.load_for_training(str(tiny_base_model), indices)
+    levels = level_token_ids(tok, index_tokens(indices))
+    assert len(levels) == len(indices["3"]) and all(len(set(ids)) == len(ids) for ids in levels)
+    loss_fn = IndexSoftmax(levels, len(tok))
+    head = model.get_output_embeddings()
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 4, head.weight.shape[1])  # [B, T, H]
+    sa, sb = len(levels[0]) - 1, len(levels[1]) // 2
+    a, b = levels[0][sa], levels[1][sb]
+    labels = torch.tensor([[IGNORE_INDEX, a, b, tok.eos_token_id]])  # positions 0..2 predict a, b, eos
+    got = loss_fn(hidden, labels, head)
+    h = hidden[0]
+    want = (torch.nn.functional.cross_entropy((h[0] @ head.weight[levels[0]].T)[None], torch.tensor([sa]))
+            + torch.nn.functional.cross_entropy((h[1] @ head.weight[levels[1]].T)[None], torch.tensor([sb]))
+            + torch.nn.functional.cross_entropy(head(h[2])[None], torch.tensor([tok.eos_token_id])))
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="not of the form"):
+        level_token_ids(tok, ["<a_1>", "item"])
+
+
+def test_trie_softmax_normalises_over_the_codes_that_can_follow_the_prefix(tiny_data, tiny_base_model):
+    """--index_softmax trie: token t of an item is scored among the codes that some item has after
+    the same t earlier tokens; a whole item's loss is -log P(item) among all items (plus EOS)."""
+    from generation import IndexTrie, index_token_ids
+    from index_loss import IGNORE_INDEX, IndexSoftmax, level_token_ids
+    from utils import index_tokens
+
+    data_path, _ = tiny_data
+    indices = indices_of(data_path)
+    model, tok = finetune.load_for_training(str(tiny_base_model), indices)
+    ids = index_token_ids(tok, indices)  # {item: [token ids]}
+    trie = IndexTrie(list(ids.values()), tok.eos_token_id)
+    loss_fn = IndexSoftmax(level_token_ids(tok, index_tokens(indices)), len(tok), "trie", trie)
+    head = model.get_output_embeddings()
+    item = ids["3"]
+    seq = torch.tensor([[tok.eos_token_id, *item, tok.eos_token_id]])  # a prompt token, the item, EOS
+    labels = seq.clone()
+    labels[0, 0] = IGNORE_INDEX
+    torch.manual_seed(0)
+    hidden = torch.randn(1, seq.shape[1], head.weight.shape[1])  # [B, T, H]
+    got = loss_fn(hidden, labels, head, seq).item()
+    want = 0.0
+    for t, token in enumerate(item):
+        children = sorted({other[t] for other in ids.values() if other[:t] == item[:t]})
+        logits = hidden[0, t] @ head.weight[children].T
+        want -= logits.log_softmax(-1)[children.index(token)].item()
+    want -= head(hidden[0, len(item)]).log_softmax(-1)[tok.eos_token_id].item()
+    assert got == pytest.approx(want, rel=1e-5)
+    # the item probabilities it implies (without EOS) sum to one over all items
+    total = 0.0
+    for other in ids.values():
+        s = torch.tensor([[tok.eos_token_id, *other]])
+        lab = s.clone()
+        lab[0, 0] = IGNORE_INDEX
+        total += torch.exp(-loss_fn(hidden[:, :s.shape[1]], lab, head, s)).item()
+    assert total == pytest.approx(1.0, rel=1e-4)
+    level = IndexSoftmax(level_token_ids(tok, index_tokens(indices)), len(tok), "level")(hidden, labels, head)
+    assert got <= level.item() + 1e-5  # never more choices than the whole level
+
+
+def test_index_softmax_trains(tiny_data, tiny_base_model, tmp_path):
+    """The Trainer uses the trie softmax (a subset of the vocabulary: never above the full loss), with
+    response-only logits and history targets, and a run with it trains, saves and reloads."""
+    data_path, _ = tiny_data
+    out = tmp_path / "isx"
+    argv = cli(tiny_base_model, data_path, out, "--save_and_eval_strategy", "no", "--tasks", "seqrec,index2item",
+               "--train_prompt_sample_num", "1,1", "--train_data_sample_num", "0,0", "--index_softmax",
+               "trie", "--history_loss")
+    args = parse_args("train", argv)
+    train, valid = data.load_datasets(args)
+    model, tok = finetune.load_for_training(str(tiny_base_model), indices_of(data_path))
+    trainer = finetune.build_trainer(args, finetune.training_arguments(args), model, tok, train, valid)
+    batch = trainer.data_collator([train[i] for i in (0, 3, len(train) - 1)])  # seqrec and title responses
+    assert "logits_to_keep" in batch
+    restricted = trainer.compute_loss(model, dict(batch)).item()
+    full = model(**batch).loss.item()
+    assert 0 < restricted < full
+    finetune.main(argv)
+    losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert len(losses) == 2 and all(0 < x < full * 2 for x in losses)
+    model = assert_reloads(out, data_path, tiny_base_model)
+    from generation import checkpoint_softmax
+
+    # recorded in config.json, so test.py scores with the softmax the model was trained with
+    assert checkpoint_softmax("auto", model) == "trie" and checkpoint_softmax("full", model) == "full"
+    assert checkpoint_softmax("auto", finetune.load_for_training(str(tiny_base_model), indices_of(data_path))[0]) == "full"

@@ -338,3 +338,35 @@ def test_oom_inside_the_trie_search_backs_off(tiny_indexed):
         hook.remove()
     assert used == 5 and [len(r) for r in ranked] == [5, 5]
     assert ranked == decoder.rank(model, enc, 5)
+
+
+@pytest.mark.parametrize("softmax", ["level", "trie"])
+def test_level_and_trie_softmax_score_every_item_over_its_codes(tiny_indexed, tie_free_model, softmax):
+    """--score_softmax level|trie: with as many beams as items, each score is the item's
+    log-likelihood with every index token normalised over its level's codes, or over the codes
+    that follow its prefix in the trie (EOS over the vocabulary), divided by the length."""
+    tok, _, indices = tiny_indexed
+    model = tie_free_model
+    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0], softmax=softmax)
+    prompt = _encode(tok, TEXTS[1:2])
+    ranked = decoder.rank(model, prompt, len(indices))[0]
+    assert sorted(i for i, _ in ranked) == sorted(indices)
+    ids_of = {item: list(ids) for ids, item in decoder.item_of.items()}
+    levels = [sorted({ids[t] for ids in ids_of.values()}) for t in range(decoder.trie.index_len)]
+    full_scores = dict(Decoder.build(tok, indices).rank(model, prompt, len(indices))[0])
+    differs = 0
+    for item, score in ranked:
+        tail = torch.tensor([ids_of[item] + [decoder.eos_token_id]])
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([prompt["input_ids"], tail], 1)).logits[0, prompt["input_ids"].shape[1] - 1:-1]
+        item_ids = ids_of[item]
+        codes = [levels[t] if softmax == "level" else
+                 sorted({o[t] for o in ids_of.values() if o[:t] == item_ids[:t]}) for t in range(len(levels))]
+        exact = sum((logits[t, tail[0, t]] - logits[t, codes[t]].logsumexp(-1)).item() for t in range(len(levels)))
+        exact += logits[-1].log_softmax(-1)[decoder.eos_token_id].item()
+        assert abs(score - exact / tail.shape[1]) < 1e-4, item
+        differs += abs(score - full_scores[item]) > 1e-4
+    assert differs == len(indices)  # a real change: the full softmax scores every item lower
+    with pytest.raises(DataError, match="needs the trie search"):
+        Decoder.build(tok, indices, softmax=softmax, search="hf")
+

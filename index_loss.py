@@ -1,0 +1,134 @@
+"""--index_softmax level|trie: the loss on an index token is a softmax over a subset of the codes.
+
+Constrained decoding only ever chooses among the codes of one level (``<b_*>`` after ``<a_*>``),
+so the full-vocabulary softmax spends its gradient on a question the trie already answers
+("is the next token an index token of level b?") and on pushing down ~50k text rows. Restricted
+to the level's codes, every gradient step ranks items against items, and the output layer runs
+on 256 rows instead of the whole vocabulary. ``trie`` goes one step further and normalises over
+the codes that can follow the item's earlier tokens, which is the distribution constrained
+decoding samples from. Targets that are not index tokens (EOS, the titles of index2item) keep the
+full softmax. Off by default: the original trains with the plain loss.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+IGNORE_INDEX = -100
+
+
+def level_token_ids(tokenizer, tokens: list[str]) -> list[list[int]]:
+    """Ids of the index tokens grouped by level (``<a_*>``, ``<b_*>``, ...), in level order."""
+    levels: dict[str, list[str]] = {}
+    for token in tokens:
+        m = re.fullmatch(r"<([a-z]+)_\d+>", token)
+        if m is None:
+            raise ValueError(f"index token {token!r} is not of the form <level_code>")
+        levels.setdefault(m.group(1), []).append(token)
+    return [tokenizer.convert_tokens_to_ids(levels[name]) for name in sorted(levels)]
+
+
+class IndexSoftmax:
+    """Summed cross-entropy of hidden states against labels, index targets over a subset of codes.
+
+    ``level``: over the codes of the target's level. ``trie`` (with ``trie``, an IndexTrie of the
+    items): over the codes the trie allows after the target's prefix within its item (the tokens
+    before it in the sequence), so that the four tokens of an item add up to the log-probability of
+    the item among all items, exactly the choice constrained beam search makes; the model never
+    has to learn which code combinations exist. A prefix that is no item's (cannot happen for the
+    project's prompts) falls back to the level softmax.
+    """
+
+    def __init__(self, level_ids: list[list[int]], vocab_size: int, mode: str = "level", trie=None):
+        if mode not in ("level", "trie") or (mode == "trie") != (trie is not None):
+            raise ValueError(f"mode must be 'level', or 'trie' with a trie; got {mode!r}")
+        self.mode, self.trie = mode, trie
+        self.level_ids = [torch.tensor(ids, dtype=torch.long) for ids in level_ids]
+        self.level_of = torch.full((vocab_size,), -1, dtype=torch.long)  # [V] level of each token, -1: text
+        self.slot_of = torch.zeros(vocab_size, dtype=torch.long)  # [V] position among its level's codes
+        for level, ids in enumerate(self.level_ids):
+            self.level_of[ids] = level
+            self.slot_of[ids] = torch.arange(len(ids))
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Linear,
+                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [B, T, H] (final, normed), labels [B, T] (unshifted), input_ids [B, T] (trie mode)
+        -> summed loss (scalar)."""
+        device = labels.device
+        level_of, slot_of = self.level_of.to(device), self.slot_of.to(device)
+        target = labels[:, 1:]  # [B, T-1]: position t predicts token t+1
+        keep = target != IGNORE_INDEX
+        level = torch.where(keep, level_of[target.clamp(min=0)], -2)  # [B, T-1]; -2: not in the loss
+        total = hidden.new_zeros((), dtype=torch.float32)
+        text = level == -1
+        if text.any():
+            total = total + F.cross_entropy(head(hidden[:, :-1][text]).float(), target[text], reduction="sum")
+        for lv, ids in enumerate(self.level_ids):
+            rows, cols = (level == lv).nonzero(as_tuple=True)  # target token at column cols + 1
+            if len(rows) == 0:
+                continue
+            ids = ids.to(device)
+            logits = hidden[rows, cols] @ head.weight[ids].T  # [n, codes of the level]
+            if head.bias is not None:
+                logits = logits + head.bias[ids]
+            logits, y = logits.float(), slot_of[target[rows, cols]]
+            if self.mode == "trie":
+                logits, y = self.within_trie(logits, y, input_ids, rows, cols + 1, lv, slot_of)
+            total = total + F.cross_entropy(logits, y, reduction="sum")
+        return total
+
+    def within_trie(self, logits, y, input_ids, rows, cols, lv: int, slot_of):
+        """Level logits [n, codes] -> logits over the trie's children of each prefix [n, max_children]
+        (padding at -inf) and the target's position among them."""
+        if input_ids is None:
+            raise ValueError("the trie softmax needs the input ids (the prefix of each target)")
+        prefix = torch.stack([input_ids[rows, cols - lv + k] for k in range(lv)], 1) if lv else \
+            input_ids.new_empty((len(rows), 0))  # [n, lv]
+        trie = self.trie
+        state = trie.states(prefix)  # [n]
+        allowed = trie.allowed[state]  # [n, max_children] token ids
+        real = torch.arange(allowed.shape[1], device=allowed.device) < trie.num_children[state][:, None]
+        target = self.level_ids[lv].to(y.device)[y]  # [n] token ids
+        hit = (allowed == target[:, None]) & real
+        found = hit.any(1)
+        children = logits.gather(1, slot_of[allowed]).masked_fill(~real, float("-inf"))  # [n, max_children]
+        if bool(found.all()):
+            return children, hit.float().argmax(1)
+        # an unknown prefix: keep the level softmax for that row (padded to the wider of the two)
+        width = max(children.shape[1], logits.shape[1])
+        pad = lambda t: F.pad(t, (0, width - t.shape[1]), value=float("-inf"))  # noqa: E731
+        out = torch.where(found[:, None], pad(children), pad(logits))
+        return out, torch.where(found, hit.float().argmax(1), y)
+
+
+class IndexSoftmaxTrainer(Trainer):
+    """A Trainer whose loss is :class:`IndexSoftmax`, normalised exactly as the default loss is."""
+
+    def __init__(self, *args, index_softmax: IndexSoftmax, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.index_softmax = index_softmax
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        keep = inputs.pop("logits_to_keep", 0)
+        # through the (DDP) wrapper so gradients synchronise; one projected position is all it costs
+        outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+        hidden = outputs.hidden_states[-1]  # [B, T, H], after the final norm
+        if keep:
+            hidden = hidden[:, -keep:]  # the columns the left-padded labels cover
+        unwrapped = self.accelerator.unwrap_model(model)
+        input_ids = inputs["input_ids"][:, -keep:] if keep else inputs["input_ids"]
+        total = self.index_softmax(hidden, labels, unwrapped.get_output_embeddings(), input_ids)
+        if num_items_in_batch is None or not self.model_accepts_loss_kwargs:
+            # a mean over this batch's labels; the Trainer then divides by the accumulation steps
+            loss = total / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+        else:  # mirrors the default: the sum over the global label count, times the processes averaged over
+            loss = total / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,197 @@
+"""Top-K items from a trained model: for a user, a typed history, or a free-text request.
+
+The model loads once (:class:`Recommender`); each request renders the same prompt templates
+training used (seqrec template 0 for histories, an itemsearch template for requests) and
+decodes with the trie-constrained beam search of test.py, so every returned item is a real
+item. Bad input raises :class:`RequestError` with a message meant for the person who typed it.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import prompt
+from utils import DataError
+
+QUERY_TEMPLATE = 'Query: "{query}" Return the item that best answers this query.'  # itemsearch, query only
+
+
+class RequestError(DataError):
+    """A request that cannot be answered as asked (unknown user or title, empty history, bad K)."""
+
+
+@dataclass
+class Recommendation:
+    rank: int
+    item: str
+    title: str
+    index: str
+    score: float  # the beam's mean log-probability per generated token (higher is better)
+    in_history: bool
+
+
+def template_id(task: str, fields: set[str]) -> int:
+    """The first item-output template of ``task`` that uses exactly ``fields`` (besides the item)."""
+    for i in prompt.item_output_ids(task):
+        if prompt.template_fields(prompt.TEMPLATES[task][i]) == fields | {"item"}:
+            return i
+    raise ValueError(f"no {task} template uses exactly {sorted(fields)}")
+
+
+def match_title(text: str, titles: dict[str, str]) -> tuple[str, str | None]:
+    """(item, note) for a typed title: exact, then case-insensitive, then the closest title (the
+    note says which was taken). Unknown: RequestError listing the closest titles."""
+    text = " ".join(text.split())
+    exact = [i for i, t in titles.items() if t == text]
+    if exact:
+        return exact[0], None
+    folded = [i for i, t in titles.items() if t.casefold() == text.casefold()]
+    if folded:
+        return folded[0], None
+    by_title = {t.casefold(): i for i, t in titles.items()}
+    close = difflib.get_close_matches(text.casefold(), list(by_title), n=5, cutoff=0.75)
+    if close:
+        item = by_title[close[0]]
+        return item, f'"{text}" matched to "{titles[item]}"'
+    near = difflib.get_close_matches(text.casefold(), list(by_title), n=5, cutoff=0.3)
+    hint = "; closest titles: " + "; ".join(f'"{titles[by_title[t]]}"' for t in near) if near else ""
+    raise RequestError(f'unknown title "{text}"{hint}')
+
+
+class Recommender:
+    """A checkpoint, its dataset's files and the decoder, loaded once; ``recommend`` per request."""
+
+    def __init__(self, args: argparse.Namespace):
+        import data
+        from collator import TestCollator
+        from generation import Decoder, checkpoint_softmax, prompt_budget
+        from modeling import load_for_inference
+        from transformers import GenerationConfig
+        from utils import default_dtype, get_device
+
+        if not args.ckpt_path:
+            raise DataError("--ckpt_path is required: the fine-tuned checkpoint folder (or the LoRA adapter with --lora)")
+        self.num_beams = int(args.num_beams)
+        if self.num_beams < 1:
+            raise DataError(f"--num_beams must be at least 1, got {self.num_beams}")
+        self.files = data.load_files(args)
+        self.indices = self.files.indices
+        self.seqrec = data.SeqRecDataset(args, "test", prompt_id=0)  # formats histories as training did
+        self.max_his_len = self.seqrec.max_his_len
+        self.titles = {item: self.seqrec.title_of(item) for item in self.indices if item in self.files.items}
+        self.searchable = {item: title for item, title in self.titles.items() if title}  # what typed titles match
+        device = get_device(getattr(args, "gpu_id", 0))
+        self.model, self.tokenizer = load_for_inference(args.ckpt_path, self.indices, dtype=default_dtype(device),
+                                                        device=device, lora=args.lora, base_model=args.base_model)
+        self.model.generation_config = GenerationConfig(eos_token_id=self.tokenizer.eos_token_id,
+                                                        pad_token_id=self.tokenizer.pad_token_id)
+        self.decoder = Decoder.build(self.tokenizer, self.indices, self.model.get_input_embeddings().weight.shape[0],
+                                     device=device, where=str(args.ckpt_path),
+                                     softmax=checkpoint_softmax(getattr(args, "score_softmax", "auto"), self.model))
+        index_len = len(next(iter(self.indices.values())))
+        self.collate = TestCollator(self.tokenizer, prompt_budget(args.model_max_length, index_len))
+        self.device = device
+        self.lock = threading.Lock()  # one request at a time on the model
+
+    # ------------------------------------------------------------------ inputs
+    def user_history(self, user: str) -> tuple[list[str], str]:
+        """The user's test-time history (all but the last interaction) and the held-out last item."""
+        seq = self.files.inters.get(str(user).strip())
+        if seq is None:
+            users = list(self.files.inters)
+            raise RequestError(f"unknown user {user!r}; users are {users[0]} ... {users[-1]} ({len(users)} in all)")
+        return [str(i) for i in seq[:-1]], str(seq[-1])
+
+    def history_from_titles(self, text: str) -> tuple[list[str], list[str]]:
+        """'Title one; Title two' -> (items, notes on the closest matches taken)."""
+        items, notes = [], []
+        for part in (p.strip() for p in text.split(";")):
+            if part:
+                item, note = match_title(part, self.searchable)
+                items.append(item)
+                notes += [note] if note else []
+        return items, notes
+
+    def history_from_ids(self, ids: str | list) -> list[str]:
+        parts = ids if isinstance(ids, list) else str(ids).split(",")
+        items = [str(p).strip() for p in parts if str(p).strip()]
+        unknown = [i for i in items if i not in self.indices]
+        if unknown:
+            raise RequestError(f"unknown item ids {unknown[:5]}; ids are the keys of the index file "
+                               f"({len(self.indices)} items)")
+        return items
+
+    # ------------------------------------------------------------------ the request
+    def build_prompt(self, history: list[str], query: str | None) -> str:
+        if query is not None and not query.strip():
+            raise RequestError("the request text is empty")
+        if query is None:
+            if not history:
+                raise RequestError("the history is empty; give at least one item")
+            fields = {"history": self.seqrec.format_history(history)}
+            return prompt.wrap(prompt.TEMPLATES["seqrec"][0]["instruction"].format(**fields))
+        query = " ".join(query.split())
+        if not history:
+            return prompt.wrap(QUERY_TEMPLATE.format(query=query))
+        task = prompt.TEMPLATES["itemsearch"][template_id("itemsearch", {"history", "query"})]
+        return prompt.wrap(task["instruction"].format(history=self.seqrec.format_history(history), query=query))
+
+    def recommend(self, history: list[str], query: str | None = None, k: int = 10) -> dict:
+        """Top-``k`` items for a history (oldest first) and/or a request text."""
+        if not 1 <= int(k) <= len(self.indices):
+            raise RequestError(f"K must be between 1 and the number of items ({len(self.indices)}), got {k}")
+        k = int(k)
+        notes = []
+        if len(history) > self.max_his_len > 0:
+            notes.append(f"the history has {len(history)} items; the model sees the most recent {self.max_his_len}")
+        text = self.build_prompt(history, query)
+        beams = max(self.num_beams, k)
+        start = time.perf_counter()
+        with self.lock:
+            encodings, _ = self.collate([{"prompt": text, "target": ""}])
+            if self.collate.last_cut[0]:
+                notes.append("the prompt was longer than --model_max_length; its oldest tokens were cut")
+            encodings = {name: t.to(self.device) for name, t in encodings.items()}
+            ranked = self.decoder.rank(self.model, encodings, beams)[0]
+        seen = set(history)
+        items = [Recommendation(rank, item, self.titles.get(item, ""), "".join(self.indices[item]), round(score, 4),
+                                item in seen)
+                 for rank, (item, score) in enumerate(((i, s) for i, s in ranked if i is not None), start=1)][:k]
+        first_used = max(0, len(history) - self.max_his_len) if self.max_his_len > 0 else 0
+        return {"items": [asdict(r) for r in items],
+                "history": [{"item": i, "title": self.titles.get(i, ""), "in_prompt": n >= first_used}
+                            for n, i in enumerate(history)],
+                "query": query, "notes": notes, "num_beams": beams,
+                "latency_ms": round(1000 * (time.perf_counter() - start), 1)}
+
+    def answer(self, user: str | None = None, history: str | None = None, history_ids: str | list | None = None,
+               query: str | None = None, k: int = 10) -> dict:
+        """One request from the command line or the web page: exactly one of user / history /
+        history_ids, or none of them with a query."""
+        given = [name for name, v in (("user", user), ("history", history), ("history_ids", history_ids))
+                 if v not in (None, "", [])]
+        if len(given) > 1:
+            raise RequestError(f"give one of user, history or history_ids, not {' and '.join(given)}")
+        if not given and query is None:
+            raise RequestError("nothing to recommend from: give a user, a history (titles or item ids) or a request")
+        held_out, notes = None, []
+        if user not in (None, ""):
+            items, held_out = self.user_history(str(user))
+        elif history not in (None, ""):
+            items, notes = self.history_from_titles(history)
+            if not items:
+                raise RequestError("the history is empty; give at least one title")
+        elif history_ids not in (None, "", []):
+            items = self.history_from_ids(history_ids)
+        else:
+            items = []
+        out = self.recommend(items, query, k)
+        out["notes"] = notes + out["notes"]
+        if held_out is not None:
+            ranks = [r["rank"] for r in out["items"] if r["item"] == held_out]
+            out["held_out"] = {"item": held_out, "title": self.titles.get(held_out, ""),
+                               "rank": ranks[0] if ranks else None}
+        return out
