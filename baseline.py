@@ -11,14 +11,13 @@ it. It takes the flags of test.py (one parser) and writes results in the same JS
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 
 import data
 from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, personalisation,
                      standard_errors, target_rank)
 from generation import resolve_prompt_ids
-from utils import DataError, check_writable, parse_args, write_results
+from utils import DataError, check_writable, exit_on_data_error, parse_args, write_results
 
 
 def popularity_ranking(inters: dict[str, list[int]]) -> list[str]:
@@ -58,10 +57,8 @@ def evaluate_popularity(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     args = parse_args("test", description=__doc__.split("\n")[0])
-    try:
+    with exit_on_data_error():
         evaluate_popularity(args)
-    except DataError as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 import data
 from collator import TrainCollator
 from modeling import load_for_training
-from utils import DataError, check_writable, index_tokens, parse_args, set_seed
+from utils import check_writable, exit_on_data_error, index_tokens, parse_args, set_seed
 
 
 def world_size() -> int:
@@ -324,7 +324,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_data_error():
         main()
-    except DataError as e:
-        raise SystemExit(f"error: {e}")

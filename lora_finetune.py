@@ -15,7 +15,7 @@ import os
 import torch
 
 from finetune import is_main_process, run
-from utils import DataError, parse_args, parse_list
+from utils import DataError, exit_on_data_error, parse_args, parse_list
 
 
 def quantization_kwargs(args: argparse.Namespace) -> dict:
@@ -77,7 +77,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_data_error():
         main()
-    except DataError as e:
-        raise SystemExit(f"error: {e}")

@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 from plot_loss import save_plot  # noqa: E402
-from utils import DataError, load_json  # noqa: E402
+from utils import DataError, exit_on_data_error, load_json  # noqa: E402
 
 
 def plot_learning_curve(curve_file: str | Path, output: str | Path) -> Path:
@@ -40,10 +40,8 @@ def main() -> None:
     parser.add_argument("--curve", required=True, help="learning_curve.json written by finetune.py --curve_steps")
     parser.add_argument("--output", required=True, help="PNG to write")
     args = parser.parse_args()
-    try:
+    with exit_on_data_error():
         print(plot_learning_curve(args.curve, args.output))
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":

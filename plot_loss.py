@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from utils import DataError, atomic_path, load_json  # noqa: E402
+from utils import DataError, atomic_path, exit_on_data_error, load_json  # noqa: E402
 
 
 def loss_curves(trainer_state: dict) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
@@ -61,4 +61,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_data_error():
+        main()

@@ -11,12 +11,11 @@ in the history are marked. The logic lives in recommender.py, the server in reco
 """
 import json
 import os
-import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # steadier on small CPU machines
 
 from recommender import Recommender  # noqa: E402
-from utils import DataError, parse_args  # noqa: E402
+from utils import DataError, exit_on_data_error, parse_args  # noqa: E402
 
 
 def format_table(out: dict) -> str:
@@ -59,7 +58,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_data_error():
         main()
-    except DataError as e:
-        sys.exit(f"error: {e}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils import DataError, atomic_path, load_json
+from utils import DataError, atomic_path, exit_on_data_error, load_json
 
 
 def results_table(files: list[str], names: list[str] | None = None) -> str:
@@ -56,4 +56,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_data_error():
+        main()

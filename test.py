@@ -9,21 +9,18 @@ mean/min/max, written as JSON to --results_file. The loop lives in generation.py
 """
 import logging
 import os
-import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # faster and steadier on small CPU machines
 
 from generation import evaluate_checkpoint  # noqa: E402
-from utils import DataError, parse_args  # noqa: E402
+from utils import exit_on_data_error, parse_args  # noqa: E402
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args("test", description=__doc__.split("\n")[0])
-    try:
+    with exit_on_data_error():
         evaluate_checkpoint(args)
-    except DataError as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ per-example ranks with all_gather_object and computes the metrics, so they equal
 """
 import logging
 import os
-import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -16,7 +15,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from generation import evaluate_checkpoint  # noqa: E402
-from utils import DataError, get_device, parse_args  # noqa: E402
+from utils import exit_on_data_error, get_device, parse_args  # noqa: E402
 
 
 def all_gather(obj: list) -> list[list]:
@@ -38,9 +37,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
     try:
-        evaluate_checkpoint(args, rank, world_size, gather=all_gather if world_size > 1 else None)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+        with exit_on_data_error():
+            evaluate_checkpoint(args, rank, world_size, gather=all_gather if world_size > 1 else None)
     finally:
         if distributed:
             dist.destroy_process_group()

@@ -2,7 +2,7 @@
 loading (with validation) of the dataset files described in SPEC section 4.
 
 Every script imports from here; scripts in sub-folders (``index/``, ``data_process/``,
-``convert/``) put the repository root on ``sys.path`` first.
+``convert/``) find it once the repository is installed (``pip install -e .``).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,17 @@ MIN_INTERACTIONS = 3  # leave-one-out needs a train, a validation and a test ite
 
 class DataError(ValueError):
     """Bad input: the message names the file, field or flag and what was expected."""
+
+
+@contextlib.contextmanager
+def exit_on_data_error(*also: type[Exception]) -> Iterator[None]:
+    """End a script on bad input (a DataError, or one of ``also``) with one line ``error: <message>``
+    on stderr and exit status 1, not a traceback: the message already says what to fix."""
+    try:
+        yield
+    except (DataError, *also) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 # --------------------------------------------------------------------------- atomic writes

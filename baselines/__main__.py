@@ -12,14 +12,14 @@ import time
 
 from baselines import family
 from baselines.runner import build_parser, run
-from utils import DataError, parse_list
+from utils import DataError, exit_on_data_error, parse_list
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser(__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="comma-separated families: sasrec, gru4rec, tiger")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_data_error():
         families = [family(name) for name in parse_list(args.model, str, "--model")]
         if not families:
             raise DataError("--model: no model given; expected e.g. sasrec,gru4rec,tiger")
@@ -31,8 +31,6 @@ def main(argv: list[str] | None = None) -> None:
             run(args, fam)
             times[fam.NAME] = time.time() - start
         print("wall time per model: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from baselines.split import Split, load_split
 from metrics import aggregate, format_table, metric_value, parse_metrics, personalisation
-from utils import DEFAULT_METRICS, DataError, check_writable, set_seed, write_results
+from utils import DEFAULT_METRICS, DataError, check_writable, exit_on_data_error, set_seed, write_results
 
 # flags whose default depends on the family (None on the command line = the family's DEFAULTS)
 FAMILY_FLAGS = ("epochs", "patience", "hidden_size", "inner_size", "num_layers", "num_heads", "dropout", "lr",
@@ -246,7 +246,5 @@ def run(args: argparse.Namespace, family: ModuleType) -> dict:
 def main(family: ModuleType, argv: list[str] | None = None) -> None:
     """Entry point of one family: ``python -m baselines.<family> ...``."""
     args = build_parser(family.__doc__.split("\n")[0]).parse_args(argv)
-    try:
+    with exit_on_data_error():
         run(args, family)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")

@@ -19,12 +19,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "convert"))
 
 import torch  # noqa: E402
 
-from weights import WeightReader  # noqa: E402
+from convert.weights import WeightReader  # noqa: E402
 
 # Runs a script as __main__, then prints the peak RSS in MB: VmHWM of this address space (Linux;
 # unlike ru_maxrss it starts afresh at exec, so the parent's memory at fork does not count).

@@ -20,16 +20,13 @@ import argparse
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import DataError, atomic_dir  # noqa: E402
-from weights import DTYPES, TIED_ALIASES, ShardWriter, copy_files, copy_tokenizer, parse_size  # noqa: E402
+from utils import DataError, atomic_dir, exit_on_data_error
+from weights import DTYPES, TIED_ALIASES, ShardWriter, copy_files, copy_tokenizer, parse_size
 
 SIDE_FILES = ["config.json", "generation_config.json", "trainer_state.json"]
 
@@ -160,7 +157,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_data_error():
         main()
-    except DataError as e:
-        raise SystemExit(f"error: {e}")

@@ -23,10 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import DataError, atomic_dir  # noqa: E402
-from weights import (  # noqa: E402
+from utils import DataError, atomic_dir, exit_on_data_error
+from weights import (
     DELTA_INFO, DTYPES, ShardWriter, WeightReader, add_delta, copy_files, copy_tokenizer, is_vocab_tensor,
     parse_size, resolve_model_path, sub_base,
 )
@@ -119,7 +117,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_data_error():
         main()
-    except DataError as e:
-        raise SystemExit(f"error: {e}")

@@ -17,16 +17,13 @@ it every tensor of base and delta is loaded first.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import DataError, atomic_dir  # noqa: E402
-from weights import (  # noqa: E402
+from utils import DataError, atomic_dir, exit_on_data_error
+from weights import (
     DTYPES, ShardWriter, WeightReader, add_delta, copy_files, copy_tokenizer, is_vocab_tensor, parse_size,
     read_delta_info, resolve_model_path,
 )
@@ -145,7 +142,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_data_error():
         main()
-    except DataError as e:
-        raise SystemExit(f"error: {e}")

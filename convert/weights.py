@@ -9,14 +9,12 @@ import os
 import re
 import shutil
 import struct
-import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import DataError  # noqa: E402
+from utils import DataError
 
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"

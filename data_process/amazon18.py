@@ -19,18 +19,15 @@ import argparse
 import ast
 import gzip
 import json
-import sys
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_process.common import (  # noqa: E402
+from data_process.common import (
     build_sequences, check_not_empty, clean_text, dedup_first, k_core, write_and_report)
-from utils import MIN_INTERACTIONS, DataError  # noqa: E402
+from utils import MIN_INTERACTIONS, DataError, exit_on_data_error
 
 # The paper's short dataset names and the 2018 category file names they come from.
 CATEGORIES = {
@@ -167,10 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.user_k < 1 or args.item_k < 1:
         parser.error("--user_k and --item_k must be positive")
-    try:
+    with exit_on_data_error():
         build(args.dataset, args.input_path, args.output_path, args.category, args.user_k, args.item_k)
-    except DataError as e:
-        parser.exit(1, f"error: {e}\n")
 
 
 if __name__ == "__main__":

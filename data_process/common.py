@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import html
 import re
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils import MIN_INTERACTIONS, DataError, dataset_file, write_json_atomic  # noqa: E402
+from utils import MIN_INTERACTIONS, DataError, dataset_file, write_json_atomic
 
 # One interaction before remapping: (raw user id, raw item id, timestamp, ...); builders may
 # append fields (amazon18.py appends the line number) that these steps carry along.

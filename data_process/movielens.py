@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_process.base_model import DEFAULT_CACHE, fetch_wheel  # noqa: E402
-from data_process.common import (  # noqa: E402
+from data_process.base_model import DEFAULT_CACHE, fetch_wheel
+from data_process.common import (
     Record, build_sequences, check_not_empty, clean_text, write_and_report)
-from utils import MIN_INTERACTIONS, DataError  # noqa: E402
+from utils import MIN_INTERACTIONS, DataError, exit_on_data_error
 
 RECBOLE_SPEC = "recbole==1.2.1"
 RECBOLE_GLOB = "recbole-1.2.1-*.whl"
@@ -182,10 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--raw_dir", type=Path, default=None, help="local folder with the atomic files (skips the wheel)")
     parser.add_argument("--cache_dir", type=Path, default=DEFAULT_CACHE, help="where the recbole wheel is kept")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_data_error():
         build(args.dataset, args.output_dir, args.raw_dir, args.cache_dir.expanduser())
-    except DataError as e:
-        parser.exit(1, f"error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ on the right and masked out, so a text's embedding does not depend on its batch.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -21,9 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils import DataError, dataset_file, default_dtype, get_device, load_items, save_npy_atomic  # noqa: E402
+from utils import DataError, dataset_file, default_dtype, exit_on_data_error, get_device, load_items, save_npy_atomic
 
 FIELDS = ("title", "description")
 
@@ -103,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size < 1 or args.max_length < 1:
         parser.error("--batch_size and --max_length must be positive")
 
-    try:
+    with exit_on_data_error():
         item_path = dataset_file(args.data_path, args.dataset, ".item.json")
         texts = item_texts(load_items(item_path), item_path)
         device = get_device(args.gpu_id)
@@ -112,8 +109,6 @@ def main(argv: list[str] | None = None) -> None:
               f"with {model.config.hidden_size}-d hidden states", flush=True)
         start = time.time()
         emb = embed_items(texts, tokenizer, model, args.batch_size, args.max_length)
-    except DataError as e:
-        parser.exit(1, f"error: {e}\n")
     out_path = dataset_file(args.data_path, args.dataset, f".emb-{args.plm_name}-td.npy")
     save_npy_atomic(emb, out_path)
     print(f"Wrote {out_path} {tuple(emb.shape)} {emb.dtype} in {time.time() - start:.1f}s")

@@ -44,14 +44,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-from utils import (  # noqa: E402
+from utils import (
     DataError,
     dataset_file,
     default_dtype,
+    exit_on_data_error,
     get_device,
     load_inters,
     load_items,
@@ -940,12 +939,8 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
+    with exit_on_data_error(BackendError):  # the journal keeps what was finished
         run(args)
-    except (DataError, BackendError) as e:
-        # One line, like every other script; the journal keeps what was finished.
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "index":
-    sys.path.pop(0)  # so index/datasets.py never shadows the `datasets` package
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -35,12 +30,12 @@ from scipy.optimize import linear_sum_assignment  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from index.codes import LEVEL_PREFIXES, code_stats, code_tokens, format_stats  # noqa: E402
-from index.datasets import load_embeddings  # noqa: E402
+from index.embedding_data import load_embeddings  # noqa: E402
 from index.main import resolve_device  # noqa: E402
 from index.models.layers import sinkhorn_assign  # noqa: E402
 from index.models.rqvae import RQVAE  # noqa: E402
 from index.trainer import encode_all, load_checkpoint  # noqa: E402
-from utils import DataError, atomic_path, write_json_atomic  # noqa: E402
+from utils import DataError, atomic_path, exit_on_data_error, write_json_atomic  # noqa: E402
 
 DEFAULT_SK_EPSILON = 0.003  # the paper's last-level epsilon, used when the checkpoint has none
 
@@ -223,7 +218,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_data_error():
         main()
-    except DataError as e:
-        sys.exit(f"error: {e}")

@@ -13,21 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # faster and steadier on small CPUs; override freely
-ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "index":
-    sys.path.pop(0)  # so index/datasets.py never shadows the `datasets` package
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from index.datasets import EmbDataset  # noqa: E402
+from index.embedding_data import EmbDataset  # noqa: E402
 from index.models.rqvae import RECON_LOSSES  # noqa: E402
 from index.trainer import LR_SCHEDULERS, OPTIMIZERS, Trainer, build_model  # noqa: E402
-from utils import DataError, get_device, set_seed  # noqa: E402
+from utils import exit_on_data_error, get_device, set_seed  # noqa: E402
 
 
 def str2bool(value: str) -> bool:
@@ -122,7 +116,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_data_error():
         main()
-    except DataError as e:
-        sys.exit(f"error: {e}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -16,10 +15,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from index.codes import code_stats, format_stats  # noqa: E402
-from index.models.rqvae import RQVAE  # noqa: E402
-from utils import DataError, atomic_path  # noqa: E402
+from index.codes import code_stats, format_stats
+from index.models.rqvae import RQVAE
+from utils import DataError, atomic_path
 
 BEST_LOSS_CKPT = "best_loss_model.pth"
 BEST_COLLISION_CKPT = "best_collision_model.pth"

@@ -17,12 +17,12 @@ from fixtures import make_indices, make_tiny_model, train_tokenizer
 from modeling import add_index_tokens, check_index_tokens, load_tokenizer
 from utils import DataError, dataset_file
 
+import convert  # convert/convert.py (tests/conftest.py puts convert/ on the path)
+import make_delta
+import merge_delta
+from weights import WeightReader
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "convert"))
-import convert  # noqa: E402
-import make_delta  # noqa: E402
-import merge_delta  # noqa: E402
-from weights import WeightReader  # noqa: E402
 
 INDICES = make_indices(24)
 

@@ -233,7 +233,6 @@ def test_cli_errors(tiny_data, tiny_base_model, tmp_path, capsys):
 # --------------------------------------------------------------------------- kills and resumes
 KILLER = """
 import os, signal, sys
-sys.path.insert(0, {root!r})
 import finetune, transformers
 when, at_step = sys.argv[1], int(sys.argv[2])
 def die(*args, **kwargs):
@@ -253,7 +252,7 @@ finetune.main(sys.argv[3:])
 
 def run_killed(when, at_step, argv, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-c", KILLER.format(root=str(ROOT)), when, str(at_step), *argv],
+    proc = subprocess.run([sys.executable, "-c", KILLER, when, str(at_step), *argv],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]  # SIGKILL, not an error
 

@@ -14,7 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from index import generate_indices as gen
 from index import main as train_main
 from index.codes import code_stats
-from index.datasets import load_embeddings
+from index.embedding_data import load_embeddings
 from index.models.layers import sinkhorn, sinkhorn_assign
 from index.models.rqvae import RQVAE
 from index.trainer import (BEST_COLLISION_CKPT, BEST_LOSS_CKPT, Trainer, build_model, encode_all, load_checkpoint,

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import DataError  # noqa: E402
+from utils import DataError
 
 # Text embeddings are of order 1 to 100 (a few LLM dimensions reach thousands). Far beyond this the
 # squared errors overflow float32 (|x| near 1e19) and distances lose all precision long before, so
