@@ -16,7 +16,6 @@ from collections import Counter
 import data
 from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, personalisation,
                      standard_errors, target_rank)
-from generation import resolve_prompt_ids
 from utils import DataError, check_writable, exit_on_data_error, parse_args, write_results
 
 
@@ -37,7 +36,7 @@ def evaluate_popularity(args: argparse.Namespace) -> dict:
     stderr: dict[str, dict[str, float]] = {}
     personal: dict[str, dict[str, float]] = {}
     n_examples = 0
-    for pid in resolve_prompt_ids(args.test_prompt_ids, args.test_task):
+    for pid in data.resolve_prompt_ids(args.test_prompt_ids, args.test_task):
         dataset = data.load_test_dataset(args, args.test_task, pid)
         if len(dataset) == 0:
             raise DataError(f"{args.test_task} prompt {pid}: the test set of {args.dataset} is empty")

@@ -480,6 +480,19 @@ def test_prompt_ids(task: str) -> list[int]:
     return prompt.item_output_ids(normalize_test_task(task))
 
 
+def resolve_prompt_ids(spec: str, task: str) -> list[int]:
+    """``all`` -> every item-output template of ``task``; else the listed ids, checked."""
+    valid = test_prompt_ids(task)
+    if str(spec).strip().lower() == "all":
+        return list(valid)
+    ids = parse_list(spec, int, "--test_prompt_ids")
+    bad = [i for i in ids if i not in valid]
+    if bad or not ids:
+        raise DataError(f"--test_prompt_ids: {bad or spec!r} not usable for {task}; "
+                        f"its item-output templates are {valid}")
+    return ids
+
+
 def load_test_dataset(args: argparse.Namespace, task: str, prompt_id: int) -> TaskDataset:
     """Test set of ``task`` rendered with template ``prompt_id``: items {"prompt", "target", "user"}.
 

@@ -1,4 +1,4 @@
-"""Constrained decoding of item indices and the evaluation loop behind test.py and test_ddp.py.
+"""Constrained decoding of item indices (the evaluation loop that uses it is evaluation.py).
 
 Decoding is constrained by a prefix trie of the real item indices: after the prompt the model
 may only emit an index token that extends the prefix of some item, then EOS, then EOS/pad.
@@ -19,21 +19,15 @@ any index), kept as a baseline for bench/bench_decode.py; it can produce indices
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from tqdm import tqdm
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, personalisation,
-                     standard_errors, target_rank)
-from utils import (TEST_TASKS, DataError, check_writable, dataset_file, default_dtype, get_device, parse_list,
-                   set_seed, write_jsonl_atomic, write_results)
+from utils import DataError
 
 log = logging.getLogger("lcrec.eval")
 
@@ -455,177 +449,3 @@ def checkpoint_softmax(choice: str, model) -> str:
     if choice not in SOFTMAXES:
         raise DataError(f"--score_softmax: {choice!r} is not one of {['auto', *SOFTMAXES]}")
     return choice
-
-
-# --------------------------------------------------------------------------- the evaluation loop
-def resolve_prompt_ids(spec: str, task: str) -> list[int]:
-    """``all`` -> every item-output template of ``task``; else the listed ids, checked."""
-    import data
-
-    valid = data.test_prompt_ids(task)
-    if str(spec).strip().lower() == "all":
-        return list(valid)
-    ids = parse_list(spec, int, "--test_prompt_ids")
-    bad = [i for i in ids if i not in valid]
-    if bad or not ids:
-        raise DataError(f"--test_prompt_ids: {bad or spec!r} not usable for {task}; "
-                        f"its item-output templates are {valid}")
-    return ids
-
-
-def check_test_args(args: argparse.Namespace) -> None:
-    """Cheap checks before any model is loaded."""
-    args.test_task = str(args.test_task).strip().lower()  # case-insensitive, as in the original
-    if args.test_task not in TEST_TASKS:
-        raise DataError(f"--test_task: unknown test task {args.test_task!r}; expected one of {list(TEST_TASKS)}")
-    if args.num_beams < 1:
-        raise DataError(f"--num_beams must be at least 1, got {args.num_beams}")
-    if args.test_batch_size < 1:
-        raise DataError(f"--test_batch_size must be at least 1, got {args.test_batch_size}")
-    if getattr(args, "decoding", "trie") not in DECODING_MODES:
-        raise DataError(f"--decoding: {args.decoding!r} is not one of {list(DECODING_MODES)}")
-    if getattr(args, "beam_search", "trie") not in BEAM_SEARCHES:
-        raise DataError(f"--beam_search: {args.beam_search!r} is not one of {list(BEAM_SEARCHES)}")
-    if not args.ckpt_path:
-        raise DataError("--ckpt_path is required: the fine-tuned checkpoint folder (or the LoRA adapter with --lora)")
-
-
-def prompt_budget(model_max_length: int, index_len: int) -> int:
-    """Prompt tokens kept at test time: prompts are cut as in training, leaving room for the
-    index and its EOS."""
-    budget = model_max_length - index_len - 1
-    if budget < 1:
-        raise DataError(f"--model_max_length {model_max_length} leaves no room for a prompt before "
-                        f"an index of {index_len} tokens")
-    return budget
-
-
-def shard_range(n: int, rank: int, world_size: int) -> range:
-    """Contiguous shard of ``range(n)`` for ``rank``: shards cover every index exactly once."""
-    return range(n * rank // world_size, n * (rank + 1) // world_size)
-
-
-def evaluate_prompt(model, tokenizer, dataset, decoder: Decoder, args: argparse.Namespace, metrics: list[str],
-                    positions: Sequence[int], desc: str = "", show: bool = True,
-                    max_prompt_length: int | None = None) -> list[dict]:
-    """Score ``dataset[i]`` for i in ``positions``; one record per example (its position, the
-    target item, its rank, the ranked items and scores, whether its prompt was cut to
-    ``max_prompt_length`` tokens)."""
-    from collator import TestCollator
-
-    collate = TestCollator(tokenizer, max_prompt_length)
-    device = next(model.parameters()).device
-    records: list[dict] = []
-    backoffs: list[tuple[int, int]] = []
-    positions = list(positions)
-    bar = tqdm(range(0, len(positions), args.test_batch_size), desc=desc, dynamic_ncols=True,
-               disable=not show or len(positions) == 0)
-    for start in bar:
-        chunk = positions[start:start + args.test_batch_size]
-        batch = [dataset[i] for i in chunk]
-        encodings, targets = collate(batch)
-        encodings = {k: v.to(device) for k, v in encodings.items()}
-        ranked, beams = rank_batch_with_backoff(decoder, model, encodings, args.num_beams,
-                                                getattr(args, "oom_backoff", False),
-                                                on_backoff=lambda old, new: backoffs.append((old, new)))
-        for pos, example, target, items, cut in zip(chunk, batch, targets, ranked, collate.last_cut):
-            target_item = decoder.item_of_string(target)
-            names = [i for i, _ in items]
-            records.append({"position": pos, "user": example.get("user"), "target": target,
-                            "target_item": target_item, "rank": target_rank(names, target_item) if target_item else 0,
-                            "items": names, "scores": [round(s, 6) for _, s in items], "beams": beams,
-                            "prompt_cut": cut})
-        running = compute_metrics([r["rank"] for r in records], metrics)
-        bar.set_postfix({m: f"{v:.4f}" for m, v in running.items() if m in (metrics[0], metrics[-1])})
-    return records
-
-
-def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int = 1,
-                        gather: Callable[[list], list[list]] | None = None) -> dict | None:
-    """The whole evaluation: load, decode every prompt id, score. With ``world_size`` > 1 this
-    rank scores its shard and ``gather`` (all_gather_object) brings every shard to rank 0,
-    which computes the metrics and writes the files. Returns the results on rank 0."""
-    import data
-    from modeling import load_for_inference
-
-    check_test_args(args)
-    if rank == 0:
-        check_writable(args.results_file, "--results_file")
-    metrics = parse_metrics(args.metrics)
-    prompt_ids = resolve_prompt_ids(args.test_prompt_ids, args.test_task)
-    indices = data.load_item_indices(args)
-    if args.num_beams > len(indices):
-        raise DataError(f"--num_beams {args.num_beams} is larger than the number of items ({len(indices)} in "
-                        f"{dataset_file(args.data_path, args.dataset, args.index_file)}); beam search "
-                        "cannot return that many distinct items")
-    if args.num_beams < max_k(metrics):
-        log.warning("--num_beams %d is below the largest K in --metrics (%d): items past rank %d count as misses",
-                    args.num_beams, max_k(metrics), args.num_beams)
-
-    device = get_device(args.gpu_id if world_size == 1 else None)
-    model, tokenizer = load_for_inference(args.ckpt_path, indices, dtype=default_dtype(device), device=device,
-                                          lora=args.lora, base_model=args.base_model)
-    # generate() fills unset fields from the checkpoint's generation_config.json (sampling, penalties);
-    # scoring must not depend on them
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    decoder = Decoder.build(tokenizer, indices, model.get_input_embeddings().weight.shape[0],
-                            getattr(args, "decoding", "trie"), args.filter_items, device, where=str(args.ckpt_path),
-                            share_prefill=not getattr(args, "no_share_prefill", False),
-                            search=getattr(args, "beam_search", "trie"),
-                            softmax=checkpoint_softmax(getattr(args, "score_softmax", "auto"), model))
-
-    max_prompt_length = prompt_budget(args.model_max_length, len(next(iter(indices.values()))))
-    per_prompt: dict[str, dict[str, float]] = {}
-    stderr: dict[str, dict[str, float]] = {}
-    personal: dict[str, dict[str, float]] = {}
-    predictions: list[dict] = []
-    n_examples, reduced, cut = 0, 0, 0
-    for pid in prompt_ids:
-        set_seed(args.seed)
-        dataset = data.load_test_dataset(args, args.test_task, pid)
-        if len(dataset) == 0:
-            raise DataError(f"{args.test_task} prompt {pid}: the test set of {args.dataset} is empty")
-        shard = shard_range(len(dataset), rank, world_size)
-        records = evaluate_prompt(model, tokenizer, dataset, decoder, args, metrics, shard,
-                                  desc=f"{args.test_task} prompt {pid}", show=rank == 0,
-                                  max_prompt_length=max_prompt_length)
-        if world_size > 1:
-            records = [r for part in gather(records) for r in part]
-        if rank != 0:
-            continue
-        records.sort(key=lambda r: r["position"])
-        if [r["position"] for r in records] != list(range(len(dataset))):
-            raise RuntimeError(f"prompt {pid}: the shards did not cover every test example exactly once")
-        per_prompt[str(pid)] = compute_metrics([r["rank"] for r in records], metrics)
-        stderr[str(pid)] = standard_errors([r["rank"] for r in records], metrics)
-        personal[str(pid)] = personalisation([r["items"] for r in records])
-        n_examples = len(records)
-        reduced += sum(r["beams"] < args.num_beams for r in records)
-        cut += sum(r["prompt_cut"] for r in records)
-        log.info("prompt %d: %s", pid, {m: round(v, 4) for m, v in per_prompt[str(pid)].items()})
-        if args.save_predictions:
-            predictions += [{"prompt_id": pid, **r} for r in records]
-
-    if rank != 0:
-        return None
-    summary = aggregate(per_prompt, metrics)
-    results = {
-        "dataset": args.dataset, "test_task": args.test_task, "ckpt_path": str(args.ckpt_path),
-        "lora": bool(args.lora), "base_model": args.base_model, "index_file": args.index_file,
-        "decoding": decoder.mode, "beam_search": decoder.search, "filter_items": bool(args.filter_items), "num_beams": args.num_beams,
-        "test_batch_size": args.test_batch_size, "sample_num": args.sample_num, "world_size": world_size,
-        "metrics": metrics, "prompt_ids": prompt_ids, "num_examples": n_examples,
-        "examples_with_fewer_beams": reduced, "model_max_length": args.model_max_length,
-        "prompts_cut": cut, "per_prompt": per_prompt, "stderr": stderr, "personalisation": personal, **summary,
-    }
-    write_results(results, args.results_file, format_table(per_prompt, summary, metrics, stderr, personal))
-    if args.save_predictions:
-        write_jsonl_atomic(predictions, predictions_path(args.results_file))
-    return results
-
-
-def predictions_path(results_file: str | Path) -> Path:
-    """``results/x.json`` -> ``results/x.predictions.jsonl``."""
-    p = Path(results_file)
-    return p.with_name(p.stem + ".predictions.jsonl")

@@ -81,7 +81,8 @@ class LearningCurve(TrainerCallback):
     def score(self, model, state) -> None:
         if not state.is_world_process_zero or model is None:
             return
-        from generation import Decoder, evaluate_prompt, prompt_budget, scoring_softmax
+        from evaluation import evaluate_prompt, prompt_budget
+        from generation import Decoder, scoring_softmax
 
         start = time.perf_counter()
         device = next(model.parameters()).device

@@ -67,7 +67,8 @@ class Recommender:
     def __init__(self, args: argparse.Namespace):
         import data
         from collator import TestCollator
-        from generation import Decoder, checkpoint_softmax, prompt_budget
+        from evaluation import prompt_budget
+        from generation import Decoder, checkpoint_softmax
         from modeling import load_for_inference
         from transformers import GenerationConfig
         from utils import default_dtype, get_device

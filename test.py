@@ -5,14 +5,14 @@
         --index_file .index.json
 
 Beam search constrained to the real item indices; HR@K / NDCG@K per prompt template and their
-mean/min/max, written as JSON to --results_file. The loop lives in generation.py.
+mean/min/max, written as JSON to --results_file. The loop lives in evaluation.py.
 """
 import logging
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # faster and steadier on small CPU machines
 
-from generation import evaluate_checkpoint  # noqa: E402
+from evaluation import evaluate_checkpoint  # noqa: E402
 from utils import exit_on_data_error, parse_args  # noqa: E402
 
 

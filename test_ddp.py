@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from generation import evaluate_checkpoint  # noqa: E402
+from evaluation import evaluate_checkpoint  # noqa: E402
 from utils import exit_on_data_error, get_device, parse_args  # noqa: E402
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from fixtures import make_indices, make_tiny_model, train_tokenizer
+from evaluation import shard_range
 from generation import (Decoder, IndexTrie, TrieLogitsProcessor, can_share_prefill, index_token_ids,
-                        position_allowed_tokens_fn, rank_batch_with_backoff, shard_range)
+                        position_allowed_tokens_fn, rank_batch_with_backoff)
 from utils import DataError, index_tokens
 
 EOS, PAD = 2, 3

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fixtures import make_dataset, make_tiny_model, train_tokenizer
-from generation import evaluate_checkpoint, predictions_path
+from evaluation import evaluate_checkpoint, predictions_path
 from modeling import add_index_tokens
 from utils import DataError, load_indices, parse_args
 
@@ -139,9 +139,9 @@ def test_unwritable_results_folder_fails_before_the_evaluation(ckpt_and_data, tm
     root, data_path = ckpt_and_data
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    import generation
+    import evaluation
 
-    monkeypatch.setattr(generation, "evaluate_prompt", lambda *a, **k: pytest.fail("evaluated before the check"))
+    monkeypatch.setattr(evaluation, "evaluate_prompt", lambda *a, **k: pytest.fail("evaluated before the check"))
     with pytest.raises(DataError, match="--results_file .* cannot be created or written"):
         evaluate_checkpoint(parse_args("test", _args(root / "ckpt", data_path, blocker / "sub" / "r.json")))
 
