@@ -14,14 +14,16 @@ import argparse
 from collections import Counter
 
 import data
+from dataset_files import train_part
+from arguments import parse_args
 from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, personalisation,
                      standard_errors, target_rank)
-from utils import DataError, check_writable, exit_on_data_error, parse_args, write_results
+from utils import DataError, check_writable, exit_on_data_error, write_results
 
 
 def popularity_ranking(inters: dict[str, list[int]]) -> list[str]:
     """Every item that occurs in a training part, most frequent first, as item-id strings."""
-    counts = Counter(item for seq in inters.values() for item in seq[:-2])
+    counts = Counter(item for seq in inters.values() for item in train_part(seq))
     return [str(item) for item, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 

@@ -25,7 +25,10 @@ from typing import Any
 from torch.utils.data import ConcatDataset, Dataset
 
 import prompt
-from utils import DataError, check_task_args, dataset_file, load_indices, load_inters, load_items, load_json, parse_list
+from arguments import check_task_args, parse_list
+from dataset_files import (dataset_file, held_out, intention_target, load_indices, load_inters, load_items,
+                           load_user_profiles, train_part)
+from utils import DataError
 
 # --------------------------------------------------------------------------- files
 
@@ -67,11 +70,8 @@ def load_item_indices(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_user_file(path: str) -> dict[str, Any]:
-    data = load_json(path, "user profile")
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected an object with user_explicit_preference and user_vague_intention")
-    return data
+def _load_user_file(path: str, data_path: str, dataset: str) -> dict[str, Any]:
+    return load_user_profiles(path, load_inters(dataset_file(data_path, dataset, ".inter.json")))
 
 
 def load_user_file(args: argparse.Namespace, section: str) -> dict[str, Any]:
@@ -82,10 +82,7 @@ def load_user_file(args: argparse.Namespace, section: str) -> dict[str, Any]:
             f"{path}: user profile file not found; the itemsearch and preferenceobtain tasks need it "
             "(build it with data_process/user_profiles.py or drop those tasks from --tasks)"
         )
-    data = _load_user_file(str(path))
-    if not isinstance(data.get(section), dict):
-        raise DataError(f"{path}: missing object field {section!r}")
-    return data[section]
+    return _load_user_file(str(path), str(args.data_path), args.dataset)[section]
 
 
 def seeded_subset(n: int, sample_num: int, key: str) -> list[int]:
@@ -278,12 +275,11 @@ class TaskDataset(Dataset):
         out = []
         for user, seq in self.files.inters.items():
             if self.mode == "train":
-                train = seq[:-2]
+                train = train_part(seq)
                 out += [{"user": user, "history": train[:i], "item": train[i], "pos": i} for i in range(1, len(train))]
-            elif self.mode == "valid":
-                out.append({"user": user, "history": seq[:-2], "item": seq[-2], "pos": len(seq) - 2})
             else:
-                out.append({"user": user, "history": seq[:-1], "item": seq[-1], "pos": len(seq) - 1})
+                history, item = held_out(seq, self.mode)
+                out.append({"user": user, "history": history, "item": item, "pos": len(history)})
         return out
 
 
@@ -344,27 +340,13 @@ class ItemSearchDataset(TaskDataset):
     def build_examples(self):
         if self.mode == "valid":
             raise ValueError("itemsearch has no validation split")
-        path = dataset_file(self.args.data_path, self.args.dataset, self.args.user_file)
-        intentions = load_user_file(self.args, "user_vague_intention").get(self.mode)
-        if not isinstance(intentions, dict):
-            raise DataError(f"{path}: user_vague_intention needs an object {self.mode!r}")
+        # the file is validated once, on loading: each intention is about its split's item
+        intentions = load_user_file(self.args, "user_vague_intention")[self.mode]
         preferences = load_user_file(self.args, "user_explicit_preference")
-        offset = 3 if self.mode == "train" else 1
         out = []
         for user, rec in intentions.items():
-            seq = self.files.inters.get(str(user))
-            if seq is None:
-                raise DataError(f"{path}: user {user!r} of user_vague_intention.{self.mode} is not in the interactions")
-            querys = rec.get("querys") if isinstance(rec, dict) else None
-            if not (isinstance(querys, list) and len(querys) == 2 and all(isinstance(q, str) for q in querys)):
-                raise DataError(f"{path}: user_vague_intention.{self.mode}[{user!r}].querys must be "
-                                "[user_related, item_related] strings")
-            pos = len(seq) - offset
-            if rec.get("item") != seq[pos]:
-                raise DataError(f"{path}: user_vague_intention.{self.mode}[{user!r}].item is {rec.get('item')!r} "
-                                f"but the interactions put item {seq[pos]} at position -{offset}")
-            out.append({"user": str(user), "history": seq[:pos], "item": seq[pos], "pos": pos, "querys": querys,
-                        "preferences": _texts(preferences.get(str(user)))})
+            out.append({"user": str(user), "history": rec["inters"], "item": rec["item"], "pos": len(rec["inters"]),
+                        "querys": rec["querys"], "preferences": _texts(preferences.get(str(user)))})
         return out
 
     def missing_fields(self, ex):
@@ -397,16 +379,11 @@ class PreferenceObtainDataset(TaskDataset):
     def build_examples(self):
         if self.mode != "train":
             raise ValueError("preferenceobtain has only a training split")
-        path = dataset_file(self.args.data_path, self.args.dataset, self.args.user_file)
         out = []
         for user, prefs in load_user_file(self.args, "user_explicit_preference").items():
-            seq = self.files.inters.get(str(user))
-            if seq is None:
-                raise DataError(f"{path}: user {user!r} of user_explicit_preference is not in the interactions")
-            if not isinstance(prefs, list):
-                raise DataError(f"{path}: user_explicit_preference[{user!r}] must be a list of strings")
-            # the preferences were drawn from items[:-3] only
-            out.append({"user": str(user), "history": seq[:-3], "preferences": _texts(prefs)})
+            # the preferences were drawn from the history of the train intention only
+            history = intention_target(self.files.inters[str(user)], "train")[1]
+            out.append({"user": str(user), "history": history, "preferences": _texts(prefs)})
         return out
 
     def missing_fields(self, ex):

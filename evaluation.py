@@ -15,11 +15,12 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 
 import data
+from arguments import TEST_TASKS
+from dataset_files import dataset_file
 from generation import BEAM_SEARCHES, DECODING_MODES, Decoder, checkpoint_softmax, rank_batch_with_backoff
 from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, personalisation,
                      standard_errors, target_rank)
-from utils import (TEST_TASKS, DataError, check_writable, dataset_file, default_dtype, get_device, set_seed,
-                   write_jsonl_atomic, write_results)
+from utils import DataError, check_writable, default_dtype, get_device, set_seed, write_jsonl_atomic, write_results
 
 log = logging.getLogger("lcrec.eval")
 

@@ -20,9 +20,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import data
+from arguments import parse_args
 from collator import TrainCollator
+from dataset_files import index_tokens
 from modeling import load_for_training
-from utils import check_writable, exit_on_data_error, index_tokens, parse_args, set_seed
+from utils import check_writable, exit_on_data_error, set_seed
 
 
 def world_size() -> int:

@@ -14,8 +14,9 @@ import os
 
 import torch
 
+from arguments import parse_args, parse_list
 from finetune import is_main_process, run
-from utils import DataError, exit_on_data_error, parse_args, parse_list
+from utils import DataError, exit_on_data_error
 
 
 def quantization_kwargs(args: argparse.Namespace) -> dict:

@@ -16,7 +16,8 @@ import re
 from collections import Counter
 from typing import Iterable, Sequence
 
-from utils import DataError, parse_list
+from arguments import parse_list
+from utils import DataError
 
 _METRIC_RE = re.compile(r"^(hit|hr|ndcg)@(\d+)$")
 

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from collator import ensure_pad_token
-from utils import DataError, index_tokens
+from dataset_files import index_tokens
+from utils import DataError
 
 # Any one of these makes a folder's tokenizer loadable (fast JSON, sentencepiece, or BPE files).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")

@@ -14,8 +14,9 @@ import matplotlib
 matplotlib.use("Agg")  # headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dataset_files import load_json  # noqa: E402
 from plot_loss import save_plot  # noqa: E402
-from utils import DataError, exit_on_data_error, load_json  # noqa: E402
+from utils import DataError, exit_on_data_error  # noqa: E402
 
 
 def plot_learning_curve(curve_file: str | Path, output: str | Path) -> Path:

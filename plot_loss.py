@@ -12,7 +12,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from utils import DataError, atomic_path, exit_on_data_error, load_json  # noqa: E402
+from dataset_files import load_json  # noqa: E402
+from utils import DataError, atomic_path, exit_on_data_error  # noqa: E402
 
 
 def loss_curves(trainer_state: dict) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:

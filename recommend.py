@@ -14,8 +14,9 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # steadier on small CPU machines
 
+from arguments import parse_args  # noqa: E402
 from recommender import Recommender  # noqa: E402
-from utils import DataError, exit_on_data_error, parse_args  # noqa: E402
+from utils import DataError, exit_on_data_error  # noqa: E402
 
 
 def format_table(out: dict) -> str:

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import prompt
+from dataset_files import held_out
 from utils import DataError
 
 QUERY_TEMPLATE = 'Query: "{query}" Return the item that best answers this query.'  # itemsearch, query only
@@ -104,7 +105,8 @@ class Recommender:
         if seq is None:
             users = list(self.files.inters)
             raise RequestError(f"unknown user {user!r}; users are {users[0]} ... {users[-1]} ({len(users)} in all)")
-        return [str(i) for i in seq[:-1]], str(seq[-1])
+        history, item = held_out(seq, "test")
+        return [str(i) for i in history], str(item)
 
     def history_from_titles(self, text: str) -> tuple[list[str], list[str]]:
         """'Title one; Title two' -> (items, notes on the closest matches taken)."""

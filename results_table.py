@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils import DataError, atomic_path, exit_on_data_error, load_json
+from dataset_files import load_json
+from utils import DataError, atomic_path, exit_on_data_error
 
 
 def results_table(files: list[str], names: list[str] | None = None) -> str:

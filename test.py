@@ -12,8 +12,9 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # faster and steadier on small CPU machines
 
+from arguments import parse_args  # noqa: E402
 from evaluation import evaluate_checkpoint  # noqa: E402
-from utils import exit_on_data_error, parse_args  # noqa: E402
+from utils import exit_on_data_error  # noqa: E402
 
 
 def main() -> None:

@@ -14,8 +14,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from arguments import parse_args  # noqa: E402
 from evaluation import evaluate_checkpoint  # noqa: E402
-from utils import exit_on_data_error, get_device, parse_args  # noqa: E402
+from utils import exit_on_data_error, get_device  # noqa: E402
 
 
 def all_gather(obj: list) -> list[list]:

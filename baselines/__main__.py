@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 
+from arguments import parse_list
 from baselines import family
 from baselines.runner import build_parser, run
-from utils import DataError, exit_on_data_error, parse_list
+from utils import DataError, exit_on_data_error
 
 
 def main(argv: list[str] | None = None) -> None:

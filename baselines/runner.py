@@ -19,9 +19,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from arguments import DEFAULT_METRICS
 from baselines.split import Split, load_split
 from metrics import aggregate, format_table, metric_value, parse_metrics, personalisation
-from utils import DEFAULT_METRICS, DataError, check_writable, exit_on_data_error, set_seed, write_results
+from utils import DataError, check_writable, exit_on_data_error, set_seed, write_results
 
 # flags whose default depends on the family (None on the command line = the family's DEFAULTS)
 FAMILY_FLAGS = ("epochs", "patience", "hidden_size", "inner_size", "num_layers", "num_heads", "dropout", "lr",

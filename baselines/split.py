@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from data import seeded_subset, test_subset_key
-from utils import DataError, dataset_file, load_inters
+from dataset_files import dataset_file, held_out, load_inters, train_part
+from utils import DataError
 
 
 @dataclass
@@ -45,15 +46,14 @@ def train_examples(inters: dict[str, list[int]], max_his_len: int) -> list[tuple
     """(history, target) pairs from the training part ``s[:-2]`` only: the seqrec training examples."""
     out = []
     for seq in inters.values():
-        train = seq[:-2]
+        train = train_part(seq)
         out += [(train[max(0, i - max_his_len):i], train[i]) for i in range(1, len(train))]
     return out
 
 
 def eval_examples(inters: dict[str, list[int]], max_his_len: int, mode: str) -> list[tuple[list[int], int]]:
     """One (history, target) per user: ``mode`` "valid" (s[:-2] -> s[-2]) or "test" (s[:-1] -> s[-1])."""
-    cut = {"valid": 2, "test": 1}[mode]
-    return [(seq[:-cut][-max_his_len:], seq[-cut]) for seq in inters.values()]
+    return [(history[-max_his_len:], target) for history, target in (held_out(seq, mode) for seq in inters.values())]
 
 
 def train_windows(inters: dict[str, list[int]], max_his_len: int, stride: int) -> list[tuple[list[int], list[int]]]:
@@ -62,7 +62,7 @@ def train_windows(inters: dict[str, list[int]], max_his_len: int, stride: int) -
         raise DataError(f"--train_stride: {stride}; expected 1 <= stride <= --max_his_len ({max_his_len})")
     rows = []
     for seq in inters.values():
-        train = seq[:-2]
+        train = train_part(seq)
         for end in range(len(train) - 1, 0, -stride):  # end = index of the window's last target
             start = max(0, end - max_his_len)
             inputs = train[start:end]

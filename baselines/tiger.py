@@ -19,9 +19,10 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from baselines.runner import main
 from baselines.split import Split
+from dataset_files import dataset_file, index_tokens, load_indices
 from generation import IndexTrie
 from metrics import max_k
-from utils import DataError, dataset_file, index_tokens, load_indices
+from utils import DataError
 
 NAME = "tiger"
 DEFAULTS = {"epochs": 200, "patience": 10, "hidden_size": 128, "inner_size": 1024, "num_layers": 4, "num_heads": 6,

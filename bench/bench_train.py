@@ -35,9 +35,10 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
+from arguments import parse_args  # noqa: E402
 from collator import TrainCollator  # noqa: E402
 from modeling import load_for_training  # noqa: E402
-from utils import cpu_supports_bf16, get_device, parse_args, set_seed  # noqa: E402
+from utils import cpu_supports_bf16, get_device, set_seed  # noqa: E402
 
 
 def main() -> None:

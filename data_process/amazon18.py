@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from data_process.common import (
     build_sequences, check_not_empty, clean_text, dedup_first, k_core, write_and_report)
-from utils import MIN_INTERACTIONS, DataError, exit_on_data_error
+from dataset_files import MIN_INTERACTIONS
+from utils import DataError, exit_on_data_error
 
 # The paper's short dataset names and the 2018 category file names they come from.
 CATEGORIES = {

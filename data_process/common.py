@@ -9,7 +9,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Sequence
 
-from utils import MIN_INTERACTIONS, DataError, dataset_file, write_json_atomic
+from dataset_files import MIN_INTERACTIONS, dataset_file
+from utils import DataError, write_json_atomic
 
 # One interaction before remapping: (raw user id, raw item id, timestamp, ...); builders may
 # append fields (amazon18.py appends the line number) that these steps carry along.

@@ -22,7 +22,8 @@ from pathlib import Path
 from data_process.base_model import DEFAULT_CACHE, fetch_wheel
 from data_process.common import (
     Record, build_sequences, check_not_empty, clean_text, write_and_report)
-from utils import MIN_INTERACTIONS, DataError, exit_on_data_error
+from dataset_files import MIN_INTERACTIONS
+from utils import DataError, exit_on_data_error
 
 RECBOLE_SPEC = "recbole==1.2.1"
 RECBOLE_GLOB = "recbole-1.2.1-*.whl"

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import DataError, dataset_file, default_dtype, exit_on_data_error, get_device, load_items, save_npy_atomic
+from dataset_files import dataset_file, load_items
+from utils import DataError, default_dtype, exit_on_data_error, get_device, save_npy_atomic
 
 FIELDS = ("title", "description")
 

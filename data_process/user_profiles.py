@@ -46,17 +46,8 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-from utils import (
-    DataError,
-    dataset_file,
-    default_dtype,
-    exit_on_data_error,
-    get_device,
-    load_inters,
-    load_items,
-    load_json,
-    write_json_atomic,
-)
+from dataset_files import dataset_file, intention_target, load_inters, load_items, load_json, validate_user_profiles
+from utils import DataError, default_dtype, exit_on_data_error, get_device, write_json_atomic
 
 PREF_FIELDS = ("general", "long_term", "short_term")
 INTENT_FIELDS = ("train_user", "train_item", "test_user", "test_item")
@@ -347,59 +338,6 @@ def _looping(text: str) -> bool:
     return len(words) >= 8 and len(set(words)) / len(words) < 0.35
 
 
-# --------------------------------------------------------------------------- validation
-def validate_user_profiles(profiles: Any, inters: dict[str, list[int]] | None = None,
-                           source: str = "user.json") -> None:
-    """Raise DataError unless ``profiles`` has the SPEC section 4 user.json format.
-
-    With ``inters``, also check each intention's item and history against the interactions
-    (train: items[-3] after items[:-3]; test: items[-1] after items[:-1]).
-    """
-    def fail(msg: str) -> None:
-        raise DataError(f"{source}: {msg}")
-
-    def text_ok(s: Any) -> bool:
-        return isinstance(s, str) and s.strip() != "" and "\n" not in s and "\r" not in s
-
-    if not isinstance(profiles, dict):
-        fail("expected an object with keys 'user_explicit_preference' and 'user_vague_intention'")
-    missing = {"user_explicit_preference", "user_vague_intention"} - set(profiles)
-    if missing:
-        fail(f"missing key(s) {sorted(missing)}")
-    prefs = profiles["user_explicit_preference"]
-    if not isinstance(prefs, dict):
-        fail("'user_explicit_preference' must map user -> [str, ...]")
-    for user, texts in prefs.items():
-        if not isinstance(texts, list) or not texts or not all(text_ok(t) for t in texts):
-            fail(f"user_explicit_preference[{user!r}] must be a non-empty list of non-empty one-line strings")
-    intents = profiles["user_vague_intention"]
-    if not isinstance(intents, dict) or set(intents) != {"train", "test"}:
-        fail("'user_vague_intention' must have exactly the keys 'train' and 'test'")
-    for split, offset in (("train", 3), ("test", 1)):
-        table = intents[split]
-        if not isinstance(table, dict):
-            fail(f"user_vague_intention[{split!r}] must map user -> {{item, inters, querys}}")
-        for user, entry in table.items():
-            where = f"user_vague_intention[{split!r}][{user!r}]"
-            if not isinstance(entry, dict) or {"item", "inters", "querys"} - set(entry):
-                fail(f"{where} must have the fields 'item', 'inters' and 'querys'")
-            item, hist, querys = entry["item"], entry["inters"], entry["querys"]
-            if not isinstance(item, int) or isinstance(item, bool):
-                fail(f"{where}['item'] must be an integer item id")
-            if not isinstance(hist, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in hist):
-                fail(f"{where}['inters'] must be a list of integer item ids")
-            if not isinstance(querys, list) or len(querys) != 2 or not all(text_ok(q) for q in querys):
-                fail(f"{where}['querys'] must be [user_related, item_related], two non-empty one-line strings")
-            if inters is not None:
-                if user not in inters:
-                    fail(f"{where}: user is not in the interaction file")
-                seq = inters[user]
-                if item != seq[-offset] or hist != seq[:-offset]:
-                    fail(f"{where}: expected item items[-{offset}] = {seq[-offset]} with history items[:-{offset}]")
-    if not (set(prefs) == set(intents["train"]) == set(intents["test"])):
-        fail("the users of user_explicit_preference, train and test intentions must be the same")
-
-
 # --------------------------------------------------------------------------- backends
 def plain_prompt(messages: Messages) -> str:
     """Prompt format for tokenizers without a chat template: role-labelled paragraphs."""
@@ -635,8 +573,7 @@ def _record_matches(rec: dict[str, Any], inters: dict[str, list[int]]) -> bool:
         seq = inters.get(rec["user"])
         return (
             seq is not None
-            and rec["train"]["item"] == seq[-3] and rec["train"]["inters"] == seq[:-3]
-            and rec["test"]["item"] == seq[-1] and rec["test"]["inters"] == seq[:-1]
+            and all((rec[s]["item"], rec[s]["inters"]) == intention_target(seq, s) for s in ("train", "test"))
             and len(rec["explicit"]) == len(PREF_FIELDS) and all(isinstance(s, str) and s for s in rec["explicit"])
             and all(len(rec[s]["querys"]) == 2 and all(isinstance(q, str) and q for q in rec[s]["querys"])
                     for s in ("train", "test"))
@@ -674,9 +611,10 @@ def user_requests(user: str, seq: list[int], items: dict[str, dict], reviews: di
     def title(i: int) -> str:
         return natural_title(_one_line(items[str(i)].get("title") or f"item {i}", 120))
 
-    titles = [title(i) for i in seq[:-3][-pref_len:]]
+    titles = [title(i) for i in intention_target(seq, "train")[1][-pref_len:]]
     reqs = preference_requests(user, titles, domain, recent_len)
-    for split, item in (("train", seq[-3]), ("test", seq[-1])):
+    for split in ("train", "test"):
+        item = intention_target(seq, split)[0]
         reqs += intention_requests(user, split, items[str(item)], reviews.get((user, item)), domain)
     return reqs
 
@@ -722,8 +660,9 @@ def make_record(user: str, seq: list[int], reqs: list[Request]) -> dict[str, Any
     return {
         "user": user,
         "explicit": [by_field[f].answer for f in PREF_FIELDS],
-        "train": {"item": seq[-3], "inters": seq[:-3], "querys": [by_field["train_user"].answer, by_field["train_item"].answer]},
-        "test": {"item": seq[-1], "inters": seq[:-1], "querys": [by_field["test_user"].answer, by_field["test_item"].answer]},
+        **{split: dict(zip(("item", "inters"), intention_target(seq, split)),
+                       querys=[by_field[f"{split}_user"].answer, by_field[f"{split}_item"].answer])
+           for split in ("train", "test")},
         "fallback": [r.field for r in reqs if r.used_fallback],
     }
 

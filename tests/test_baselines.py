@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import data
+from arguments import parse_args
 from baselines import family
 from baselines.runner import build_parser, resolve_args, run
 from baselines.split import load_split, held_out_positions, train_examples, train_windows
 from fixtures import make_dataset, make_indices
 from results_table import results_table
-from utils import DataError, parse_args
+from utils import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"sasrec": ["--hidden_size", "32", "--inner_size", "64"],

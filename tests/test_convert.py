@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from dataset_files import dataset_file
 from fixtures import make_indices, make_tiny_model, train_tokenizer
 from modeling import add_index_tokens, check_index_tokens, load_tokenizer
-from utils import DataError, dataset_file
+from utils import DataError
 
 import convert  # convert/convert.py (tests/conftest.py puts convert/ on the path)
 import make_delta

@@ -15,7 +15,8 @@ import torch
 from data_process import amazon18, movielens, text_emb
 from data_process.base_model import DEFAULT_CACHE, fetch_wheel
 from data_process.common import clean_text
-from utils import DataError, load_inters, load_items
+from dataset_files import load_inters, load_items
+from utils import DataError
 
 
 # --------------------------------------------------------------------------- MovieLens

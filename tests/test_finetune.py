@@ -17,8 +17,10 @@ import collator
 import data
 import finetune
 import lora_finetune
+from arguments import parse_args
+from dataset_files import dataset_file
 from modeling import check_index_tokens, load_for_inference, load_tokenizer
-from utils import DataError, dataset_file, parse_args
+from utils import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -444,7 +446,7 @@ def test_index_token_init_options(tiny_data, tiny_base_model):
 def test_index_softmax_loss_restricts_index_targets_to_their_level(tiny_data, tiny_base_model):
     """Index targets: a softmax over their level's codes; text targets (EOS, titles): the full one."""
     from index_loss import IGNORE_INDEX, IndexSoftmax, level_token_ids
-    from utils import index_tokens
+    from dataset_files import index_tokens
 
     data_path, _ = tiny_data
     indices = indices_of(data_path)
@@ -473,7 +475,7 @@ def test_trie_softmax_normalises_over_the_codes_that_can_follow_the_prefix(tiny_
     the same t earlier tokens; a whole item's loss is -log P(item) among all items (plus EOS)."""
     from generation import IndexTrie, index_token_ids
     from index_loss import IGNORE_INDEX, IndexSoftmax, level_token_ids
-    from utils import index_tokens
+    from dataset_files import index_tokens
 
     data_path, _ = tiny_data
     indices = indices_of(data_path)

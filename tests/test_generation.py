@@ -5,11 +5,12 @@ import random
 import pytest
 import torch
 
+from dataset_files import index_tokens
 from fixtures import make_indices, make_tiny_model, train_tokenizer
 from evaluation import shard_range
 from generation import (Decoder, IndexTrie, TrieLogitsProcessor, can_share_prefill, index_token_ids,
                         position_allowed_tokens_fn, rank_batch_with_backoff)
-from utils import DataError, index_tokens
+from utils import DataError
 
 EOS, PAD = 2, 3
 
@@ -227,7 +228,7 @@ def test_shared_prefill_falls_back_when_it_cannot_apply(tiny_indexed, tie_free_m
 
 
 def test_no_share_prefill_flag():
-    from utils import parse_args
+    from arguments import parse_args
 
     assert parse_args("test", ["--no_share_prefill"]).no_share_prefill
     assert not parse_args("test", []).no_share_prefill
@@ -312,7 +313,7 @@ def test_trie_search_when_the_first_level_has_fewer_codes_than_beams(tiny_indexe
 
 
 def test_beam_search_flag_and_bad_value(tiny_indexed):
-    from utils import parse_args
+    from arguments import parse_args
 
     assert parse_args("test", []).beam_search == "trie"
     assert parse_args("test", ["--beam_search", "hf"]).beam_search == "hf"

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from dataset_files import load_indices
 from index import generate_indices as gen
 from index import main as train_main
 from index.codes import code_stats
@@ -19,7 +20,7 @@ from index.models.layers import sinkhorn, sinkhorn_assign
 from index.models.rqvae import RQVAE
 from index.trainer import (BEST_COLLISION_CKPT, BEST_LOSS_CKPT, Trainer, build_model, encode_all, load_checkpoint,
                            save_checkpoint)
-from utils import DataError, load_indices
+from utils import DataError
 
 TINY_MODEL = ["--layers", "32", "16", "--e_dim", "8", "--num_emb_list", "16", "16", "32",
               "--sk_epsilons", "0", "0", "0.003", "--kmeans_iters", "20", "--batch_size", "128"]

@@ -8,8 +8,10 @@ import torch
 import collator
 import data
 import prompt
+from arguments import ALL_TASKS, parse_args
+from dataset_files import dataset_file, index_tokens
 from fixtures import make_dataset, train_tokenizer
-from utils import ALL_TASKS, DataError, dataset_file, index_tokens, parse_args
+from utils import DataError
 
 EXPECTED_COUNTS = {"seqrec": 17, "item2index": 19, "index2item": 17, "fusionseqrec": 12, "itemsearch": 11,
                    "preferenceobtain": 11}
@@ -144,7 +146,7 @@ def test_no_validation_or_test_item_in_training(tmp_path):
     user["user_vague_intention"]["train"]["3"]["item"] = files.inters["3"][-1]
     path.write_text(json.dumps(user))
     data._load_user_file.cache_clear()
-    with pytest.raises(DataError, match=r"user_vague_intention\.train\['3'\]\.item"):
+    with pytest.raises(DataError, match=r"user_vague_intention\['train'\]\['3'\]: expected item items\[-3\]"):
         data.load_datasets(train_args(root, tasks=["itemsearch"]))
 
 
@@ -386,7 +388,7 @@ def test_history_loss_labels_the_history_index_tokens(tiny_data, tiny_base_model
     """--history_loss: the index tokens of the history are labels as well as the response; both
     padding sides give the same labels."""
     from modeling import load_tokenizer
-    from utils import index_tokens, load_indices
+    from dataset_files import index_tokens, load_indices
 
     data_path, _ = tiny_data
     indices = load_indices(data_path / "Tiny" / "Tiny.index.json")

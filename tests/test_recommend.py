@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import recommend
+from dataset_files import load_indices
 from fixtures import make_dataset, make_tiny_model, train_tokenizer
 from modeling import add_index_tokens
 from recommender import RequestError, match_title
-from utils import DataError, load_indices
+from utils import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 N_ITEMS = 24
@@ -135,7 +136,7 @@ def server(ckpt_and_data):
 
     from recommend_server import create_app
     from recommender import Recommender
-    from utils import parse_args
+    from arguments import parse_args
 
     ckpt, data_path, _, _ = ckpt_and_data
     app = create_app(Recommender(parse_args("recommend", base_args(ckpt, data_path))))

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from arguments import parse_args
+from dataset_files import load_indices
 from fixtures import make_dataset, make_tiny_model, train_tokenizer
 from evaluation import evaluate_checkpoint, predictions_path
 from modeling import add_index_tokens
-from utils import DataError, load_indices, parse_args
+from utils import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 N_USERS = 15  # odd: 2 ranks get shards of 7 and 8

@@ -14,8 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from data_process import user_profiles as up
+from dataset_files import dataset_file, load_inters, load_items
 from fixtures import make_dataset
-from utils import DataError, dataset_file, load_inters, load_items
+from utils import DataError
 
 # --------------------------------------------------------------------------- cleaning
 MESSY = [

@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from utils import DataError, atomic_path, load_indices, load_inters, parse_args, write_json_atomic
+from arguments import parse_args
+from dataset_files import load_indices, load_inters
+from utils import DataError, atomic_path, write_json_atomic
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

@@ -1,0 +1,209 @@
+"""The one argument parser of finetune.py, lora_finetune.py, test.py, test_ddp.py, baseline.py
+and recommend.py, the task names it accepts, and the checks of its training flags.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from utils import DataError
+
+ALL_TASKS = ("seqrec", "item2index", "index2item", "fusionseqrec", "itemsearch", "preferenceobtain")
+TEST_TASKS = ("seqrec", "itemsearch", "fusionseqrec")
+DEFAULT_METRICS = "hit@1,hit@5,hit@10,ndcg@5,ndcg@10"
+
+
+def parse_list(value: str, cast: type = str, flag: str = "") -> list:
+    """``"a,b,c"`` to a list; a clear error names the flag on a bad element."""
+    out = []
+    for part in (p.strip() for p in str(value).split(",")):
+        if part == "":
+            continue
+        try:
+            out.append(cast(part))
+        except ValueError as e:
+            raise DataError(f"{flag}: could not read {part!r} as {cast.__name__} in {value!r}") from e
+    return out
+
+
+def _add_global_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("global")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--base_model", type=str, default=None, help="base LLM folder or hub id")
+    g.add_argument("--output_dir", type=str, default="./ckpt/", help="where checkpoints go")
+
+
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dataset")
+    g.add_argument("--data_path", type=str, default="./data", help="folder holding <dataset>/<dataset>.*.json")
+    g.add_argument("--dataset", type=str, default="Instruments")
+    g.add_argument("--index_file", type=str, default=".index.json", help="joined to the dataset: <D>/<D><index_file>")
+    g.add_argument("--user_file", type=str, default=".user.json", help="joined to the dataset: <D>/<D><user_file>")
+    g.add_argument("--tasks", type=str, default=",".join(ALL_TASKS), help="comma-separated training tasks")
+    g.add_argument("--max_his_len", type=int, default=20, help="history length kept (last items)")
+    g.add_argument("--add_prefix", action="store_true", help="number the history items: '1. <a_..>'")
+    g.add_argument("--his_sep", type=str, default=", ", help="separator between history items")
+    g.add_argument("--only_train_response", action="store_true", help="loss on the response tokens only")
+    g.add_argument("--train_prompt_sample_num", type=str, default="1,1,1,1,1,1", help="templates per example, per task")
+    g.add_argument("--train_data_sample_num", type=str, default="0,0,0,100000,0,0", help="examples per task (0 = all)")
+    g.add_argument("--valid_prompt_id", type=int, default=0)
+    g.add_argument("--sample_valid", action="store_true", default=True, help="sample validation templates")
+    g.add_argument("--no_sample_valid", dest="sample_valid", action="store_false")
+    g.add_argument("--valid_prompt_sample_num", type=int, default=2)
+    g.add_argument("--valid_sample_num", type=int, default=0, help="validation users to keep (0 = all)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--optim", type=str, default="adamw_torch")
+    g.add_argument("--epochs", type=int, default=4)
+    g.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (quick runs)")
+    g.add_argument("--learning_rate", type=float, default=5e-5)
+    g.add_argument("--per_device_batch_size", type=int, default=8)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=2)
+    g.add_argument("--logging_step", type=int, default=10)
+    g.add_argument("--model_max_length", type=int, default=2048)
+    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--warmup_ratio", type=float, default=0.01)
+    g.add_argument("--lr_scheduler_type", type=str, default="cosine")
+    g.add_argument("--save_and_eval_strategy", type=str, default="epoch", choices=["epoch", "steps", "no"])
+    g.add_argument("--save_and_eval_steps", type=int, default=1000)
+    g.add_argument("--save_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", type=str, default=None)
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--deepspeed", type=str, default=None, help="DeepSpeed config JSON")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--curve_steps", type=int, default=0,
+                   help="every N steps, score --curve_users validation users with the constrained beam search "
+                        "(the learning curve, in <output_dir>/learning_curve.json); 0 = off")
+    g.add_argument("--curve_users", type=int, default=100, help="validation users of the learning curve (seeded)")
+    g.add_argument("--curve_beams", type=int, default=20, help="beams of the learning curve's search")
+    g.add_argument("--curve_batch_size", type=int, default=8, help="prompts per batch of the learning curve")
+    g.add_argument("--history_loss", action="store_true",
+                   help="with --only_train_response, also train on the index tokens of the history in the prompt: "
+                        "each history item becomes a next-item target (off in the paper)")
+    g.add_argument("--index_token_init", type=str, default="mean", choices=["mean", "normal", "title"],
+                   help="start of the new index-token embeddings: mean (transformers' mean resizing), normal (the "
+                        "model's weight init, N(0, initializer_range), what the original's transformers did) or "
+                        "title (the mean embedding of the titles of the items under each code)")
+    g.add_argument("--index_softmax", type=str, default="none", choices=["none", "level", "trie"],
+                   help="the loss on an index token: a softmax over the whole vocabulary (none, the paper), over "
+                        "the codes of its level (level), or over the codes the item trie allows after the "
+                        "item's earlier tokens (trie: the choice constrained decoding makes)")
+    g.add_argument("--full_logits", dest="response_logits_only", action="store_false",
+                   help="run the output layer on every token; by default (with --only_train_response) it runs "
+                        "on the response positions only, which gives the same loss and gradients, faster")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--report_to", type=str, default="none")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
+    g = p.add_argument_group("lora")
+    g.add_argument("--lora_r", type=int, default=8)
+    g.add_argument("--lora_alpha", type=int, default=32)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument(
+        "--lora_target_modules", type=str, default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )
+    g.add_argument("--lora_modules_to_save", type=str, default="embed_tokens,lm_head")
+    g.add_argument("--load_in_8bit", action="store_true")
+    g.add_argument("--load_in_4bit", action="store_true")
+
+
+def _add_test_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("test")
+    g.add_argument("--ckpt_path", type=str, default=None, help="fine-tuned checkpoint (or LoRA adapter with --lora)")
+    g.add_argument("--lora", action="store_true", help="ckpt_path is a LoRA adapter on --base_model")
+    g.add_argument("--filter_items", action="store_true", help="drop generations that are not items")
+    g.add_argument("--results_file", type=str, default="./results/test.json")
+    g.add_argument("--save_predictions", action="store_true", help="also write each example's ranked items")
+    g.add_argument("--test_batch_size", type=int, default=1)
+    g.add_argument("--num_beams", type=int, default=20)
+    g.add_argument("--sample_num", type=int, default=-1, help="test examples to use (-1 = all)")
+    g.add_argument("--gpu_id", type=int, default=0)
+    g.add_argument("--test_prompt_ids", type=str, default="0", help="'all' or comma-separated template ids")
+    g.add_argument("--metrics", type=str, default=DEFAULT_METRICS)
+    g.add_argument("--test_task", type=str, default="seqrec", help="seqrec, itemsearch or fusionseqrec")
+    g.add_argument("--model_max_length", type=int, default=2048,
+                   help="prompts longer than this (less the index and EOS) lose their oldest tokens, as in training")
+    g.add_argument("--oom_backoff", action="store_true", help="on CUDA OOM retry the batch with fewer beams")
+    g.add_argument("--decoding", type=str, default="trie", choices=["trie", "position", "none"],
+                   help="trie: only real items (default); position: any token seen at each index position "
+                        "(the original rule, may produce non-items); none: unconstrained")
+    g.add_argument("--no_share_prefill", action="store_true",
+                   help="run each prompt once per beam inside generate instead of once, then sharing its cache")
+    g.add_argument("--beam_search", type=str, default="trie", choices=["trie", "hf"],
+                   help="trie: beam search over the index trie's allowed tokens only (default, fast); "
+                        "hf: transformers' generate with the trie as a logits processor (same ranking)")
+    g.add_argument("--score_softmax", type=str, default="auto", choices=["auto", "full", "level", "trie"],
+                   help="normalise each step's beam scores over the whole vocabulary (full), the level's codes "
+                        "(level) or the trie's allowed codes (trie), as finetune.py --index_softmax trained; "
+                        "auto: what the checkpoint's config.json records (full when nothing)")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
+
+
+def _add_recommend_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recommend")
+    g.add_argument("--user", type=str, default=None, help="a user of <D>.inter.json: their test-time history")
+    g.add_argument("--history", type=str, default=None, help='typed history, oldest first: "Title one; Title two"')
+    g.add_argument("--history_ids", type=str, default=None, help="typed history as item ids: 12,40,7")
+    g.add_argument("--query", type=str, default=None, help="a request in plain words (alone or with a history)")
+    g.add_argument("--k", type=int, default=10, help="items to return")
+    g.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    g.add_argument("--serve", action="store_true", help="serve the web page and its JSON API instead")
+    g.add_argument("--host", type=str, default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+
+
+def build_parser(stage: str, description: str | None = None) -> argparse.ArgumentParser:
+    """The one parser. ``stage`` is "train" (finetune.py, lora_finetune.py), "test" (test.py,
+    test_ddp.py) or "recommend" (the test flags and the request flags)."""
+    if stage not in ("train", "test", "recommend"):
+        raise ValueError(f"stage must be 'train', 'test' or 'recommend', got {stage!r}")
+    p = argparse.ArgumentParser(description=description, conflict_handler="resolve")
+    _add_global_args(p)
+    _add_dataset_args(p)
+    (_add_train_args if stage == "train" else _add_test_args)(p)
+    if stage == "recommend":
+        _add_recommend_args(p)
+    return p
+
+
+def check_task_args(args: argparse.Namespace) -> None:
+    """SPEC section 7: task lists of equal length and known names."""
+    tasks = parse_list(args.tasks, str, "--tasks")
+    if not tasks:
+        raise DataError(f"--tasks: no task given; expected comma-separated names from {list(ALL_TASKS)}")
+    unknown = [t for t in tasks if t.lower() not in ALL_TASKS]
+    if unknown:
+        raise DataError(f"--tasks: unknown task(s) {unknown}; expected names from {list(ALL_TASKS)}")
+    prompt_nums = parse_list(args.train_prompt_sample_num, int, "--train_prompt_sample_num")
+    data_nums = parse_list(args.train_data_sample_num, int, "--train_data_sample_num")
+    for flag, nums in (("--train_prompt_sample_num", prompt_nums), ("--train_data_sample_num", data_nums)):
+        negative = [n for n in nums if n < 0]
+        if negative:
+            raise DataError(f"{flag}: {negative} are negative; expected counts >= 0 per task (0 = all)")
+    for flag in ("curve_steps", "curve_users", "curve_beams", "curve_batch_size"):
+        value = getattr(args, flag, 1)
+        if value < 0 or (value == 0 and flag != "curve_steps"):
+            expected = "0 (off) or a number of steps" if flag == "curve_steps" else "a positive number"
+            raise DataError(f"--{flag}: {value} is not allowed; expected {expected}")
+    if getattr(args, "valid_sample_num", 0) < 0:
+        raise DataError(f"--valid_sample_num: {args.valid_sample_num} is negative; expected a count >= 0 (0 = all)")
+    if not (len(tasks) == len(prompt_nums) == len(data_nums)):
+        raise DataError(
+            f"--tasks has {len(tasks)} entries, --train_prompt_sample_num {len(prompt_nums)} and "
+            f"--train_data_sample_num {len(data_nums)}; they must have one entry per task"
+        )
+
+
+def parse_args(stage: str, argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    parser = build_parser(stage, description)
+    args = parser.parse_args(argv)
+    if stage == "test":
+        args.test_task = args.test_task.lower()  # the original accepts any case
+    if stage == "train":
+        try:
+            check_task_args(args)
+        except DataError as e:
+            parser.error(str(e))
+    return args
