@@ -26,6 +26,17 @@ def parse_list(value: str, cast: type = str, flag: str = "") -> list:
     return out
 
 
+def positive_int(value: str) -> int:
+    """The argparse type of counts that must be at least 1 (beams, batch sizes)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _add_global_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("global")
     g.add_argument("--seed", type=int, default=42)
@@ -116,8 +127,8 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--filter_items", action="store_true", help="drop generations that are not items")
     g.add_argument("--results_file", type=str, default="./results/test.json")
     g.add_argument("--save_predictions", action="store_true", help="also write each example's ranked items")
-    g.add_argument("--test_batch_size", type=int, default=1)
-    g.add_argument("--num_beams", type=int, default=20)
+    g.add_argument("--test_batch_size", type=positive_int, default=1)
+    g.add_argument("--num_beams", type=positive_int, default=20)
     g.add_argument("--sample_num", type=int, default=-1, help="test examples to use (-1 = all)")
     g.add_argument("--gpu_id", type=int, default=0)
     g.add_argument("--test_prompt_ids", type=str, default="0", help="'all' or comma-separated template ids")

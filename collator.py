@@ -9,23 +9,13 @@ response, and that EOS must stay a label or the model never learns to stop.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Iterable
 
 import torch
 
+from modeling import ensure_pad_token
+
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips
-
-
-def ensure_pad_token(tokenizer) -> int:
-    """The tokenizer's pad id; a tokenizer without one gets pad = eos (else unk), with a warning."""
-    if tokenizer.pad_token_id is None:
-        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-        if fallback is None:
-            raise ValueError("the tokenizer has no pad, eos or unk token to pad with")
-        warnings.warn(f"tokenizer has no pad token; padding with {fallback!r}")
-        tokenizer.pad_token = fallback
-    return tokenizer.pad_token_id
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

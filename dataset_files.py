@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import string
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 from utils import DataError
 
 MIN_INTERACTIONS = 3  # leave-one-out needs a train, a validation and a test item
+LEVEL_PREFIXES = string.ascii_lowercase  # index tokens: level 0 -> <a_..>, level 1 -> <b_..>, ...
+_INDEX_TOKEN = re.compile(r"<([a-z]+)_(\d+)>")
 
 
 def dataset_file(data_path: str | os.PathLike, dataset: str, suffix: str) -> Path:
@@ -97,11 +100,22 @@ def load_indices(path: str | os.PathLike, required_items: Any = None) -> dict[st
     return data
 
 
+def index_token(level: int, code: int) -> str:
+    """How code ``code`` of level ``level`` is spelled in an index file: ``<a_12>``."""
+    return f"<{LEVEL_PREFIXES[level]}_{code}>"
+
+
+def parse_index_token(token: str) -> tuple[str, int] | None:
+    """(level prefix, code) of an index token such as ``<a_12>``; None for anything else."""
+    m = _INDEX_TOKEN.fullmatch(token)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
 def index_tokens(indices: dict[str, list[str]]) -> list[str]:
     """All distinct index tokens, sorted by level then code, for adding to a tokenizer."""
     def level_and_code(token: str) -> tuple:
-        m = re.fullmatch(r"<([a-z]+)_(\d+)>", token)
-        return (m.group(1), int(m.group(2)), token) if m else (token, -1, token)
+        parsed = parse_index_token(token)
+        return (*parsed, token) if parsed else (token, -1, token)
 
     return sorted({t for toks in indices.values() for t in toks}, key=level_and_code)
 

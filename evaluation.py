@@ -17,7 +17,7 @@ from transformers import GenerationConfig
 import data
 from arguments import TEST_TASKS
 from dataset_files import dataset_file
-from generation import BEAM_SEARCHES, DECODING_MODES, Decoder, checkpoint_softmax, rank_batch_with_backoff
+from generation import Decoder, rank_batch_with_backoff, scoring_softmax
 from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, personalisation,
                      standard_errors, target_rank)
 from utils import DataError, check_writable, default_dtype, get_device, set_seed, write_jsonl_atomic, write_results
@@ -26,20 +26,24 @@ log = logging.getLogger("lcrec.eval")
 
 
 def check_test_args(args: argparse.Namespace) -> None:
-    """Cheap checks before any model is loaded."""
+    """Cheap checks before any model is loaded (the decoding options are the parser's)."""
     args.test_task = str(args.test_task).strip().lower()  # case-insensitive, as in the original
     if args.test_task not in TEST_TASKS:
         raise DataError(f"--test_task: unknown test task {args.test_task!r}; expected one of {list(TEST_TASKS)}")
-    if args.num_beams < 1:
-        raise DataError(f"--num_beams must be at least 1, got {args.num_beams}")
-    if args.test_batch_size < 1:
-        raise DataError(f"--test_batch_size must be at least 1, got {args.test_batch_size}")
-    if getattr(args, "decoding", "trie") not in DECODING_MODES:
-        raise DataError(f"--decoding: {args.decoding!r} is not one of {list(DECODING_MODES)}")
-    if getattr(args, "beam_search", "trie") not in BEAM_SEARCHES:
-        raise DataError(f"--beam_search: {args.beam_search!r} is not one of {list(BEAM_SEARCHES)}")
     if not args.ckpt_path:
         raise DataError("--ckpt_path is required: the fine-tuned checkpoint folder (or the LoRA adapter with --lora)")
+
+
+def checkpoint_softmax(choice: str, model, mode: str = "trie", search: str = "trie") -> str:
+    """``--score_softmax``: ``auto`` follows the checkpoint (``index_softmax`` in its config.json,
+    written by finetune.py --index_softmax); full, level or trie force one. Only the trie search
+    (``mode`` and ``search`` "trie") scores with a softmax other than full."""
+    if choice == "auto":
+        choice = scoring_softmax(getattr(model.config, "index_softmax", "none"))
+    if choice != "full" and (mode, search) != ("trie", "trie"):
+        raise DataError(f"--score_softmax {choice} (a model trained with --index_softmax {choice}) needs the "
+                        "trie search: --decoding trie --beam_search trie, or --score_softmax full")
+    return choice
 
 
 def prompt_budget(model_max_length: int, index_len: int) -> int:
@@ -120,11 +124,10 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     # scoring must not depend on them
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
-    decoder = Decoder.build(tokenizer, indices, model.get_input_embeddings().weight.shape[0],
-                            getattr(args, "decoding", "trie"), args.filter_items, device, where=str(args.ckpt_path),
-                            share_prefill=not getattr(args, "no_share_prefill", False),
-                            search=getattr(args, "beam_search", "trie"),
-                            softmax=checkpoint_softmax(getattr(args, "score_softmax", "auto"), model))
+    mode, search = getattr(args, "decoding", "trie"), getattr(args, "beam_search", "trie")
+    decoder = Decoder.build(tokenizer, indices, mode, args.filter_items, device,
+                            share_prefill=not getattr(args, "no_share_prefill", False), search=search,
+                            softmax=checkpoint_softmax(getattr(args, "score_softmax", "auto"), model, mode, search))
 
     max_prompt_length = prompt_budget(args.model_max_length, len(next(iter(indices.values()))))
     per_prompt: dict[str, dict[str, float]] = {}

@@ -134,14 +134,16 @@ def history_token_ids(args: argparse.Namespace, tokenizer) -> list[int]:
 def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -> Trainer:
     trainer_class, extra = Trainer, {}
     if getattr(args, "index_softmax", "none") != "none":
-        from generation import IndexTrie, index_token_ids
+        from generation import IndexTrie
         from index_loss import IndexSoftmax, IndexSoftmaxTrainer, level_token_ids
 
         indices = data.load_item_indices(args)
         levels = level_token_ids(tokenizer, index_tokens(indices))
         trie = None
         if args.index_softmax == "trie":
-            trie = IndexTrie(list(index_token_ids(tokenizer, indices).values()), tokenizer.eos_token_id)
+            # the index tokens were checked when they were added (modeling.add_index_tokens)
+            item_ids = [tokenizer.convert_tokens_to_ids(toks) for toks in indices.values()]
+            trie = IndexTrie(item_ids, tokenizer.eos_token_id)
         loss = IndexSoftmax(levels, len(tokenizer), args.index_softmax, trie)
         trainer_class, extra = IndexSoftmaxTrainer, {"index_softmax": loss}
     return trainer_class(

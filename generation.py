@@ -31,34 +31,6 @@ from utils import DataError
 
 log = logging.getLogger("lcrec.eval")
 
-DECODING_MODES = ("trie", "position", "none")
-BEAM_SEARCHES = ("trie", "hf")
-
-
-# --------------------------------------------------------------------------- index -> token ids
-def index_token_ids(tokenizer, indices: dict[str, list[str]], vocab_size: int | None = None,
-                    where: str = "tokenizer") -> dict[str, list[int]]:
-    """Each item's index as token ids. Every index token must be exactly one id of the tokenizer
-    (added by fine-tuning) and, when ``vocab_size`` is given, inside the model's embedding."""
-    token_id: dict[str, int] = {}
-    for tok in sorted({t for toks in indices.values() for t in toks}):
-        ids = tokenizer.encode(tok, add_special_tokens=False)
-        if len(ids) != 1:
-            raise DataError(
-                f"{where}: index token {tok!r} encodes as {len(ids)} ids {ids}; every index token must be a single "
-                "added token (was the checkpoint fine-tuned with this index file, and saved with its tokenizer?)"
-            )
-        token_id[tok] = ids[0]
-    if vocab_size is not None:
-        top = max(token_id.values())
-        if top >= vocab_size:
-            raise DataError(
-                f"{where}: the index needs token id {top} but the model's vocabulary has only {vocab_size} rows; "
-                "the checkpoint's embeddings were not resized for the index tokens"
-            )
-    return {item: [token_id[t] for t in toks] for item, toks in indices.items()}
-
-
 # --------------------------------------------------------------------------- the trie
 class IndexTrie:
     """Prefix trie of item token sequences, compiled into dense tensors.
@@ -311,25 +283,17 @@ class Decoder:
     softmax: str = "full"  # what each step's scores are normalised over: full, level or trie (see trie_beam_search)
 
     @classmethod
-    def build(cls, tokenizer, indices: dict[str, list[str]], vocab_size: int | None = None, mode: str = "trie",
-              filter_items: bool = False, device: torch.device | None = None, where: str = "tokenizer",
-              share_prefill: bool = True, search: str = "trie", softmax: str = "full") -> "Decoder":
-        """From the index file's ``{item: [token, ...]}``; checks the tokens against the tokenizer and
-        the model's vocabulary size (see ``index_token_ids``)."""
-        if mode not in DECODING_MODES:
-            raise DataError(f"--decoding: {mode!r} is not one of {list(DECODING_MODES)}")
-        if search not in BEAM_SEARCHES:
-            raise DataError(f"--beam_search: {search!r} is not one of {list(BEAM_SEARCHES)}")
-        if softmax not in SOFTMAXES:
-            raise DataError(f"--score_softmax: {softmax!r} is not one of {list(SOFTMAXES)}")
-        if softmax != "full" and (mode, search) != ("trie", "trie"):
-            raise DataError(f"--score_softmax {softmax} (a model trained with --index_softmax {softmax}) needs the "
-                            "trie search: --decoding trie --beam_search trie, or --score_softmax full")
+    def build(cls, tokenizer, indices: dict[str, list[str]], mode: str = "trie", filter_items: bool = False,
+              device: torch.device | None = None, share_prefill: bool = True, search: str = "trie",
+              softmax: str = "full") -> "Decoder":
+        """From the index file's ``{item: [token, ...]}``, whose tokens were checked when the model
+        and tokenizer were loaded (modeling.index_token_ids); the options were checked by the parser.
+        A softmax other than full needs the trie search (mode and search "trie")."""
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         if eos is None:
             raise DataError("the tokenizer has no EOS token; decoding needs one to end an index")
         pad = eos if pad is None else pad
-        item_ids = index_token_ids(tokenizer, indices, vocab_size, where)
+        item_ids = {item: tokenizer.convert_tokens_to_ids(toks) for item, toks in indices.items()}
         trie = IndexTrie(list(item_ids.values()), eos, pad)
         if device is not None:
             trie.to(device)
@@ -433,19 +397,6 @@ def rank_batch_with_backoff(decoder: Decoder, model, encodings, num_beams: int, 
         beams = new
 
 
-SOFTMAXES = ("full", "level", "trie")
-
-
 def scoring_softmax(index_softmax: str) -> str:
     """The scoring that matches a training loss (finetune.py --index_softmax none|level|trie)."""
     return "full" if index_softmax in (None, "none") else index_softmax
-
-
-def checkpoint_softmax(choice: str, model) -> str:
-    """``--score_softmax``: ``auto`` follows the checkpoint (``index_softmax`` in its config.json,
-    written by finetune.py --index_softmax); full, level or trie force one."""
-    if choice == "auto":
-        choice = scoring_softmax(getattr(model.config, "index_softmax", "none"))
-    if choice not in SOFTMAXES:
-        raise DataError(f"--score_softmax: {choice!r} is not one of {['auto', *SOFTMAXES]}")
-    return choice

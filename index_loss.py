@@ -12,11 +12,11 @@ full softmax. Off by default: the original trains with the plain loss.
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
+
+from dataset_files import parse_index_token
 
 IGNORE_INDEX = -100
 
@@ -25,10 +25,10 @@ def level_token_ids(tokenizer, tokens: list[str]) -> list[list[int]]:
     """Ids of the index tokens grouped by level (``<a_*>``, ``<b_*>``, ...), in level order."""
     levels: dict[str, list[str]] = {}
     for token in tokens:
-        m = re.fullmatch(r"<([a-z]+)_\d+>", token)
-        if m is None:
+        parsed = parse_index_token(token)
+        if parsed is None:
             raise ValueError(f"index token {token!r} is not of the form <level_code>")
-        levels.setdefault(m.group(1), []).append(token)
+        levels.setdefault(parsed[0], []).append(token)
     return [tokenizer.convert_tokens_to_ids(levels[name]) for name in sorted(levels)]
 
 

@@ -87,8 +87,7 @@ class LearningCurve(TrainerCallback):
         start = time.perf_counter()
         device = next(model.parameters()).device
         if self.decoder is None:
-            self.decoder = Decoder.build(self.tokenizer, self.indices, model.get_input_embeddings().weight.shape[0],
-                                         device=device, where="learning curve",
+            self.decoder = Decoder.build(self.tokenizer, self.indices, device=device,
                                          softmax=scoring_softmax(getattr(self.args, "index_softmax", "none")))
         settings = argparse.Namespace(test_batch_size=self.args.curve_batch_size, num_beams=self.args.curve_beams,
                                       oom_backoff=True)

@@ -1,16 +1,22 @@
 """Loading models and tokenizers, and adding the item-index tokens: the one place that
-finetune.py, lora_finetune.py and the evaluation scripts share."""
+finetune.py, lora_finetune.py, the evaluation scripts and convert/ share. It owns the tokenizer
+side: the tokenizer files, the pad-token fallback and the token ids of the index.
+"""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
-from collator import ensure_pad_token
 from dataset_files import index_tokens
-from utils import DataError
+from utils import DataError, copy_files
 
 # Any one of these makes a folder's tokenizer loadable (fast JSON, sentencepiece, or BPE files).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+# Files that make up a tokenizer; whichever exist are copied next to converted weights.
+TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                        "added_tokens.json", "vocab.json", "merges.txt", "tiktoken.model", "chat_template.jinja",
+                        "chat_template.json")
 
 
 def check_tokenizer_files(folder: str | os.PathLike) -> None:
@@ -25,6 +31,30 @@ def check_tokenizer_files(folder: str | os.PathLike) -> None:
         )
 
 
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files of folder ``src`` that exist into ``dst``; returns their names."""
+    check_tokenizer_files(src)  # a clear error when the folder has none
+    return copy_files(src, dst, TOKENIZER_FILE_NAMES)
+
+
+def tokenizer_size(path: str | os.PathLike) -> int:
+    """Tokens of the tokenizer in ``path``, added tokens included."""
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(path)))
+
+
+def ensure_pad_token(tokenizer) -> int:
+    """The tokenizer's pad id; a tokenizer without one gets pad = eos (else unk), with a warning."""
+    if tokenizer.pad_token_id is None:
+        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if fallback is None:
+            raise ValueError("the tokenizer has no pad, eos or unk token to pad with")
+        warnings.warn(f"tokenizer has no pad token; padding with {fallback!r}")
+        tokenizer.pad_token = fallback
+    return tokenizer.pad_token_id
+
+
 def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
@@ -34,8 +64,10 @@ def load_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
-def check_index_tokens(tokenizer, indices: dict[str, list[str]], where: str = "tokenizer") -> None:
-    """Each index token must be one id, and an item's index string must encode to exactly its tokens."""
+def index_token_ids(tokenizer, indices: dict[str, list[str]], where: str = "tokenizer") -> dict[str, list[int]]:
+    """Each item's index as token ids, after the one check of the index tokens, made once per load
+    (add_index_tokens, load_for_inference): each token is one id, and an item's index string
+    encodes to exactly its tokens. That the model has a row for every id is ``check_vocab``."""
     tokens = index_tokens(indices)
     encoded = tokenizer(tokens, add_special_tokens=False)["input_ids"]
     split = {t: len(ids) for t, ids in zip(tokens, encoded) if len(ids) != 1}
@@ -47,12 +79,14 @@ def check_index_tokens(tokenizer, indices: dict[str, list[str]], where: str = "t
     ids = tokenizer("".join(sample), add_special_tokens=False)["input_ids"]
     if ids != tokenizer.convert_tokens_to_ids(sample):
         raise DataError(f"{where}: the index string {''.join(sample)} does not encode to its {len(sample)} tokens")
+    token_id = {t: ids[0] for t, ids in zip(tokens, encoded)}
+    return {item: [token_id[t] for t in toks] for item, toks in indices.items()}
 
 
 def add_index_tokens(tokenizer, indices: dict[str, list[str]]) -> int:
     """Add the index tokens to the vocabulary (checked to be single ids); returns how many were new."""
     added = tokenizer.add_tokens(index_tokens(indices))
-    check_index_tokens(tokenizer, indices)
+    index_token_ids(tokenizer, indices)
     return added
 
 
@@ -126,7 +160,7 @@ def load_for_inference(ckpt_path: str, indices: dict[str, list[str]], dtype=None
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(ckpt_path)
-    check_index_tokens(tokenizer, indices, where=str(ckpt_path))
+    index_token_ids(tokenizer, indices, where=str(ckpt_path))
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if lora:
         from peft import PeftModel

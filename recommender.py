@@ -68,8 +68,8 @@ class Recommender:
     def __init__(self, args: argparse.Namespace):
         import data
         from collator import TestCollator
-        from evaluation import prompt_budget
-        from generation import Decoder, checkpoint_softmax
+        from evaluation import checkpoint_softmax, prompt_budget
+        from generation import Decoder
         from modeling import load_for_inference
         from transformers import GenerationConfig
         from utils import default_dtype, get_device
@@ -90,8 +90,7 @@ class Recommender:
                                                         device=device, lora=args.lora, base_model=args.base_model)
         self.model.generation_config = GenerationConfig(eos_token_id=self.tokenizer.eos_token_id,
                                                         pad_token_id=self.tokenizer.pad_token_id)
-        self.decoder = Decoder.build(self.tokenizer, self.indices, self.model.get_input_embeddings().weight.shape[0],
-                                     device=device, where=str(args.ckpt_path),
+        self.decoder = Decoder.build(self.tokenizer, self.indices, device=device,
                                      softmax=checkpoint_softmax(getattr(args, "score_softmax", "auto"), self.model))
         index_len = len(next(iter(self.indices.values())))
         self.collate = TestCollator(self.tokenizer, prompt_budget(args.model_max_length, index_len))

@@ -1,5 +1,5 @@
-"""Small generic plumbing every script needs: the error type of bad input, atomic writes,
-seeding, device and dtype choice. The dataset files are dataset_files.py, the one argument
+"""Small generic plumbing every script needs: the error type of bad input, atomic writes and file
+copies, seeding, device and dtype choice. The dataset files are dataset_files.py, the one argument
 parser arguments.py.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -125,6 +125,18 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
+    """Copy whichever of ``names`` exist in ``src``; returns the names copied."""
+    import shutil
+
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
 
 
 # --------------------------------------------------------------------------- runtime

@@ -170,7 +170,7 @@ def main() -> None:
                                 + ", ".join("".join(indices[rng.choice(items)]) for _ in range(rng.randint(5, 20)))
                                 + ". Which item will the user interact with next?") for _ in range(n_prompts)]
         prompts = [torch.tensor(tokenizer(t)["input_ids"]) for t in texts]
-        decoder = Decoder.build(tokenizer, indices, model.get_input_embeddings().weight.shape[0], device=device)
+        decoder = Decoder.build(tokenizer, indices, device=device)
         ratio_smollm2 = compare("smollm2", decoder, model, prompts, args.num_beams, args.smollm2_batch_size,
                                 args.smollm2_batches, tokenizer.pad_token_id, device, unshared=True)
         del model

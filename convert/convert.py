@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils import DataError, atomic_dir, exit_on_data_error
-from weights import DTYPES, TIED_ALIASES, ShardWriter, copy_files, copy_tokenizer, parse_size
+from modeling import check_tokenizer_files, copy_tokenizer
+from utils import DataError, atomic_dir, copy_files, exit_on_data_error
+from weights import DTYPES, TIED_ALIASES, ShardWriter, parse_size
 
 SIDE_FILES = ["config.json", "generation_config.json", "trainer_state.json"]
 
@@ -100,8 +101,6 @@ def convert(src: Path, dst: Path, dtype: str | None, max_shard_size: str, overwr
 
 def link_copy(src: Path, dst: Path, overwrite: bool) -> None:
     """The folder unchanged, as hard links (no extra disk), or copied where links are impossible."""
-    from modeling import check_tokenizer_files
-
     check_tokenizer_files(src)
     with atomic_dir(dst, overwrite) as tmp:
         try:

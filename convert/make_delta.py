@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils import DataError, atomic_dir, exit_on_data_error
+from modeling import copy_tokenizer
+from utils import DataError, atomic_dir, copy_files, exit_on_data_error
 from weights import (
-    DELTA_INFO, DTYPES, ShardWriter, WeightReader, add_delta, copy_files, copy_tokenizer, is_vocab_tensor,
+    DELTA_INFO, DTYPES, ShardWriter, WeightReader, add_delta, is_vocab_tensor,
     parse_size, resolve_model_path, sub_base,
 )
 

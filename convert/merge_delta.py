@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils import DataError, atomic_dir, exit_on_data_error
+from modeling import copy_tokenizer, tokenizer_size
+from utils import DataError, atomic_dir, copy_files, exit_on_data_error
 from weights import (
-    DTYPES, ShardWriter, WeightReader, add_delta, copy_files, copy_tokenizer, is_vocab_tensor, parse_size,
+    DTYPES, ShardWriter, WeightReader, add_delta, is_vocab_tensor, parse_size,
     read_delta_info, resolve_model_path,
 )
 
@@ -121,11 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     base_dir = resolve_model_path(args.base_model_path, "--base-model-path")
     if not (delta_dir / "config.json").is_file():
         raise DataError(f"--delta-path: {delta_dir} has no config.json")
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     with atomic_dir(args.target_model_path, args.overwrite) as tmp:
         copy_tokenizer(delta_dir, tmp)  # first: a delta without a tokenizer is refused before any work
-        vocab = len(AutoTokenizer.from_pretrained(str(tmp)))  # loads, with its added tokens; then freed
+        vocab = tokenizer_size(tmp)  # loads, with its added tokens; then freed
         delta = WeightReader(delta_dir)
         rows = embedding_rows({name: delta.shape(name) for name in delta.names()})
         if rows is not None and rows < vocab:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -19,10 +18,6 @@ from utils import DataError
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 DELTA_INFO = "delta_info.json"  # written by make_delta.py: which tensors are stored whole
-# Files that make up a tokenizer; whichever exist are copied next to converted weights.
-TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                        "added_tokens.json", "vocab.json", "merges.txt", "tiktoken.model", "chat_template.jinja",
-                        "chat_template.json")
 # A tied model saves no output head: its weight is the input embedding.
 TIED_ALIASES = {"lm_head.weight": "model.embed_tokens.weight"}
 # The tensors whose first dimension is the vocabulary (resized when index tokens are added).
@@ -236,23 +231,6 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return finals
-
-
-def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
-    """Copy whichever of ``names`` exist in ``src``; returns the names copied."""
-    copied = []
-    for name in names:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
-
-
-def copy_tokenizer(src: Path, dst: Path) -> list[str]:
-    from modeling import check_tokenizer_files
-
-    check_tokenizer_files(src)  # a clear error when the folder has none
-    return copy_files(src, dst, TOKENIZER_FILE_NAMES)
 
 
 # --------------------------------------------------------------------------- delta arithmetic

@@ -1,12 +1,12 @@
-"""Statistics and token spelling of item codes, shared by training and index generation."""
+"""Statistics of item codes and their index tokens (spelled by dataset_files.index_token), shared by
+training and index generation."""
 from __future__ import annotations
 
-import string
 from collections import Counter
 
 import numpy as np
 
-LEVEL_PREFIXES = string.ascii_lowercase  # level 0 -> <a_..>, level 1 -> <b_..>, ...
+from dataset_files import LEVEL_PREFIXES, index_token
 
 
 def code_stats(codes: np.ndarray, num_emb_list: list[int]) -> dict:
@@ -43,4 +43,4 @@ def code_tokens(codes: np.ndarray) -> dict[str, list[str]]:
     codes = np.asarray(codes)
     if codes.shape[1] > len(LEVEL_PREFIXES):
         raise ValueError(f"at most {len(LEVEL_PREFIXES)} levels can be spelled as tokens, got {codes.shape[1]}")
-    return {str(i): [f"<{LEVEL_PREFIXES[lvl]}_{int(c)}>" for lvl, c in enumerate(row)] for i, row in enumerate(codes)}
+    return {str(i): [index_token(lvl, int(c)) for lvl, c in enumerate(row)] for i, row in enumerate(codes)}

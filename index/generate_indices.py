@@ -29,7 +29,8 @@ import torch  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from index.codes import LEVEL_PREFIXES, code_stats, code_tokens, format_stats  # noqa: E402
+from dataset_files import LEVEL_PREFIXES, index_token  # noqa: E402
+from index.codes import code_stats, code_tokens, format_stats  # noqa: E402
 from index.embedding_data import load_embeddings  # noqa: E402
 from index.main import resolve_device  # noqa: E402
 from index.models.layers import sinkhorn_assign  # noqa: E402
@@ -54,7 +55,7 @@ def check_prefix_capacity(codes: np.ndarray, n_last: int) -> None:
         prefixes[row] += 1
     prefix, count = max(prefixes.items(), key=lambda kv: kv[1])
     if count > n_last:
-        spelled = "".join(f"<{LEVEL_PREFIXES[lvl]}_{c}>" for lvl, c in enumerate(prefix))
+        spelled = "".join(index_token(lvl, c) for lvl, c in enumerate(prefix))
         raise DataError(
             f"{count} items share the prefix {spelled or '(none)'} but the last level has only {n_last} codes, "
             "so they cannot all get distinct indices. An undertrained or collapsed RQ-VAE does this (see the collision "

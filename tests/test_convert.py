@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from dataset_files import dataset_file
 from fixtures import make_indices, make_tiny_model, train_tokenizer
-from modeling import add_index_tokens, check_index_tokens, load_tokenizer
+from modeling import add_index_tokens, index_token_ids, load_tokenizer
 from utils import DataError
 
 import convert  # convert/convert.py (tests/conftest.py puts convert/ on the path)
@@ -83,7 +83,7 @@ def test_delta_roundtrip_is_exact(tmp_path, tie, shard):
         if tie:
             assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
         merged_tok = load_tokenizer(out)
-        check_index_tokens(merged_tok, INDICES, where=str(out))  # each index token is one id
+        index_token_ids(merged_tok, INDICES, where=str(out))  # each index token is one id
         ids = merged_tok("".join(INDICES["3"]), add_special_tokens=False)["input_ids"]
         assert merged_tok.convert_ids_to_tokens(ids) == INDICES["3"]
         if mode:  # streaming writes one output shard per delta shard
@@ -213,7 +213,7 @@ def test_convert_sh_consolidates_zero3_checkpoints(tiny_data, tiny_base_model, t
         assert {"config.json", "generation_config.json", "trainer_state.json", "tokenizer.json",
                 "model.safetensors"} <= {p.name for p in final.iterdir()}
         assert "lm_head.weight" not in load_file(str(final / "model.safetensors"))  # tied: saved once
-        check_index_tokens(load_tokenizer(final), indices)
+        index_token_ids(load_tokenizer(final), indices)
 
     # finetune.py saved the best checkpoint's fp32 master weights (its config says bf16, the training dtype)
     best = Path(json.loads((out / "trainer_state.json").read_text())["best_model_checkpoint"]).name

@@ -19,7 +19,7 @@ import finetune
 import lora_finetune
 from arguments import parse_args
 from dataset_files import dataset_file
-from modeling import check_index_tokens, load_for_inference, load_tokenizer
+from modeling import index_token_ids, load_for_inference, load_tokenizer
 from utils import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,7 +218,7 @@ def test_cli_errors(tiny_data, tiny_base_model, tmp_path, capsys):
     # a checkpoint whose tokenizer lacks the index tokens: they split into several ids
     indices = indices_of(data_path)
     with pytest.raises(DataError, match="do not encode to exactly one id"):
-        check_index_tokens(load_tokenizer(tiny_base_model), indices)
+        index_token_ids(load_tokenizer(tiny_base_model), indices)
     with pytest.raises(DataError, match="do not encode to exactly one id"):
         load_for_inference(str(tiny_base_model), indices)
 
@@ -473,7 +473,7 @@ def test_index_softmax_loss_restricts_index_targets_to_their_level(tiny_data, ti
 def test_trie_softmax_normalises_over_the_codes_that_can_follow_the_prefix(tiny_data, tiny_base_model):
     """--index_softmax trie: token t of an item is scored among the codes that some item has after
     the same t earlier tokens; a whole item's loss is -log P(item) among all items (plus EOS)."""
-    from generation import IndexTrie, index_token_ids
+    from generation import IndexTrie
     from index_loss import IGNORE_INDEX, IndexSoftmax, level_token_ids
     from dataset_files import index_tokens
 
@@ -531,7 +531,7 @@ def test_index_softmax_trains(tiny_data, tiny_base_model, tmp_path):
     losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert len(losses) == 2 and all(0 < x < full * 2 for x in losses)
     model = assert_reloads(out, data_path, tiny_base_model)
-    from generation import checkpoint_softmax
+    from evaluation import checkpoint_softmax
 
     # recorded in config.json, so test.py scores with the softmax the model was trained with
     assert checkpoint_softmax("auto", model) == "trie" and checkpoint_softmax("full", model) == "full"

@@ -7,9 +7,10 @@ import torch
 
 from dataset_files import index_tokens
 from fixtures import make_indices, make_tiny_model, train_tokenizer
-from evaluation import shard_range
-from generation import (Decoder, IndexTrie, TrieLogitsProcessor, can_share_prefill, index_token_ids,
-                        position_allowed_tokens_fn, rank_batch_with_backoff)
+from evaluation import checkpoint_softmax, shard_range
+from generation import (Decoder, IndexTrie, TrieLogitsProcessor, can_share_prefill, position_allowed_tokens_fn,
+                        rank_batch_with_backoff)
+from modeling import index_token_ids
 from utils import DataError
 
 EOS, PAD = 2, 3
@@ -116,7 +117,7 @@ def test_every_generated_sequence_is_a_real_item(tiny_indexed, batch_size, beams
     enc = _encode(tok, texts)
     if batch_size > 1:
         assert (enc["attention_mask"][:, 0] == 0).any()  # left padding really present
-    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0])
+    decoder = Decoder.build(tok, indices)
     ranked = decoder.rank(model, enc, beams)
     assert len(ranked) == batch_size
     for items in ranked:
@@ -133,21 +134,20 @@ def test_every_generated_sequence_is_a_real_item(tiny_indexed, batch_size, beams
 
 def test_unconstrained_decoding_marks_non_items(tiny_indexed):
     tok, model, indices = tiny_indexed
-    vocab = model.get_input_embeddings().weight.shape[0]
     enc = _encode(tok, ["The red king"])
-    keep = Decoder.build(tok, indices, vocab, mode="none").rank(model, enc, 5)[0]
+    keep = Decoder.build(tok, indices, mode="none").rank(model, enc, 5)[0]
     assert len(keep) == 5 and None in [i for i, _ in keep]  # a random model does not write indices
-    dropped = Decoder.build(tok, indices, vocab, mode="none", filter_items=True).rank(model, enc, 5)[0]
+    dropped = Decoder.build(tok, indices, mode="none", filter_items=True).rank(model, enc, 5)[0]
     assert all(i is not None for i, _ in dropped) and len(dropped) < 5
 
 
-def test_index_tokens_must_be_single_ids_in_the_vocabulary(tiny_indexed):
+def test_index_tokens_must_be_single_ids(tiny_indexed):
     tok, model, indices = tiny_indexed
     plain = train_tokenizer()  # no index tokens added
-    with pytest.raises(DataError, match="single"):
+    with pytest.raises(DataError, match="do not encode to exactly one id"):
         index_token_ids(plain, indices)
-    with pytest.raises(DataError, match="vocabulary has only"):
-        index_token_ids(tok, indices, vocab_size=len(plain))
+    ids = index_token_ids(tok, indices)
+    assert ids == {item: tok.convert_tokens_to_ids(toks) for item, toks in indices.items()}
 
 
 def test_oom_backoff_halves_beams(tiny_indexed):
@@ -188,7 +188,7 @@ def test_shared_prefill_ranks_like_the_plain_generate(tiny_indexed, tie_free_mod
     width = enc["input_ids"].shape[1]
     if batch_size > 1:
         assert (enc["attention_mask"][:, 0] == 0).any()  # left padding really present
-    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0], search="hf")
+    decoder = Decoder.build(tok, indices, search="hf")
     calls = []  # (rows, tokens) of each forward pass
     hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)),
                                            with_kwargs=True)
@@ -222,7 +222,7 @@ def test_shared_prefill_falls_back_when_it_cannot_apply(tiny_indexed, tie_free_m
 
     assert not can_share_prefill(NoCacheLM(), _encode(tok, TEXTS[:1])["input_ids"])
     assert can_share_prefill(model, _encode(tok, TEXTS[:1])["input_ids"])
-    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0])
+    decoder = Decoder.build(tok, indices)
     ranked = decoder.rank(model, one_token, 5)[0]
     assert len(ranked) == 5 and all(i in indices for i, _ in ranked)
 
@@ -264,7 +264,7 @@ def test_trie_search_ranks_like_generate(tiny_indexed, tie_free_model, batch_siz
     width = enc["input_ids"].shape[1]
     if batch_size > 1:
         assert (enc["attention_mask"][:, 0] == 0).any()  # left padding really present
-    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0])
+    decoder = Decoder.build(tok, indices)
     assert decoder.search == "trie"  # the default
     trie, calls, hf = _rank_both(decoder, model, enc, beams)
     _assert_same_ranking(trie, hf)
@@ -278,7 +278,7 @@ def test_trie_search_ranks_like_generate(tiny_indexed, tie_free_model, batch_siz
 def test_trie_search_with_as_many_beams_as_items_scores_every_item_exactly(tiny_indexed, tie_free_model):
     tok, _, indices = tiny_indexed
     model = tie_free_model
-    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0])
+    decoder = Decoder.build(tok, indices)
     enc = _encode(tok, TEXTS)
     trie, _, hf = _rank_both(decoder, model, enc, len(indices))
     _assert_same_ranking(trie, hf)
@@ -302,7 +302,7 @@ def test_trie_search_when_the_first_level_has_fewer_codes_than_beams(tiny_indexe
     model = tie_free_model
     indices = {f"{a}{b}{c}": [f"<a_{a}>", f"<b_{b}>", f"<c_{c}>"]
                for a in range(first_codes) for b in range(4) for c in range(4)}
-    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0])
+    decoder = Decoder.build(tok, indices)
     enc = _encode(tok, TEXTS)
     trie, _, hf = _rank_both(decoder, model, enc, beams)
     _assert_same_ranking(trie, hf)
@@ -317,9 +317,8 @@ def test_beam_search_flag_and_bad_value(tiny_indexed):
 
     assert parse_args("test", []).beam_search == "trie"
     assert parse_args("test", ["--beam_search", "hf"]).beam_search == "hf"
-    tok, _, indices = tiny_indexed
-    with pytest.raises(DataError, match="--beam_search"):
-        Decoder.build(tok, indices, search="greedy")
+    with pytest.raises(SystemExit):  # the parser checks the decoding options
+        parse_args("test", ["--beam_search", "greedy"])
 
 
 def test_oom_inside_the_trie_search_backs_off(tiny_indexed):
@@ -349,7 +348,7 @@ def test_level_and_trie_softmax_score_every_item_over_its_codes(tiny_indexed, ti
     that follow its prefix in the trie (EOS over the vocabulary), divided by the length."""
     tok, _, indices = tiny_indexed
     model = tie_free_model
-    decoder = Decoder.build(tok, indices, model.get_input_embeddings().weight.shape[0], softmax=softmax)
+    decoder = Decoder.build(tok, indices, softmax=softmax)
     prompt = _encode(tok, TEXTS[1:2])
     ranked = decoder.rank(model, prompt, len(indices))[0]
     assert sorted(i for i, _ in ranked) == sorted(indices)
@@ -370,5 +369,5 @@ def test_level_and_trie_softmax_score_every_item_over_its_codes(tiny_indexed, ti
         differs += abs(score - full_scores[item]) > 1e-4
     assert differs == len(indices)  # a real change: the full softmax scores every item lower
     with pytest.raises(DataError, match="needs the trie search"):
-        Decoder.build(tok, indices, softmax=softmax, search="hf")
+        checkpoint_softmax(softmax, model, "trie", "hf")
 
