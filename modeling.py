@@ -44,13 +44,15 @@ def tokenizer_size(path: str | os.PathLike) -> int:
     return len(AutoTokenizer.from_pretrained(str(path)))
 
 
-def ensure_pad_token(tokenizer) -> int:
-    """The tokenizer's pad id; a tokenizer without one gets pad = eos (else unk), with a warning."""
+def ensure_pad_token(tokenizer, warn: bool = True) -> int:
+    """The tokenizer's pad id; a tokenizer without one gets pad = eos (else unk), with a warning
+    unless ``warn`` is off (where padding is masked out and never trained on)."""
     if tokenizer.pad_token_id is None:
         fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
         if fallback is None:
             raise ValueError("the tokenizer has no pad, eos or unk token to pad with")
-        warnings.warn(f"tokenizer has no pad token; padding with {fallback!r}")
+        if warn:
+            warnings.warn(f"tokenizer has no pad token; padding with {fallback!r}")
         tokenizer.pad_token = fallback
     return tokenizer.pad_token_id
 

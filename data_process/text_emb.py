@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from dataset_files import dataset_file, load_items
+from modeling import ensure_pad_token
 from utils import DataError, default_dtype, exit_on_data_error, get_device, save_npy_atomic
 
 FIELDS = ("title", "description")
@@ -49,8 +50,7 @@ def load_encoder(checkpoint: str | Path, device: torch.device, dtype: torch.dtyp
     if not (folder / "config.json").is_file():
         raise DataError(f"{folder}: not a model folder (config.json not found) for --plm_checkpoint")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # only used for padding, which is masked out
+    ensure_pad_token(tokenizer, warn=False)  # only used for padding, which is masked out
     tokenizer.padding_side = "right"  # causal attention: real tokens never see right padding
     model = AutoModel.from_pretrained(folder, dtype=dtype).to(device).eval()
     return tokenizer, model

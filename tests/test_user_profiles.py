@@ -13,6 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from data_process import profile_backends as backends
+from data_process import profile_prompts as prompts
 from data_process import user_profiles as up
 from dataset_files import dataset_file, load_inters, load_items
 from fixtures import make_dataset
@@ -48,7 +50,7 @@ MESSY = [
 
 @pytest.mark.parametrize("raw,expected", MESSY)
 def test_clean_answer_messy(raw, expected):
-    cleaned = up.clean_answer(raw)
+    cleaned = prompts.clean_answer(raw)
     assert cleaned == expected
     assert "\n" not in cleaned
 
@@ -56,29 +58,29 @@ def test_clean_answer_messy(raw, expected):
 @pytest.mark.parametrize("raw", ["", "   \n ", "I'm sorry, but I cannot help with that.", "As an AI language model, no.",
                                  "the the the the the the the the the", "Sure! Here is the answer:", "<|im_end|>", "Ok."])
 def test_clean_answer_rejects_unusable(raw):
-    assert up.clean_answer(raw) is None
+    assert prompts.clean_answer(raw) is None
 
 
 def test_clean_answer_masks_the_item_title():
-    hidden = up._title_variants("Shining, The (1980)")
+    hidden = prompts._title_variants("Shining, The (1980)")
     assert "The Shining" in hidden and "Shining, The" in hidden
-    out = up.clean_answer('The movie "The Shining" is a slow, icy horror story in a snowed-in hotel.', hidden)
+    out = prompts.clean_answer('The movie "The Shining" is a slow, icy horror story in a snowed-in hotel.', hidden)
     assert out == "This movie is a slow, icy horror story in a snowed-in hotel."
-    assert up.clean_answer("Shining - a chilling tale of a hotel in winter.", hidden) == "A chilling tale of a hotel in winter."
+    assert prompts.clean_answer("Shining - a chilling tale of a hotel in winter.", hidden) == "A chilling tale of a hotel in winter."
     # Only whole words: "Brother" is masked, "brotherhood" is not.
-    assert up.clean_answer("A film on brotherhood, unlike Brother itself.", up._title_variants("Brother (1997)")) == \
+    assert prompts.clean_answer("A film on brotherhood, unlike Brother itself.", prompts._title_variants("Brother (1997)")) == \
         "A film on brotherhood, unlike this one itself."
-    assert "Seven" in up._title_variants("Seven (Se7en)")
-    assert up.natural_title("Big Sleep, The (1946)") == "The Big Sleep (1946)"
-    assert up.natural_title("Toy Story") == "Toy Story"
+    assert "Seven" in prompts._title_variants("Seven (Se7en)")
+    assert prompts.natural_title("Big Sleep, The (1946)") == "The Big Sleep (1946)"
+    assert prompts.natural_title("Toy Story") == "Toy Story"
 
 
 def test_default_domain():
-    assert up.default_domain("ml-100k") == "movies"
-    assert up.default_domain("Instruments") == "musical instruments"
-    assert up.default_domain("Video_Games") == "video games"
-    assert up.domain_verbs("movies") == ("watched", "watch")
-    assert up.domain_verbs("video games")[1] == "play"
+    assert prompts.default_domain("ml-100k") == "movies"
+    assert prompts.default_domain("Instruments") == "musical instruments"
+    assert prompts.default_domain("Video_Games") == "video games"
+    assert prompts.domain_verbs("movies") == ("watched", "watch")
+    assert prompts.domain_verbs("video games")[1] == "play"
 
 
 # --------------------------------------------------------------------------- fake backend
@@ -282,7 +284,7 @@ class TinyChatServer:
     def complete(self, body):
         import torch
 
-        enc = self.tokenizer(up.plain_prompt(body["messages"]), return_tensors="pt")
+        enc = self.tokenizer(backends.plain_prompt(body["messages"]), return_tensors="pt")
         with self.lock, torch.inference_mode():
             out = self.model.generate(**enc, max_new_tokens=min(body.get("max_tokens") or 8, 8), do_sample=False,
                                       pad_token_id=self.tokenizer.pad_token_id)
@@ -304,7 +306,7 @@ class TinyChatServer:
 def test_openai_backend_retries_then_answers(tiny_base_model):
     waits = []
     with TinyChatServer(tiny_base_model, fail_with=[500, 429]) as server:
-        backend = up.OpenAIBackend(server.url, "tiny", max_new_tokens=6, max_retries=3, retry_delay=0.01,
+        backend = backends.OpenAIBackend(server.url, "tiny", max_new_tokens=6, max_retries=3, retry_delay=0.01,
                                    concurrency=1, sleep=waits.append)
         msgs = [[{"role": "user", "content": f"Describe the {w} films."}] for w in ("red", "blue", "night")]
         answers = backend.generate(msgs)
@@ -318,12 +320,12 @@ def test_openai_backend_retries_then_answers(tiny_base_model):
 def test_openai_backend_gives_up_clearly(tiny_base_model):
     msgs = [[{"role": "user", "content": "Describe the red films."}]]
     with TinyChatServer(tiny_base_model, fail_with=[400]) as server:
-        backend = up.OpenAIBackend(server.url, "tiny", max_retries=3, retry_delay=0.01, sleep=lambda s: None)
+        backend = backends.OpenAIBackend(server.url, "tiny", max_retries=3, retry_delay=0.01, sleep=lambda s: None)
         with pytest.raises(RuntimeError, match="request failed"):
             backend.generate(msgs)
         assert len(server.requests) == 1  # a client error is not retried
     with TinyChatServer(tiny_base_model, fail_with=[503] * 3) as server:
-        backend = up.OpenAIBackend(server.url, "tiny", max_retries=2, retry_delay=0.01, sleep=lambda s: None)
+        backend = backends.OpenAIBackend(server.url, "tiny", max_retries=2, retry_delay=0.01, sleep=lambda s: None)
         with pytest.raises(RuntimeError, match="after 2 retries"):
             backend.generate(msgs)
         assert len(server.requests) == 3
@@ -345,7 +347,7 @@ def test_openai_backend_end_to_end(tiny_data, tiny_base_model, capsys):
 
 # --------------------------------------------------------------------------- hf backend
 def test_hf_backend_tiny_model_end_to_end(tiny_data, tiny_base_model, capsys):
-    backend = up.HFBackend(tiny_base_model, max_new_tokens=5)
+    backend = backends.HFBackend(tiny_base_model, max_new_tokens=5)
     assert not backend.has_chat_template  # the trained tokenizer has none: plain prompt format
     msgs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "red night"}],
             [{"role": "user", "content": "the blue river king of the summer city and its iron road"}]]
