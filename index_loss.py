@@ -59,7 +59,8 @@ class IndexSoftmax:
         """hidden [B, T, H] (final, normed), labels [B, T] (unshifted), input_ids [B, T] (trie mode)
         -> summed loss (scalar)."""
         device = labels.device
-        level_of, slot_of = self.level_of.to(device), self.slot_of.to(device)
+        self.to(device)
+        level_of, slot_of = self.level_of, self.slot_of
         target = labels[:, 1:]  # [B, T-1]: position t predicts token t+1
         keep = target != IGNORE_INDEX
         level = torch.where(keep, level_of[target.clamp(min=0)], -2)  # [B, T-1]; -2: not in the loss
@@ -71,7 +72,6 @@ class IndexSoftmax:
             rows, cols = (level == lv).nonzero(as_tuple=True)  # target token at column cols + 1
             if len(rows) == 0:
                 continue
-            ids = ids.to(device)
             logits = hidden[rows, cols] @ head.weight[ids].T  # [n, codes of the level]
             if head.bias is not None:
                 logits = logits + head.bias[ids]
@@ -80,6 +80,15 @@ class IndexSoftmax:
                 logits, y = self.within_trie(logits, y, input_ids, rows, cols + 1, lv, slot_of)
             total = total + F.cross_entropy(logits, y, reduction="sum")
         return total
+
+    def to(self, device: torch.device) -> "IndexSoftmax":
+        """Moves the lookup tables (and the trie) to ``device`` once, not at every step."""
+        if self.level_of.device != torch.device(device):
+            self.level_of, self.slot_of = self.level_of.to(device), self.slot_of.to(device)
+            self.level_ids = [ids.to(device) for ids in self.level_ids]
+            if self.trie is not None:
+                self.trie.to(device)
+        return self
 
     def within_trie(self, logits, y, input_ids, rows, cols, lv: int, slot_of):
         """Level logits [n, codes] -> logits over the trie's children of each prefix [n, max_children]
@@ -92,17 +101,17 @@ class IndexSoftmax:
         state = trie.states(prefix)  # [n]
         allowed = trie.allowed[state]  # [n, max_children] token ids
         real = torch.arange(allowed.shape[1], device=allowed.device) < trie.num_children[state][:, None]
-        target = self.level_ids[lv].to(y.device)[y]  # [n] token ids
+        target = self.level_ids[lv][y]  # [n] token ids
         hit = (allowed == target[:, None]) & real
         found = hit.any(1)
         children = logits.gather(1, slot_of[allowed]).masked_fill(~real, float("-inf"))  # [n, max_children]
         if bool(found.all()):
             return children, hit.float().argmax(1)
-        # an unknown prefix: keep the level softmax for that row (padded to the wider of the two)
+        # an unknown prefix: that row keeps the level softmax (both padded to one width with -inf)
         width = max(children.shape[1], logits.shape[1])
-        pad = lambda t: F.pad(t, (0, width - t.shape[1]), value=float("-inf"))  # noqa: E731
-        out = torch.where(found[:, None], pad(children), pad(logits))
-        return out, torch.where(found, hit.float().argmax(1), y)
+        children = F.pad(children, (0, width - children.shape[1]), value=float("-inf"))
+        logits = F.pad(logits, (0, width - logits.shape[1]), value=float("-inf"))
+        return torch.where(found[:, None], children, logits), torch.where(found, hit.float().argmax(1), y)
 
 
 class IndexSoftmaxTrainer(Trainer):

@@ -506,8 +506,16 @@ def test_trie_softmax_normalises_over_the_codes_that_can_follow_the_prefix(tiny_
         lab[0, 0] = IGNORE_INDEX
         total += torch.exp(-loss_fn(hidden[:, :s.shape[1]], lab, head, s)).item()
     assert total == pytest.approx(1.0, rel=1e-4)
-    level = IndexSoftmax(level_token_ids(tok, index_tokens(indices)), len(tok), "level")(hidden, labels, head)
-    assert got <= level.item() + 1e-5  # never more choices than the whole level
+    level_fn = IndexSoftmax(level_token_ids(tok, index_tokens(indices)), len(tok), "level")
+    assert got <= level_fn(hidden, labels, head).item() + 1e-5  # never more choices than the whole level
+    # a prefix that is no item's (a, then a b-code never seen after it): that token keeps the level softmax
+    pairs = {tuple(o[:2]) for o in ids.values()}
+    a, b = next((a, b) for a in {o[0] for o in ids.values()} for b in {o[1] for o in ids.values()}
+                if (a, b) not in pairs)
+    odd = torch.tensor([[tok.eos_token_id, a, b, item[2]]])
+    lab = odd.clone()
+    lab[0, :3] = IGNORE_INDEX  # only the third token is a target
+    assert loss_fn(hidden[:, :4], lab, head, odd).item() == pytest.approx(level_fn(hidden[:, :4], lab, head).item())
 
 
 def test_index_softmax_trains(tiny_data, tiny_base_model, tmp_path):
