@@ -17,9 +17,6 @@ import prompt
 from dataset_files import held_out
 from utils import DataError
 
-QUERY_TEMPLATE = 'Query: "{query}" Return the item that best answers this query.'  # itemsearch, query only
-
-
 class RequestError(DataError):
     """A request that cannot be answered as asked (unknown user or title, empty history, bad K)."""
 
@@ -137,7 +134,8 @@ class Recommender:
             return prompt.wrap(prompt.TEMPLATES["seqrec"][0]["instruction"].format(**fields))
         query = " ".join(query.split())
         if not history:
-            return prompt.wrap(QUERY_TEMPLATE.format(query=query))
+            task = prompt.TEMPLATES["itemsearch"][template_id("itemsearch", {"query"})]
+            return prompt.wrap(task["instruction"].format(query=query))
         task = prompt.TEMPLATES["itemsearch"][template_id("itemsearch", {"history", "query"})]
         return prompt.wrap(task["instruction"].format(history=self.seqrec.format_history(history), query=query))
 
