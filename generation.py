@@ -94,6 +94,7 @@ class IndexTrie:
     def to(self, device: torch.device) -> "IndexTrie":
         self.symbols, self.next_state, self.allowed, self.num_children, self.child_state = (
             t.to(device) for t in (self.symbols, self.next_state, self.allowed, self.num_children, self.child_state))
+        self.level_tokens = [t.to(device) for t in self.level_tokens]  # once here, not at every decoding step
         return self
 
     def states(self, generated: torch.LongTensor) -> torch.LongTensor:
@@ -222,7 +223,7 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
 
     def level_logprobs(logits: torch.Tensor, t: int) -> torch.Tensor:  # the same, over level t's codes
         logits = logits.float()
-        norm = logits[:, trie.level_tokens[t].to(logits.device)].logsumexp(-1, keepdim=True)  # [rows, 1]
+        norm = logits[:, trie.level_tokens[t]].logsumexp(-1, keepdim=True)  # [rows, 1]
         return (logits - norm).view(batch, -1, logits.shape[-1])
 
     batch = input_ids.shape[0]
