@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import time
 from types import ModuleType
 
@@ -56,7 +57,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help="Adam learning rate")
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = every core this process may use: a baseline runs alone, after "
+                        "LC-Rec, while run.sh's OMP_NUM_THREADS=1 is meant for its two training processes)")
     g = p.add_argument_group("model (defaults depend on the family)")
     g.add_argument("--hidden_size", type=int, help="embedding / model width")
     g.add_argument("--inner_size", type=int, help="feed-forward width (SASRec, TIGER)")
@@ -88,6 +91,11 @@ def resolve_args(args: argparse.Namespace, family: ModuleType) -> argparse.Names
         raise DataError("--lr must be > 0 and --max_train_minutes, --valid_sample_num, --threads >= 0")
     args.metric_list = parse_metrics(args.metrics)
     return args
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def device_of(spec: str) -> torch.device:
@@ -157,8 +165,12 @@ def fit(model: nn.Module, split: Split, args: argparse.Namespace, seed: int, dev
     if 0 < args.valid_sample_num < len(v_tgt):  # a fixed subset, the same for every epoch
         keep = torch.randperm(len(v_tgt), generator=torch.Generator().manual_seed(seed))[:args.valid_sample_num]
         v_his, v_tgt = v_his[keep], v_tgt[keep]
-    best, best_epoch, best_state, epoch, stopped = -1.0, 0, None, 0, "epochs"
+    best, best_epoch, best_state, epoch, stopped, done_steps = -1.0, 0, None, 0, "epochs", 0
     start = time.time()
+
+    def out_of_time() -> bool:
+        return bool(args.max_train_minutes) and time.time() - start > 60 * args.max_train_minutes
+
     bar = tqdm(range(1, args.epochs + 1), desc=f"{args.model} seed {seed}", mininterval=2)
     for epoch in bar:
         model.train()
@@ -169,7 +181,9 @@ def fit(model: nn.Module, split: Split, args: argparse.Namespace, seed: int, dev
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, steps = total + loss.item(), steps + 1
+            total, steps, done_steps = total + loss.item(), steps + 1, done_steps + 1
+            if out_of_time():  # mid-epoch too: one epoch of a large model can outlast the cap (TIGER on a CPU)
+                break
         score = ndcg10(ranks_of(model, v_his, v_tgt, args.eval_batch_size, device, "validation")[0])
         if score > best:
             best, best_epoch = score, epoch
@@ -178,12 +192,12 @@ def fit(model: nn.Module, split: Split, args: argparse.Namespace, seed: int, dev
         if epoch - best_epoch >= args.patience:
             stopped = "patience"
             break
-        if args.max_train_minutes and time.time() - start > 60 * args.max_train_minutes:
+        if out_of_time():
             stopped = "time"
             break
     model.load_state_dict(best_state)
     return {"epochs": epoch, "best_epoch": best_epoch, "best_valid_ndcg@10": best, "stopped": stopped,
-            "train_time_s": round(time.time() - start, 1)}
+            "train_steps": done_steps, "train_time_s": round(time.time() - start, 1)}
 
 
 def summarize(values: list[float]) -> tuple[float, float]:
@@ -197,9 +211,9 @@ def run(args: argparse.Namespace, family: ModuleType) -> dict:
     """Train ``args.seeds`` runs of one family, test each, write and return the results."""
     args = resolve_args(args, family)
     check_writable(args.results_file, "--results_file")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = device_of(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or usable_cores())
     metrics = args.metric_list
     split = load_split(args.data_path, args.dataset, args.max_his_len, args.sample_num, args.seed, args.train_stride)
     runs, user_values = [], [[0.0] * len(split.test_users) for _ in metrics]  # per metric, per user: mean over runs
