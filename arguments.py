@@ -194,11 +194,11 @@ def check_task_args(args: argparse.Namespace) -> None:
         if negative:
             raise DataError(f"{flag}: {negative} are negative; expected counts >= 0 per task (0 = all)")
     for flag in ("curve_steps", "curve_users", "curve_beams", "curve_batch_size"):
-        value = getattr(args, flag, 1)
+        value = getattr(args, flag)
         if value < 0 or (value == 0 and flag != "curve_steps"):
             expected = "0 (off) or a number of steps" if flag == "curve_steps" else "a positive number"
             raise DataError(f"--{flag}: {value} is not allowed; expected {expected}")
-    if getattr(args, "valid_sample_num", 0) < 0:
+    if args.valid_sample_num < 0:
         raise DataError(f"--valid_sample_num: {args.valid_sample_num} is negative; expected a count >= 0 (0 = all)")
     if not (len(tasks) == len(prompt_nums) == len(data_nums)):
         raise DataError(

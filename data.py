@@ -128,10 +128,10 @@ class TaskDataset(Dataset):
             raise DataError(f"{self.task}: data sample number {sample_num} is negative; expected >= 0 (0 = all)")
         self.args = args
         self.mode = mode
-        self.seed = int(getattr(args, "seed", 42))
-        self.max_his_len = int(getattr(args, "max_his_len", 20))
-        self.add_prefix = bool(getattr(args, "add_prefix", False))
-        self.his_sep = getattr(args, "his_sep", ", ")
+        self.seed = int(args.seed)
+        self.max_his_len = int(args.max_his_len)
+        self.add_prefix = bool(args.add_prefix)
+        self.his_sep = args.his_sep
         self.prompt_sample_num = int(prompt_sample_num)
         self.prompt_id = prompt_id
         self.epoch = 0
@@ -433,11 +433,11 @@ def load_datasets(args: argparse.Namespace) -> tuple[MultiTaskDataset, TaskDatas
         if len(ds) == 0:
             raise DataError(f"task {task}: no training examples in {Path(args.data_path) / args.dataset}")
         train.append(ds)
-    valid_num = max(int(getattr(args, "valid_sample_num", 0)), 0)
-    if getattr(args, "sample_valid", True) and int(args.valid_prompt_sample_num) < 0:
+    valid_num = max(int(args.valid_sample_num), 0)
+    if args.sample_valid and int(args.valid_prompt_sample_num) < 0:
         raise DataError(f"--valid_prompt_sample_num: {args.valid_prompt_sample_num} is negative; "
                         "expected >= 0 (0 = every template)")
-    if getattr(args, "sample_valid", True):
+    if args.sample_valid:
         valid = SeqRecDataset(args, "valid", prompt_sample_num=args.valid_prompt_sample_num, sample_num=valid_num)
     else:
         valid = SeqRecDataset(args, "valid", prompt_id=args.valid_prompt_id, sample_num=valid_num)
@@ -479,5 +479,5 @@ def load_test_dataset(args: argparse.Namespace, task: str, prompt_id: int) -> Ta
     ids = test_prompt_ids(task)
     if prompt_id not in ids:
         raise DataError(f"--test_prompt_ids: {prompt_id} is not an item-output template of {task}; valid ids: {ids}")
-    sample_num = int(getattr(args, "sample_num", -1))
+    sample_num = int(args.sample_num)
     return TASK_DATASETS[task](args, "test", sample_num=max(sample_num, 0), prompt_id=prompt_id)

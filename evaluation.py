@@ -61,12 +61,12 @@ def shard_range(n: int, rank: int, world_size: int) -> range:
     return range(n * rank // world_size, n * (rank + 1) // world_size)
 
 
-def evaluate_prompt(model, tokenizer, dataset, decoder: Decoder, args: argparse.Namespace, metrics: list[str],
-                    positions: Sequence[int], desc: str = "", show: bool = True,
+def evaluate_prompt(model, tokenizer, dataset, decoder: Decoder, metrics: list[str], positions: Sequence[int], *,
+                    batch_size: int, num_beams: int, oom_backoff: bool = False, desc: str = "", show: bool = True,
                     max_prompt_length: int | None = None) -> list[dict]:
-    """Score ``dataset[i]`` for i in ``positions``; one record per example (its position, the
-    target item, its rank, the ranked items and scores, whether its prompt was cut to
-    ``max_prompt_length`` tokens)."""
+    """Score ``dataset[i]`` for i in ``positions``, ``batch_size`` prompts at a time with
+    ``num_beams`` beams; one record per example (its position, the target item, its rank, the
+    ranked items and scores, whether its prompt was cut to ``max_prompt_length`` tokens)."""
     from collator import TestCollator
 
     collate = TestCollator(tokenizer, max_prompt_length)
@@ -74,15 +74,14 @@ def evaluate_prompt(model, tokenizer, dataset, decoder: Decoder, args: argparse.
     records: list[dict] = []
     backoffs: list[tuple[int, int]] = []
     positions = list(positions)
-    bar = tqdm(range(0, len(positions), args.test_batch_size), desc=desc, dynamic_ncols=True,
+    bar = tqdm(range(0, len(positions), batch_size), desc=desc, dynamic_ncols=True,
                disable=not show or len(positions) == 0)
     for start in bar:
-        chunk = positions[start:start + args.test_batch_size]
+        chunk = positions[start:start + batch_size]
         batch = [dataset[i] for i in chunk]
         encodings, targets = collate(batch)
         encodings = {k: v.to(device) for k, v in encodings.items()}
-        ranked, beams = rank_batch_with_backoff(decoder, model, encodings, args.num_beams,
-                                                getattr(args, "oom_backoff", False),
+        ranked, beams = rank_batch_with_backoff(decoder, model, encodings, num_beams, oom_backoff,
                                                 on_backoff=lambda old, new: backoffs.append((old, new)))
         for pos, example, target, items, cut in zip(chunk, batch, targets, ranked, collate.last_cut):
             target_item = decoder.item_of_string(target)
@@ -124,10 +123,9 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     # scoring must not depend on them
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
-    mode, search = getattr(args, "decoding", "trie"), getattr(args, "beam_search", "trie")
-    decoder = Decoder.build(tokenizer, indices, mode, args.filter_items, device,
-                            share_prefill=not getattr(args, "no_share_prefill", False), search=search,
-                            softmax=checkpoint_softmax(getattr(args, "score_softmax", "auto"), model, mode, search))
+    decoder = Decoder.build(tokenizer, indices, args.decoding, args.filter_items, device,
+                            share_prefill=not args.no_share_prefill, search=args.beam_search,
+                            softmax=checkpoint_softmax(args.score_softmax, model, args.decoding, args.beam_search))
 
     max_prompt_length = prompt_budget(args.model_max_length, len(next(iter(indices.values()))))
     per_prompt: dict[str, dict[str, float]] = {}
@@ -141,9 +139,10 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         if len(dataset) == 0:
             raise DataError(f"{args.test_task} prompt {pid}: the test set of {args.dataset} is empty")
         shard = shard_range(len(dataset), rank, world_size)
-        records = evaluate_prompt(model, tokenizer, dataset, decoder, args, metrics, shard,
-                                  desc=f"{args.test_task} prompt {pid}", show=rank == 0,
-                                  max_prompt_length=max_prompt_length)
+        records = evaluate_prompt(model, tokenizer, dataset, decoder, metrics, shard,
+                                  batch_size=args.test_batch_size, num_beams=args.num_beams,
+                                  oom_backoff=args.oom_backoff, desc=f"{args.test_task} prompt {pid}",
+                                  show=rank == 0, max_prompt_length=max_prompt_length)
         if world_size > 1:
             records = [r for part in gather(records) for r in part]
         if rank != 0:

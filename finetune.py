@@ -126,25 +126,20 @@ def keeps_logits(model) -> bool:
 
 def history_token_ids(args: argparse.Namespace, tokenizer) -> list[int]:
     """Ids of the index tokens, whose history occurrences --history_loss adds to the loss."""
-    if not getattr(args, "history_loss", False):
+    if not args.history_loss:
         return []
     return tokenizer.convert_tokens_to_ids(index_tokens(data.load_item_indices(args)))
 
 
 def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -> Trainer:
     trainer_class, extra = Trainer, {}
-    if getattr(args, "index_softmax", "none") != "none":
+    if args.index_softmax != "none":
         from generation import IndexTrie
-        from index_loss import IndexSoftmax, IndexSoftmaxTrainer, level_token_ids
+        from index_loss import IndexSoftmax, IndexSoftmaxTrainer
 
-        indices = data.load_item_indices(args)
-        levels = level_token_ids(tokenizer, index_tokens(indices))
-        trie = None
-        if args.index_softmax == "trie":
-            # the index tokens were checked when they were added (modeling.add_index_tokens)
-            item_ids = [tokenizer.convert_tokens_to_ids(toks) for toks in indices.values()]
-            trie = IndexTrie(item_ids, tokenizer.eos_token_id)
-        loss = IndexSoftmax(levels, len(tokenizer), args.index_softmax, trie)
+        # the index tokens were checked when they were added (modeling.add_index_tokens)
+        item_ids = [tokenizer.convert_tokens_to_ids(toks) for toks in data.load_item_indices(args).values()]
+        loss = IndexSoftmax(IndexTrie(item_ids, tokenizer.eos_token_id), len(tokenizer), args.index_softmax)
         trainer_class, extra = IndexSoftmaxTrainer, {"index_softmax": loss}
     return trainer_class(
         model=model,

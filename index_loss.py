@@ -16,38 +16,27 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from dataset_files import parse_index_token
-
 IGNORE_INDEX = -100
-
-
-def level_token_ids(tokenizer, tokens: list[str]) -> list[list[int]]:
-    """Ids of the index tokens grouped by level (``<a_*>``, ``<b_*>``, ...), in level order."""
-    levels: dict[str, list[str]] = {}
-    for token in tokens:
-        parsed = parse_index_token(token)
-        if parsed is None:
-            raise ValueError(f"index token {token!r} is not of the form <level_code>")
-        levels.setdefault(parsed[0], []).append(token)
-    return [tokenizer.convert_tokens_to_ids(levels[name]) for name in sorted(levels)]
 
 
 class IndexSoftmax:
     """Summed cross-entropy of hidden states against labels, index targets over a subset of codes.
 
-    ``level``: over the codes of the target's level. ``trie`` (with ``trie``, an IndexTrie of the
-    items): over the codes the trie allows after the target's prefix within its item (the tokens
-    before it in the sequence), so that the four tokens of an item add up to the log-probability of
-    the item among all items, exactly the choice constrained beam search makes; the model never
-    has to learn which code combinations exist. A prefix that is no item's (cannot happen for the
-    project's prompts) falls back to the level softmax.
+    ``trie`` is the IndexTrie of the items' token ids; its ``level_tokens`` (the codes used at
+    each position) are the levels, so the loss and the level-softmax scoring of the beam search
+    share one definition. ``level``: over the codes of the target's level. ``trie``: over the
+    codes the trie allows after the target's prefix within its item (the tokens before it in the
+    sequence), so that the four tokens of an item add up to the log-probability of the item among
+    all items, exactly the choice constrained beam search makes; the model never has to learn
+    which code combinations exist. A prefix that is no item's (cannot happen for the project's
+    prompts) falls back to the level softmax.
     """
 
-    def __init__(self, level_ids: list[list[int]], vocab_size: int, mode: str = "level", trie=None):
-        if mode not in ("level", "trie") or (mode == "trie") != (trie is not None):
-            raise ValueError(f"mode must be 'level', or 'trie' with a trie; got {mode!r}")
+    def __init__(self, trie, vocab_size: int, mode: str = "level"):
+        if mode not in ("level", "trie"):
+            raise ValueError(f"mode must be 'level' or 'trie', got {mode!r}")
         self.mode, self.trie = mode, trie
-        self.level_ids = [torch.tensor(ids, dtype=torch.long) for ids in level_ids]
+        self.level_ids = [ids.to("cpu", torch.long) for ids in trie.level_tokens]  # [codes of level l] token ids
         self.level_of = torch.full((vocab_size,), -1, dtype=torch.long)  # [V] level of each token, -1: text
         self.slot_of = torch.zeros(vocab_size, dtype=torch.long)  # [V] position among its level's codes
         for level, ids in enumerate(self.level_ids):
@@ -86,8 +75,7 @@ class IndexSoftmax:
         if self.level_of.device != torch.device(device):
             self.level_of, self.slot_of = self.level_of.to(device), self.slot_of.to(device)
             self.level_ids = [ids.to(device) for ids in self.level_ids]
-            if self.trie is not None:
-                self.trie.to(device)
+            self.trie.to(device)
         return self
 
     def within_trie(self, logits, y, input_ids, rows, cols, lv: int, slot_of):

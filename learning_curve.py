@@ -88,14 +88,13 @@ class LearningCurve(TrainerCallback):
         device = next(model.parameters()).device
         if self.decoder is None:
             self.decoder = Decoder.build(self.tokenizer, self.indices, device=device,
-                                         softmax=scoring_softmax(getattr(self.args, "index_softmax", "none")))
-        settings = argparse.Namespace(test_batch_size=self.args.curve_batch_size, num_beams=self.args.curve_beams,
-                                      oom_backoff=True)
+                                         softmax=scoring_softmax(self.args.index_softmax))
         was_training = model.training
         model.eval()
         try:
-            records = evaluate_prompt(model, self.tokenizer, self.examples, self.decoder, settings, CURVE_METRICS,
-                                      range(len(self.examples)), show=False,
+            records = evaluate_prompt(model, self.tokenizer, self.examples, self.decoder, CURVE_METRICS,
+                                      range(len(self.examples)), batch_size=self.args.curve_batch_size,
+                                      num_beams=self.args.curve_beams, oom_backoff=True, show=False,
                                       max_prompt_length=prompt_budget(self.args.model_max_length, self.decoder.trie.index_len))
         finally:
             model.train(was_training)

@@ -82,13 +82,13 @@ class Recommender:
         self.max_his_len = self.seqrec.max_his_len
         self.titles = {item: self.seqrec.title_of(item) for item in self.indices if item in self.files.items}
         self.searchable = {item: title for item, title in self.titles.items() if title}  # what typed titles match
-        device = get_device(getattr(args, "gpu_id", 0))
+        device = get_device(args.gpu_id)
         self.model, self.tokenizer = load_for_inference(args.ckpt_path, self.indices, dtype=default_dtype(device),
                                                         device=device, lora=args.lora, base_model=args.base_model)
         self.model.generation_config = GenerationConfig(eos_token_id=self.tokenizer.eos_token_id,
                                                         pad_token_id=self.tokenizer.pad_token_id)
         self.decoder = Decoder.build(self.tokenizer, self.indices, device=device,
-                                     softmax=checkpoint_softmax(getattr(args, "score_softmax", "auto"), self.model))
+                                     softmax=checkpoint_softmax(args.score_softmax, self.model))
         index_len = len(next(iter(self.indices.values())))
         self.collate = TestCollator(self.tokenizer, prompt_budget(args.model_max_length, index_len))
         self.device = device

@@ -445,15 +445,17 @@ def test_index_token_init_options(tiny_data, tiny_base_model):
 
 def test_index_softmax_loss_restricts_index_targets_to_their_level(tiny_data, tiny_base_model):
     """Index targets: a softmax over their level's codes; text targets (EOS, titles): the full one."""
-    from index_loss import IGNORE_INDEX, IndexSoftmax, level_token_ids
-    from dataset_files import index_tokens
+    from generation import IndexTrie
+    from index_loss import IGNORE_INDEX, IndexSoftmax
 
     data_path, _ = tiny_data
     indices = indices_of(data_path)
     model, tok = finetune.load_for_training(str(tiny_base_model), indices)
-    levels = level_token_ids(tok, index_tokens(indices))
-    assert len(levels) == len(indices["3"]) and all(len(set(ids)) == len(ids) for ids in levels)
-    loss_fn = IndexSoftmax(levels, len(tok))
+    loss_fn = IndexSoftmax(IndexTrie(list(index_token_ids(tok, indices).values()), tok.eos_token_id), len(tok))
+    levels = [ids.tolist() for ids in loss_fn.level_ids]
+    for lv, ids in enumerate(levels):  # the levels are the codes of each letter, each once
+        assert sorted(ids) == sorted({tok.convert_tokens_to_ids(t[lv]) for t in indices.values()})
+        assert {tok.convert_ids_to_tokens(i)[:3] for i in ids} == {f"<{chr(ord('a') + lv)}_"}
     head = model.get_output_embeddings()
     torch.manual_seed(0)
     hidden = torch.randn(1, 4, head.weight.shape[1])  # [B, T, H]
@@ -466,23 +468,20 @@ def test_index_softmax_loss_restricts_index_targets_to_their_level(tiny_data, ti
             + torch.nn.functional.cross_entropy((h[1] @ head.weight[levels[1]].T)[None], torch.tensor([sb]))
             + torch.nn.functional.cross_entropy(head(h[2])[None], torch.tensor([tok.eos_token_id])))
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
-    with pytest.raises(ValueError, match="not of the form"):
-        level_token_ids(tok, ["<a_1>", "item"])
 
 
 def test_trie_softmax_normalises_over_the_codes_that_can_follow_the_prefix(tiny_data, tiny_base_model):
     """--index_softmax trie: token t of an item is scored among the codes that some item has after
     the same t earlier tokens; a whole item's loss is -log P(item) among all items (plus EOS)."""
     from generation import IndexTrie
-    from index_loss import IGNORE_INDEX, IndexSoftmax, level_token_ids
-    from dataset_files import index_tokens
+    from index_loss import IGNORE_INDEX, IndexSoftmax
 
     data_path, _ = tiny_data
     indices = indices_of(data_path)
     model, tok = finetune.load_for_training(str(tiny_base_model), indices)
     ids = index_token_ids(tok, indices)  # {item: [token ids]}
     trie = IndexTrie(list(ids.values()), tok.eos_token_id)
-    loss_fn = IndexSoftmax(level_token_ids(tok, index_tokens(indices)), len(tok), "trie", trie)
+    loss_fn = IndexSoftmax(trie, len(tok), "trie")
     head = model.get_output_embeddings()
     item = ids["3"]
     seq = torch.tensor([[tok.eos_token_id, *item, tok.eos_token_id]])  # a prompt token, the item, EOS
@@ -506,7 +505,7 @@ def test_trie_softmax_normalises_over_the_codes_that_can_follow_the_prefix(tiny_
         lab[0, 0] = IGNORE_INDEX
         total += torch.exp(-loss_fn(hidden[:, :s.shape[1]], lab, head, s)).item()
     assert total == pytest.approx(1.0, rel=1e-4)
-    level_fn = IndexSoftmax(level_token_ids(tok, index_tokens(indices)), len(tok), "level")
+    level_fn = IndexSoftmax(trie, len(tok), "level")
     assert got <= level_fn(hidden, labels, head).item() + 1e-5  # never more choices than the whole level
     # a prefix that is no item's (a, then a b-code never seen after it): that token keeps the level softmax
     pairs = {tuple(o[:2]) for o in ids.values()}
