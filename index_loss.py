@@ -36,12 +36,16 @@ class IndexSoftmax:
         if mode not in ("level", "trie"):
             raise ValueError(f"mode must be 'level' or 'trie', got {mode!r}")
         self.mode, self.trie = mode, trie
-        self.level_ids = [ids.to("cpu", torch.long) for ids in trie.level_tokens]  # [codes of level l] token ids
         self.level_of = torch.full((vocab_size,), -1, dtype=torch.long)  # [V] level of each token, -1: text
         self.slot_of = torch.zeros(vocab_size, dtype=torch.long)  # [V] position among its level's codes
         for level, ids in enumerate(self.level_ids):
             self.level_of[ids] = level
             self.slot_of[ids] = torch.arange(len(ids))
+
+    @property
+    def level_ids(self) -> list[torch.Tensor]:
+        """[codes of level l] token ids: the trie's own lists, so they move with it (no second copy)."""
+        return self.trie.level_tokens
 
     def __call__(self, hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Linear,
                  input_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +78,6 @@ class IndexSoftmax:
         """Moves the lookup tables (and the trie) to ``device`` once, not at every step."""
         if self.level_of.device != torch.device(device):
             self.level_of, self.slot_of = self.level_of.to(device), self.slot_of.to(device)
-            self.level_ids = [ids.to(device) for ids in self.level_ids]
             self.trie.to(device)
         return self
 
