@@ -28,7 +28,7 @@ case "$PROFILE" in
     : "${MAX_HIS_LEN:=5}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
     : "${TRAIN_DATA_SAMPLE_NUM:=20000,1682,400,400,0,0}"
     : "${SAVE_STRATEGY:=steps}" "${SAVE_STEPS:=24}" "${VALID_USERS:=40}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=2}"
-    : "${TEST_SAMPLE_NUM:=100}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=4}"
+    : "${TEST_SAMPLE_NUM:=300}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=4}"
     : "${CURVE_STEPS:=24}" "${CURVE_USERS:=20}" "${CURVE_BEAMS:=10}"
     # both cores of a small CPU machine: two processes of one thread, plain DDP over gloo
     if [ "$GPUS" = 0 ]; then : "${NPROC:=2}" "${DEEPSPEED=}"; fi ;;
