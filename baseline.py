@@ -21,10 +21,15 @@ from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metr
 from utils import DataError, check_writable, exit_on_data_error, write_results
 
 
+def training_item_counts(inters: dict[str, list[int]]) -> Counter:
+    """How often each item (an item-id string) occurs in the training parts."""
+    return Counter(str(item) for seq in inters.values() for item in train_part(seq))
+
+
 def popularity_ranking(inters: dict[str, list[int]]) -> list[str]:
     """Every item that occurs in a training part, most frequent first, as item-id strings."""
-    counts = Counter(item for seq in inters.values() for item in train_part(seq))
-    return [str(item) for item, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    counts = training_item_counts(inters)
+    return [item for item, _ in sorted(counts.items(), key=lambda kv: (-kv[1], int(kv[0])))]  # ties: by id
 
 
 def evaluate_popularity(args: argparse.Namespace) -> dict:

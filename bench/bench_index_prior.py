@@ -22,32 +22,28 @@ this loss is limited by the index, not by training.
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 
 import torch
 
 import data
-from baseline import popularity_ranking
-from dataset_files import test_item, train_part
+from baseline import popularity_ranking, training_item_counts
+from dataset_files import test_item
+from generation import IndexTrie
 from metrics import compute_metrics, standard_errors, target_rank
 from utils import exit_on_data_error
 
 METRICS = ["hit@10", "ndcg@10"]
 
 
-def sibling_codes(codes: torch.Tensor) -> torch.Tensor:
-    """codes [N, L] (token numbers) -> [N, L, C]: the codes the trie allows at each token, padded with -1."""
-    children: dict[tuple, set[int]] = {}
-    for row in codes.tolist():
-        for level in range(len(row)):
-            children.setdefault(tuple(row[:level]), set()).add(row[level])
-    width = max(len(c) for c in children.values())
-    out = torch.full((*codes.shape, width), -1, dtype=torch.long)
-    for n, row in enumerate(codes.tolist()):
-        for level in range(len(row)):
-            allowed = sorted(children[tuple(row[:level])])
-            out[n, level, : len(allowed)] = torch.tensor(allowed)
-    return out
+def sibling_codes(trie: IndexTrie, codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, L] -> [N, L, C]: the codes the trie allows at each token of each item, padded with -1."""
+    levels = []
+    for level in range(codes.shape[1]):
+        state = trie.states(codes[:, :level])  # [N]
+        allowed = trie.allowed[state]  # [N, C]
+        real = torch.arange(allowed.shape[1]) < trie.num_children[state][:, None]
+        levels.append(allowed.masked_fill(~real, -1))
+    return torch.stack(levels, 1)
 
 
 def trie_log_prob(bias: torch.Tensor, codes: torch.Tensor, siblings: torch.Tensor) -> torch.Tensor:
@@ -56,9 +52,9 @@ def trie_log_prob(bias: torch.Tensor, codes: torch.Tensor, siblings: torch.Tenso
     return (bias[codes] - logits.logsumexp(-1)).sum(1)
 
 
-def level_log_prob(bias: torch.Tensor, codes: torch.Tensor, level_of: torch.Tensor) -> torch.Tensor:
+def level_log_prob(bias: torch.Tensor, codes: torch.Tensor, level_tokens: list[torch.Tensor]) -> torch.Tensor:
     """[N] log-probability of each item under per-token biases with a softmax over each level's codes."""
-    norm = torch.stack([bias[level_of == lv].logsumexp(0) for lv in range(codes.shape[1])])  # [L]
+    norm = torch.stack([bias[ids].logsumexp(0) for ids in level_tokens])  # [L]
     return (bias[codes] - norm).sum(1)
 
 
@@ -91,17 +87,15 @@ def main() -> None:
     tokens = sorted({t for toks in files.indices.values() for t in toks})
     number = {t: i for i, t in enumerate(tokens)}
     codes = torch.tensor([[number[t] for t in files.indices[item]] for item in items])  # [N, L]
-    level_of = torch.full((len(tokens),), -1)
-    for row in codes:
-        level_of[row] = torch.arange(len(row))
-    counts = Counter(str(i) for seq in files.inters.values() for i in train_part(seq))
+    trie = IndexTrie(codes.tolist(), eos_token_id=len(tokens))  # codes stand in for token ids
+    counts = training_item_counts(files.inters)
     weight = torch.tensor([float(counts.get(item, 0)) for item in items])  # [N]
     share = weight / weight.sum()
     targets = [str(test_item(seq)) for seq in files.inters.values()]
 
     freq = torch.zeros(len(tokens)).index_add_(0, codes.flatten(), weight.repeat_interleave(codes.shape[1]))
     level_bias = (freq + 1).log()  # the maximum-likelihood level biases (up to a constant per level)
-    siblings = sibling_codes(codes)
+    siblings = sibling_codes(trie, codes)
     trie_bias = fit_trie_bias(codes, weight, siblings, len(tokens))
 
     def nats(log_prob: torch.Tensor) -> float:
@@ -113,7 +107,7 @@ def main() -> None:
     print(f"{args.dataset}: {len(items)} items, {len(tokens)} index tokens, {len(targets)} test users")
     print(f"popularity                 : {evaluate(popularity_ranking(files.inters), targets)}; "
           f"{nats(share.clamp(min=1e-12).log()):.2f} nats per item (the training items' entropy)")
-    for name, log_prob in (("level biases (ML)", level_log_prob(level_bias, codes, level_of)),
+    for name, log_prob in (("level biases (ML)", level_log_prob(level_bias, codes, trie.level_tokens)),
                            ("trie, level biases", trie_log_prob(level_bias, codes, siblings)),
                            ("trie biases (ML, fitted)", trie_log_prob(trie_bias, codes, siblings))):
         print(f"{name:27s}: {evaluate(ranked(log_prob), targets)}; {nats(log_prob):.2f} nats per item")

@@ -20,7 +20,7 @@ def tiny_codes():
 
 def test_trie_probabilities_sum_to_one_and_the_fit_beats_level_biases():
     codes = tiny_codes()
-    siblings = bench.sibling_codes(codes)
+    siblings = bench.sibling_codes(bench.IndexTrie(codes.tolist(), eos_token_id=9), codes)
     assert siblings[0, 0].tolist() == [0, 1, 2] and siblings[1, 2].tolist() == [7, 8, -1]
     torch.manual_seed(0)
     bias = torch.randn(9)
@@ -39,10 +39,11 @@ def test_trie_probabilities_sum_to_one_and_the_fit_beats_level_biases():
 
 def test_level_log_prob_is_a_sum_of_level_softmaxes():
     codes = tiny_codes()
-    level_of = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    level_tokens = bench.IndexTrie(codes.tolist(), eos_token_id=9).level_tokens
+    assert [t.tolist() for t in level_tokens] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     bias = torch.arange(9, dtype=torch.float)
-    want = sum(torch.log_softmax(bias[level_of == lv], 0)[codes[1, lv] - 3 * lv] for lv in range(3))
-    assert bench.level_log_prob(bias, codes, level_of)[1].item() == pytest.approx(want.item(), rel=1e-6)
+    want = sum(torch.log_softmax(bias[3 * lv: 3 * lv + 3], 0)[codes[1, lv] - 3 * lv] for lv in range(3))
+    assert bench.level_log_prob(bias, codes, level_tokens)[1].item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_runs_on_a_dataset(tiny_data):
