@@ -102,6 +102,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="the loss on an index token: a softmax over the whole vocabulary (none, the paper), over "
                         "the codes of its level (level), or over the codes the item trie allows after the "
                         "item's earlier tokens (trie: the choice constrained decoding makes)")
+    g.add_argument("--index_prior", type=str, default="none", choices=["none", "popularity"],
+                   help="with --index_softmax trie: add the log of each code's share of the training interactions "
+                        "below its prefix to the model's logits, in training and when scoring, so that the model "
+                        "starts at the popularity ranking and learns what the history changes (off in the paper)")
     g.add_argument("--full_logits", dest="response_logits_only", action="store_false",
                    help="run the output layer on every token; by default (with --only_train_response) it runs "
                         "on the response positions only, which gives the same loss and gradients, faster")
@@ -149,6 +153,9 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
                    help="normalise each step's beam scores over the whole vocabulary (full), the level's codes "
                         "(level) or the trie's allowed codes (trie), as finetune.py --index_softmax trained; "
                         "auto: what the checkpoint's config.json records (full when nothing)")
+    g.add_argument("--score_prior", type=str, default="auto", choices=["auto", "none", "popularity"],
+                   help="add the popularity prior to the beam scores (popularity) or not (none); auto: what the "
+                        "checkpoint's config.json records (finetune.py --index_prior); needs the trie softmax")
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
 
 
@@ -198,6 +205,9 @@ def check_task_args(args: argparse.Namespace) -> None:
         if value < 0 or (value == 0 and flag != "curve_steps"):
             expected = "0 (off) or a number of steps" if flag == "curve_steps" else "a positive number"
             raise DataError(f"--{flag}: {value} is not allowed; expected {expected}")
+    if args.index_prior != "none" and args.index_softmax != "trie":
+        raise DataError(f"--index_prior {args.index_prior} needs --index_softmax trie (the prior is over the trie's "
+                        f"codes), got --index_softmax {args.index_softmax}")
     if args.valid_sample_num < 0:
         raise DataError(f"--valid_sample_num: {args.valid_sample_num} is negative; expected a count >= 0 (0 = all)")
     if not (len(tasks) == len(prompt_nums) == len(data_nums)):

@@ -32,6 +32,15 @@ def popularity_ranking(inters: dict[str, list[int]]) -> list[str]:
     return [item for item, _ in sorted(counts.items(), key=lambda kv: (-kv[1], int(kv[0])))]  # ties: by id
 
 
+def popularity_prior(inters: dict[str, list[int]], items, smoothing: float = 1.0) -> dict[str, float]:
+    """item -> training count + ``smoothing``, for every item of ``items``: the weights of
+    ``--index_prior popularity`` (smoothed so that an item never seen in training keeps a chance)."""
+    if smoothing <= 0:
+        raise DataError(f"the prior's smoothing must be positive, got {smoothing}")
+    counts = training_item_counts(inters)
+    return {str(item): counts.get(str(item), 0) + smoothing for item in items}
+
+
 def evaluate_popularity(args: argparse.Namespace) -> dict:
     check_writable(args.results_file, "--results_file")
     metrics = parse_metrics(args.metrics)

@@ -46,6 +46,22 @@ def checkpoint_softmax(choice: str, model, mode: str = "trie", search: str = "tr
     return choice
 
 
+def checkpoint_prior(choice: str, model, args: argparse.Namespace, indices: dict) -> dict[str, float] | None:
+    """``--score_prior``: the item weights to add to the beam scores, or None. ``auto`` follows the
+    checkpoint (``index_prior`` in its config.json, written by finetune.py --index_prior); the
+    weights are recomputed from the training part of the dataset being scored, as training did."""
+    if choice == "auto":
+        choice = getattr(model.config, "index_prior", "none") or "none"
+    if choice == "none":
+        return None
+    if choice != "popularity":
+        raise DataError(f"--score_prior: unknown prior {choice!r} (from the checkpoint's config.json); "
+                        "expected none or popularity")
+    from baseline import popularity_prior
+
+    return popularity_prior(data.load_files(args).inters, indices)
+
+
 def prompt_budget(model_max_length: int, index_len: int) -> int:
     """Prompt tokens kept at test time: prompts are cut as in training, leaving room for the
     index and its EOS."""
@@ -125,7 +141,8 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
                                                pad_token_id=tokenizer.pad_token_id)
     decoder = Decoder.build(tokenizer, indices, args.decoding, args.filter_items, device,
                             share_prefill=not args.no_share_prefill, search=args.beam_search,
-                            softmax=checkpoint_softmax(args.score_softmax, model, args.decoding, args.beam_search))
+                            softmax=checkpoint_softmax(args.score_softmax, model, args.decoding, args.beam_search),
+                            prior=checkpoint_prior(args.score_prior, model, args, indices))
 
     max_prompt_length = prompt_budget(args.model_max_length, len(next(iter(indices.values()))))
     per_prompt: dict[str, dict[str, float]] = {}

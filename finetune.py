@@ -131,6 +131,15 @@ def history_token_ids(args: argparse.Namespace, tokenizer) -> list[int]:
     return tokenizer.convert_tokens_to_ids(index_tokens(data.load_item_indices(args)))
 
 
+def index_prior(args: argparse.Namespace, indices: dict) -> dict[str, float] | None:
+    """item -> weight of ``--index_prior popularity`` (training counts, smoothed), or None."""
+    if args.index_prior == "none":
+        return None
+    from baseline import popularity_prior
+
+    return popularity_prior(data.load_files(args).inters, indices)
+
+
 def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -> Trainer:
     trainer_class, extra = Trainer, {}
     if args.index_softmax != "none":
@@ -138,8 +147,12 @@ def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -
         from index_loss import IndexSoftmax, IndexSoftmaxTrainer
 
         # the index tokens were checked when they were added (modeling.add_index_tokens)
-        item_ids = [tokenizer.convert_tokens_to_ids(toks) for toks in data.load_item_indices(args).values()]
-        loss = IndexSoftmax(IndexTrie(item_ids, tokenizer.eos_token_id), len(tokenizer), args.index_softmax)
+        indices = data.load_item_indices(args)
+        item_ids = [tokenizer.convert_tokens_to_ids(toks) for toks in indices.values()]
+        prior = index_prior(args, indices)
+        weights = None if prior is None else [prior[item] for item in indices]
+        loss = IndexSoftmax(IndexTrie(item_ids, tokenizer.eos_token_id, weights=weights), len(tokenizer),
+                            args.index_softmax)
         trainer_class, extra = IndexSoftmaxTrainer, {"index_softmax": loss}
     return trainer_class(
         model=model,
@@ -286,6 +299,8 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
     log(f"vocabulary with index tokens: {len(tokenizer)}")
     if args.index_softmax != "none":  # saved in config.json: test.py then scores with the same softmax
         model.config.index_softmax = args.index_softmax
+    if args.index_prior != "none":  # test.py then adds the same prior (from the dataset's training counts)
+        model.config.index_prior = args.index_prior
     if adapt_model is not None:
         model = adapt_model(model, args)
     if args.gradient_checkpointing:

@@ -42,11 +42,15 @@ class IndexTrie:
     ``next_state`` [num_states, S] state reached by each symbol (0 = dead)
     ``allowed``    [num_states, max_children] token ids allowed in each state, padded by
                    repeating the first one (so a scatter writes the same value twice)
+    ``log_prior``  [num_states, max_children] log p(child | state) from item ``weights`` (the
+                   children's summed weights over their parent's), or None: the popularity prior
+                   of ``--index_prior`` (see ``prior_table``)
     """
 
     DEAD, DONE, ROOT = 0, 1, 2
 
-    def __init__(self, sequences: Sequence[Sequence[int]], eos_token_id: int, pad_token_id: int | None = None):
+    def __init__(self, sequences: Sequence[Sequence[int]], eos_token_id: int, pad_token_id: int | None = None,
+                 weights: Sequence[float] | None = None):
         if not sequences:
             raise DataError("the index is empty: no item to decode")
         lengths = {len(s) for s in sequences}
@@ -90,11 +94,42 @@ class IndexTrie:
         self.num_items = len(sequences)
         # the token ids each level uses, for scoring with the level softmax (see --index_softmax)
         self.level_tokens = [torch.tensor(sorted({seq[t] for seq in sequences})) for t in range(self.index_len)]
+        self.log_prior = None if weights is None else self.prior_table(sequences, weights)
+
+    def prior_table(self, sequences: Sequence[Sequence[int]], weights: Sequence[float]) -> torch.Tensor:
+        """Item weights (one per sequence, > 0) -> [num_states, max_children] log p(child | state).
+
+        A node's weight is the sum of its items' weights; a child's log-prior is its weight over its
+        parent's, so the L + 1 log-priors along an item's path (EOS: 0) add up to log(w_item / w_all):
+        the prior alone ranks items exactly as their weights do. Padding slots and the dead/done
+        states hold 0 (their scores are masked or fixed anyway)."""
+        if len(weights) != len(sequences):
+            raise DataError(f"{len(weights)} prior weights for {len(sequences)} items")
+        weight = torch.as_tensor(weights, dtype=torch.float64)
+        if not bool((weight > 0).all()) or not bool(torch.isfinite(weight).all()):
+            raise DataError("prior weights must be positive and finite (smooth zero counts)")
+        child_of = [dict(zip(toks[:n], nxt[:n])) for toks, nxt, n in  # per state: token id -> next state
+                    zip(self.allowed.tolist(), self.child_state.tolist(), self.num_children.tolist())]
+        node = [0.0] * len(child_of)  # summed weight below each state
+        node[self.ROOT] = float(weight.sum())
+        for seq, w in zip(sequences, weight.tolist()):
+            state = self.ROOT
+            for tok in seq:
+                state = child_of[state][tok]
+                node[state] += w
+        node = torch.tensor(node, dtype=torch.float64)  # [num_states]
+        real = torch.arange(self.allowed.shape[1]) < self.num_children[:, None]
+        child = node[self.child_state]  # [num_states, max_children]
+        prior = (child.log() - node[:, None].log()).where(real & (child > 0), torch.zeros((), dtype=torch.float64))
+        prior[: self.ROOT] = 0.0  # dead and done: no choice to weigh
+        return prior.float()
 
     def to(self, device: torch.device) -> "IndexTrie":
         self.symbols, self.next_state, self.allowed, self.num_children, self.child_state = (
             t.to(device) for t in (self.symbols, self.next_state, self.allowed, self.num_children, self.child_state))
         self.level_tokens = [t.to(device) for t in self.level_tokens]  # once here, not at every decoding step
+        if self.log_prior is not None:
+            self.log_prior = self.log_prior.to(device)
         return self
 
     def states(self, generated: torch.LongTensor) -> torch.LongTensor:
@@ -215,7 +250,9 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
     (full, as generate does), the codes of its level (level) or the children the trie allows after
     the beam's prefix (trie), matching a model trained with ``--index_softmax`` level or trie (its
     text rows were never pushed down, so their share of a full softmax would differ from prefix to
-    prefix and blur the ranking). EOS keeps the full softmax, as in that training.
+    prefix and blur the ranking). EOS keeps the full softmax, as in that training. A trie with a
+    ``log_prior`` (a model trained with ``--index_prior``) adds it to the logits before the trie
+    softmax, as that training did.
     """
     def full_logprobs(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [batch, 1 or beams, vocab]
         # normalised over the FULL vocabulary, in float32, as generate does
@@ -247,6 +284,8 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
         real = torch.arange(children, device=device) < trie.num_children[state][..., None]
         if softmax == "trie":  # normalised over the real children of each beam's prefix
             raw = logits.float().view(batch, -1, logits.shape[-1]).expand(batch, num_beams, -1).gather(2, allowed)
+            if trie.log_prior is not None:  # --index_prior: the model's logits are a residual on the prior
+                raw = raw + trie.log_prior[state]
             cand = raw.masked_fill(~real, -math.inf).log_softmax(-1)
         else:
             logprobs = level_logprobs(logits, t) if softmax == "level" else full_logprobs(logits)
@@ -286,16 +325,21 @@ class Decoder:
     @classmethod
     def build(cls, tokenizer, indices: dict[str, list[str]], mode: str = "trie", filter_items: bool = False,
               device: torch.device | None = None, share_prefill: bool = True, search: str = "trie",
-              softmax: str = "full") -> "Decoder":
+              softmax: str = "full", prior: dict[str, float] | None = None) -> "Decoder":
         """From the index file's ``{item: [token, ...]}``, whose tokens were checked when the model
         and tokenizer were loaded (modeling.index_token_ids); the options were checked by the parser.
-        A softmax other than full needs the trie search (mode and search "trie")."""
+        A softmax other than full needs the trie search (mode and search "trie"). ``prior``: item ->
+        weight, the popularity prior of a model trained with ``--index_prior`` (trie softmax only)."""
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         if eos is None:
             raise DataError("the tokenizer has no EOS token; decoding needs one to end an index")
+        if prior is not None and (softmax, mode, search) != ("trie", "trie", "trie"):
+            raise DataError("a prior over items (--index_prior) needs the trie softmax and the trie search, "
+                            f"got softmax {softmax!r}, decoding {mode!r}, beam search {search!r}")
         pad = eos if pad is None else pad
         item_ids = {item: tokenizer.convert_tokens_to_ids(toks) for item, toks in indices.items()}
-        trie = IndexTrie(list(item_ids.values()), eos, pad)
+        weights = None if prior is None else [prior[item] for item in item_ids]
+        trie = IndexTrie(list(item_ids.values()), eos, pad, weights)
         if device is not None:
             trie.to(device)
         return cls(trie, {tuple(v): k for k, v in item_ids.items()}, eos, pad, mode, filter_items,

@@ -95,7 +95,10 @@ class IndexSoftmax:
         target = self.level_ids[lv][y]  # [n] token ids
         hit = (allowed == target[:, None]) & real
         found = hit.any(1)
-        children = logits.gather(1, slot_of[allowed]).masked_fill(~real, float("-inf"))  # [n, max_children]
+        children = logits.gather(1, slot_of[allowed])  # [n, max_children]
+        if trie.log_prior is not None:  # --index_prior: the model learns a residual on the popularity prior
+            children = children + trie.log_prior[state]
+        children = children.masked_fill(~real, float("-inf"))
         if bool(found.all()):
             return children, hit.float().argmax(1)
         # an unknown prefix: that row keeps the level softmax (both padded to one width with -inf)

@@ -42,7 +42,7 @@ class LearningCurve(TrainerCallback):
 
     def __init__(self, args: argparse.Namespace, tokenizer, output_dir: str | Path, examples_per_step: int):
         import data
-        from baseline import popularity_ranking
+        from baseline import popularity_prior, popularity_ranking
 
         self.args, self.tokenizer = args, tokenizer
         self.every = int(args.curve_steps)
@@ -52,6 +52,8 @@ class LearningCurve(TrainerCallback):
         files = data.load_files(args)
         self.indices = files.indices
         top = popularity_ranking(files.inters)[:10]
+        # the scoring of test.py for a model trained with --index_prior
+        self.prior = popularity_prior(files.inters, self.indices) if args.index_prior != "none" else None
         pop_ranks = [target_rank(top, ex["item"]) for ex in self.examples]
         self.curve = {"users": len(self.examples), "every": self.every, "num_beams": args.curve_beams,
                       "popularity": compute_metrics(pop_ranks, CURVE_METRICS), "points": []}
@@ -88,7 +90,7 @@ class LearningCurve(TrainerCallback):
         device = next(model.parameters()).device
         if self.decoder is None:
             self.decoder = Decoder.build(self.tokenizer, self.indices, device=device,
-                                         softmax=scoring_softmax(self.args.index_softmax))
+                                         softmax=scoring_softmax(self.args.index_softmax), prior=self.prior)
         was_training = model.training
         model.eval()
         try:

@@ -65,7 +65,7 @@ class Recommender:
     def __init__(self, args: argparse.Namespace):
         import data
         from collator import TestCollator
-        from evaluation import checkpoint_softmax, prompt_budget
+        from evaluation import checkpoint_prior, checkpoint_softmax, prompt_budget
         from generation import Decoder
         from modeling import load_for_inference
         from transformers import GenerationConfig
@@ -88,7 +88,8 @@ class Recommender:
         self.model.generation_config = GenerationConfig(eos_token_id=self.tokenizer.eos_token_id,
                                                         pad_token_id=self.tokenizer.pad_token_id)
         self.decoder = Decoder.build(self.tokenizer, self.indices, device=device,
-                                     softmax=checkpoint_softmax(args.score_softmax, self.model))
+                                     softmax=checkpoint_softmax(args.score_softmax, self.model),
+                                     prior=checkpoint_prior(args.score_prior, self.model, args, self.indices))
         index_len = len(next(iter(self.indices.values())))
         self.collate = TestCollator(self.tokenizer, prompt_budget(args.model_max_length, index_len))
         self.device = device

@@ -1,6 +1,7 @@
 """finetune.py and lora_finetune.py on a tiny model: the three CPU modes, reloading, LoRA, memorisation
 and the command-line errors."""
 import json
+import math
 import os
 import shutil
 import socket
@@ -543,3 +544,55 @@ def test_index_softmax_trains(tiny_data, tiny_base_model, tmp_path):
     # recorded in config.json, so test.py scores with the softmax the model was trained with
     assert checkpoint_softmax("auto", model) == "trie" and checkpoint_softmax("full", model) == "full"
     assert checkpoint_softmax("auto", finetune.load_for_training(str(tiny_base_model), indices_of(data_path))[0]) == "full"
+
+
+def test_index_prior_makes_a_blind_model_the_popularity_model(tiny_data, tiny_base_model):
+    """--index_prior popularity: with logits that say nothing (zero hidden states), the trie loss of an
+    item is -log of its smoothed share of the training interactions, the popularity model's."""
+    from baseline import popularity_prior
+    from generation import IndexTrie
+    from index_loss import IGNORE_INDEX, IndexSoftmax
+
+    data_path, _ = tiny_data
+    indices = indices_of(data_path)
+    args = parse_args("train", cli(tiny_base_model, data_path, "unused", "--index_softmax", "trie",
+                                   "--index_prior", "popularity"))
+    prior = finetune.index_prior(args, indices)
+    assert prior == popularity_prior(data.load_files(args).inters, indices) and min(prior.values()) >= 1.0
+    model, tok = finetune.load_for_training(str(tiny_base_model), indices)
+    ids = index_token_ids(tok, indices)
+    loss_fn = IndexSoftmax(IndexTrie(list(ids.values()), tok.eos_token_id, weights=[prior[i] for i in ids]),
+                           len(tok), "trie")
+    head = model.get_output_embeddings()
+    total = sum(prior.values())
+    for item in ("1", "3"):
+        seq = torch.tensor([[tok.eos_token_id, *ids[item]]])
+        labels = seq.clone()
+        labels[0, 0] = IGNORE_INDEX
+        hidden = torch.zeros(1, seq.shape[1], head.weight.shape[1])
+        got = loss_fn(hidden, labels, head, seq).item()
+        assert got == pytest.approx(-math.log(prior[item] / total), rel=1e-4)
+
+
+def test_index_prior_trains_and_is_recorded(tiny_data, tiny_base_model, tmp_path):
+    """A run with --index_prior trains, records the prior in config.json (test.py's --score_prior
+    auto then adds it), and the flag without the trie softmax is refused by name."""
+    data_path, _ = tiny_data
+    out = tmp_path / "prior"
+    argv = cli(tiny_base_model, data_path, out, "--save_and_eval_strategy", "no", "--tasks", "seqrec",
+               "--train_prompt_sample_num", "1", "--train_data_sample_num", "0", "--index_softmax", "trie",
+               "--history_loss", "--index_prior", "popularity")
+    finetune.main(argv)
+    losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert losses and all(0 < x < 50 for x in losses)
+    model = assert_reloads(out, data_path, tiny_base_model)
+    from evaluation import checkpoint_prior
+
+    test_args = parse_args("test", ["--data_path", str(data_path), "--dataset", "Tiny", "--ckpt_path", str(out)])
+    indices = indices_of(data_path)
+    assert checkpoint_prior("auto", model, test_args, indices) == finetune.index_prior(parse_args("train", argv), indices)
+    assert checkpoint_prior("none", model, test_args, indices) is None
+    blind = finetune.load_for_training(str(tiny_base_model), indices)[0]
+    assert checkpoint_prior("auto", blind, test_args, indices) is None
+    with pytest.raises(SystemExit):
+        parse_args("train", cli(tiny_base_model, data_path, out, "--index_prior", "popularity"))

@@ -371,3 +371,46 @@ def test_level_and_trie_softmax_score_every_item_over_its_codes(tiny_indexed, ti
     with pytest.raises(DataError, match="needs the trie search"):
         checkpoint_softmax(softmax, model, "trie", "hf")
 
+
+
+def test_trie_prior_adds_up_to_the_item_weights(tiny_indexed):
+    """--index_prior: the log-priors along an item's path sum to log(w_item / w_all), so the prior
+    alone ranks items as their weights do; padding and the end states add nothing."""
+    tok, _, indices = tiny_indexed
+    items = sorted(indices)
+    weights = {item: float(1 + 3 * k) for k, item in enumerate(items)}
+    seqs = [tok.convert_tokens_to_ids(indices[i]) for i in items]
+    trie = IndexTrie(seqs, tok.eos_token_id, weights=[weights[i] for i in items])
+    total = sum(weights.values())
+    for item, seq in zip(items, seqs):
+        state, logp = IndexTrie.ROOT, 0.0
+        for tok_id in seq:
+            slot = int((trie.allowed[state, : trie.num_children[state]] == tok_id).nonzero()[0, 0])
+            logp += float(trie.log_prior[state, slot])
+            state = int(trie.child_state[state, slot])
+        assert logp == pytest.approx(math.log(weights[item] / total), abs=1e-5)
+        assert float(trie.log_prior[state].abs().sum()) == 0.0  # the leaf: EOS only, no prior
+    assert float(trie.log_prior[: IndexTrie.ROOT].abs().sum()) == 0.0
+    with pytest.raises(DataError, match="positive"):
+        IndexTrie(seqs, tok.eos_token_id, weights=[0.0] * len(seqs))
+    with pytest.raises(DataError, match="prior weights for"):
+        IndexTrie(seqs, tok.eos_token_id, weights=[1.0])
+
+
+def test_prior_search_on_a_blind_model_ranks_by_weight(tiny_indexed):
+    """With every index token's logit equal (a model that has learned nothing about the codes),
+    beam search with the prior returns the items in the order of their weights: the popularity
+    ranking."""
+    tok, _, indices = tiny_indexed
+    model = make_tiny_model(len(tok), seed=3).eval()
+    index_ids = torch.tensor(sorted({i for toks in indices.values() for i in tok.convert_tokens_to_ids(toks)}))
+    rows = model.get_output_embeddings().weight.data
+    rows[index_ids] = rows[index_ids[0]].clone()  # one output row for every index token: blind to the codes
+    items = sorted(indices)
+    weights = {item: float(2 ** k) for k, item in enumerate(items)}  # far apart: no near ties
+    prompt = _encode(tok, TEXTS[:2])
+    decoder = Decoder.build(tok, indices, softmax="trie", prior=weights)
+    for ranked in decoder.rank(model, prompt, len(indices)):
+        assert [i for i, _ in ranked] == sorted(items, key=lambda i: -weights[i])
+    with pytest.raises(DataError, match="needs the trie softmax"):
+        Decoder.build(tok, indices, softmax="full", prior=weights)

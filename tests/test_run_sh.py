@@ -43,6 +43,7 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile):
     assert "Step times:" in out.stdout and "fine-tuning" in out.stdout
     for png in ("code_usage.png", "loss.png", "learning_curve.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((run_dir / "ckpt" / "config.json").read_text())["index_prior"] == "popularity"
     index = json.loads((run_dir / "data" / "ml-100k" / "ml-100k.index.json").read_text())
     assert len(index) == 1682 and len({tuple(v) for v in index.values()}) == 1682  # zero collisions
 
@@ -53,7 +54,7 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile):
 
 
 def run_sh_settings(**env) -> tuple[dict, str]:
-    clean = {k: v for k, v in os.environ.items() if k not in ("TRAIN_DATA_SAMPLE_NUM", "DATASET", "PROFILE")}
+    clean = {k: v for k, v in os.environ.items() if k not in ("TRAIN_DATA_SAMPLE_NUM", "DATASET", "PROFILE", "FINETUNE_FLAGS")}
     out = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**clean, "DRY_RUN": "1", **env},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -104,3 +105,12 @@ def test_baselines_variable():
     bad = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**os.environ, "DRY_RUN": "1", "BASELINES": "sasrec,bert"},
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "BASELINES: unknown baseline 'bert'" in bad.stderr
+
+
+@pytest.mark.parametrize("profile", ["quick", "cpu"])
+def test_cpu_sized_profiles_train_with_the_popularity_prior(profile):
+    """The measured choice of both CPU profiles (README, Results); FINETUNE_FLAGS= gives the paper's loss."""
+    flags = run_sh_settings(PROFILE=profile)[0]["FINETUNE_FLAGS"].split()
+    assert flags == ["--history_loss", "--index_softmax", "trie", "--index_prior", "popularity"]
+    assert run_sh_settings(PROFILE=profile, FINETUNE_FLAGS="")[0]["FINETUNE_FLAGS"] == ""
+    assert "--index_prior" not in run_sh_settings(PROFILE="paper")[0]["FINETUNE_FLAGS"]
