@@ -41,6 +41,19 @@ def popularity_prior(inters: dict[str, list[int]], items, smoothing: float = 1.0
     return {str(item): counts.get(str(item), 0) + smoothing for item in items}
 
 
+def item_prior(name: str, args: argparse.Namespace, items, inters: dict[str, list[int]] | None = None
+               ) -> dict[str, float] | None:
+    """The weights of a prior by name (``--index_prior``, ``--score_prior`` or a checkpoint's
+    ``index_prior``): None for "none", ``popularity_prior`` for "popularity". ``inters`` are the
+    interactions of ``args``' dataset when the caller has them already; else they are read."""
+    if name == "none":
+        return None
+    if name != "popularity":
+        raise DataError(f"unknown prior {name!r} (--index_prior, --score_prior or index_prior in a checkpoint's "
+                        "config.json); expected none or popularity")
+    return popularity_prior(data.load_files(args).inters if inters is None else inters, items)
+
+
 def evaluate_popularity(args: argparse.Namespace) -> dict:
     check_writable(args.results_file, "--results_file")
     metrics = parse_metrics(args.metrics)

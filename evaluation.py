@@ -46,20 +46,16 @@ def checkpoint_softmax(choice: str, model, mode: str = "trie", search: str = "tr
     return choice
 
 
-def checkpoint_prior(choice: str, model, args: argparse.Namespace, indices: dict) -> dict[str, float] | None:
+def checkpoint_prior(choice: str, model, args: argparse.Namespace, indices: dict,
+                     inters: dict[str, list[int]] | None = None) -> dict[str, float] | None:
     """``--score_prior``: the item weights to add to the beam scores, or None. ``auto`` follows the
     checkpoint (``index_prior`` in its config.json, written by finetune.py --index_prior); the
     weights are recomputed from the training part of the dataset being scored, as training did."""
+    from baseline import item_prior
+
     if choice == "auto":
         choice = getattr(model.config, "index_prior", "none") or "none"
-    if choice == "none":
-        return None
-    if choice != "popularity":
-        raise DataError(f"--score_prior: unknown prior {choice!r} (from the checkpoint's config.json); "
-                        "expected none or popularity")
-    from baseline import popularity_prior
-
-    return popularity_prior(data.load_files(args).inters, indices)
+    return item_prior(choice, args, indices, inters)
 
 
 def prompt_budget(model_max_length: int, index_len: int) -> int:

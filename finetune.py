@@ -131,25 +131,17 @@ def history_token_ids(args: argparse.Namespace, tokenizer) -> list[int]:
     return tokenizer.convert_tokens_to_ids(index_tokens(data.load_item_indices(args)))
 
 
-def index_prior(args: argparse.Namespace, indices: dict) -> dict[str, float] | None:
-    """item -> weight of ``--index_prior popularity`` (training counts, smoothed), or None."""
-    if args.index_prior == "none":
-        return None
-    from baseline import popularity_prior
-
-    return popularity_prior(data.load_files(args).inters, indices)
-
-
 def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -> Trainer:
     trainer_class, extra = Trainer, {}
     if args.index_softmax != "none":
+        from baseline import item_prior
         from generation import IndexTrie
         from index_loss import IndexSoftmax, IndexSoftmaxTrainer
 
         # the index tokens were checked when they were added (modeling.add_index_tokens)
         indices = data.load_item_indices(args)
         item_ids = [tokenizer.convert_tokens_to_ids(toks) for toks in indices.values()]
-        prior = index_prior(args, indices)
+        prior = item_prior(args.index_prior, args, indices)
         weights = None if prior is None else [prior[item] for item in indices]
         loss = IndexSoftmax(IndexTrie(item_ids, tokenizer.eos_token_id, weights=weights), len(tokenizer),
                             args.index_softmax)

@@ -42,7 +42,7 @@ class LearningCurve(TrainerCallback):
 
     def __init__(self, args: argparse.Namespace, tokenizer, output_dir: str | Path, examples_per_step: int):
         import data
-        from baseline import popularity_prior, popularity_ranking
+        from baseline import item_prior, popularity_ranking
 
         self.args, self.tokenizer = args, tokenizer
         self.every = int(args.curve_steps)
@@ -53,7 +53,7 @@ class LearningCurve(TrainerCallback):
         self.indices = files.indices
         top = popularity_ranking(files.inters)[:10]
         # the scoring of test.py for a model trained with --index_prior
-        self.prior = popularity_prior(files.inters, self.indices) if args.index_prior != "none" else None
+        self.prior = item_prior(args.index_prior, args, self.indices, files.inters)
         pop_ranks = [target_rank(top, ex["item"]) for ex in self.examples]
         self.curve = {"users": len(self.examples), "every": self.every, "num_beams": args.curve_beams,
                       "popularity": compute_metrics(pop_ranks, CURVE_METRICS), "points": []}

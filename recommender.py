@@ -89,7 +89,8 @@ class Recommender:
                                                         pad_token_id=self.tokenizer.pad_token_id)
         self.decoder = Decoder.build(self.tokenizer, self.indices, device=device,
                                      softmax=checkpoint_softmax(args.score_softmax, self.model),
-                                     prior=checkpoint_prior(args.score_prior, self.model, args, self.indices))
+                                     prior=checkpoint_prior(args.score_prior, self.model, args, self.indices,
+                                                            self.files.inters))
         index_len = len(next(iter(self.indices.values())))
         self.collate = TestCollator(self.tokenizer, prompt_budget(args.model_max_length, index_len))
         self.device = device

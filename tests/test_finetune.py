@@ -549,7 +549,7 @@ def test_index_softmax_trains(tiny_data, tiny_base_model, tmp_path):
 def test_index_prior_makes_a_blind_model_the_popularity_model(tiny_data, tiny_base_model):
     """--index_prior popularity: with logits that say nothing (zero hidden states), the trie loss of an
     item is -log of its smoothed share of the training interactions, the popularity model's."""
-    from baseline import popularity_prior
+    from baseline import item_prior, popularity_prior
     from generation import IndexTrie
     from index_loss import IGNORE_INDEX, IndexSoftmax
 
@@ -557,7 +557,7 @@ def test_index_prior_makes_a_blind_model_the_popularity_model(tiny_data, tiny_ba
     indices = indices_of(data_path)
     args = parse_args("train", cli(tiny_base_model, data_path, "unused", "--index_softmax", "trie",
                                    "--index_prior", "popularity"))
-    prior = finetune.index_prior(args, indices)
+    prior = item_prior(args.index_prior, args, indices)
     assert prior == popularity_prior(data.load_files(args).inters, indices) and min(prior.values()) >= 1.0
     model, tok = finetune.load_for_training(str(tiny_base_model), indices)
     ids = index_token_ids(tok, indices)
@@ -586,11 +586,12 @@ def test_index_prior_trains_and_is_recorded(tiny_data, tiny_base_model, tmp_path
     losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert losses and all(0 < x < 50 for x in losses)
     model = assert_reloads(out, data_path, tiny_base_model)
+    from baseline import item_prior
     from evaluation import checkpoint_prior
 
     test_args = parse_args("test", ["--data_path", str(data_path), "--dataset", "Tiny", "--ckpt_path", str(out)])
     indices = indices_of(data_path)
-    assert checkpoint_prior("auto", model, test_args, indices) == finetune.index_prior(parse_args("train", argv), indices)
+    assert checkpoint_prior("auto", model, test_args, indices) == item_prior("popularity", test_args, indices)
     assert checkpoint_prior("none", model, test_args, indices) is None
     blind = finetune.load_for_training(str(tiny_base_model), indices)[0]
     assert checkpoint_prior("auto", blind, test_args, indices) is None

@@ -372,7 +372,6 @@ def test_level_and_trie_softmax_score_every_item_over_its_codes(tiny_indexed, ti
         checkpoint_softmax(softmax, model, "trie", "hf")
 
 
-
 def test_trie_prior_adds_up_to_the_item_weights(tiny_indexed):
     """--index_prior: the log-priors along an item's path sum to log(w_item / w_all), so the prior
     alone ranks items as their weights do; padding and the end states add nothing."""
