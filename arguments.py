@@ -97,7 +97,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--index_token_init", type=str, default="mean", choices=["mean", "normal", "title"],
                    help="start of the new index-token embeddings: mean (transformers' mean resizing), normal (the "
                         "model's weight init, N(0, initializer_range), what the original's transformers did) or "
-                        "title (the mean embedding of the titles of the items under each code)")
+                        "title (from the titles of the items under each code, centred and spread like the pretrained rows)")
+    g.add_argument("--index_lr", type=float, default=None,
+                   help="learning rate of the new index-token rows of the (tied) embedding matrix; the pretrained "
+                        "rows of that matrix are then held fixed. Default: off, every weight trains at "
+                        "--learning_rate (the paper)")
     g.add_argument("--index_softmax", type=str, default="none", choices=["none", "level", "trie"],
                    help="the loss on an index token: a softmax over the whole vocabulary (none, the paper), over "
                         "the codes of its level (level), or over the codes the item trie allows after the "
@@ -205,6 +209,11 @@ def check_task_args(args: argparse.Namespace) -> None:
         if value < 0 or (value == 0 and flag != "curve_steps"):
             expected = "0 (off) or a number of steps" if flag == "curve_steps" else "a positive number"
             raise DataError(f"--{flag}: {value} is not allowed; expected {expected}")
+    if args.index_lr is not None and not args.index_lr > 0:
+        raise DataError(f"--index_lr: {args.index_lr} is not allowed; expected a positive learning rate")
+    if args.index_lr is not None and args.deepspeed:
+        raise DataError("--index_lr is not supported with --deepspeed (ZeRO partitions the embedding rows it "
+                        "holds fixed); leave one of them out")
     if args.index_prior != "none" and args.index_softmax != "trie":
         raise DataError(f"--index_prior {args.index_prior} needs --index_softmax trie (the prior is over the trie's "
                         f"codes), got --index_softmax {args.index_softmax}")

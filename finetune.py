@@ -131,6 +131,37 @@ def history_token_ids(args: argparse.Namespace, tokenizer) -> list[int]:
     return tokenizer.convert_tokens_to_ids(index_tokens(data.load_item_indices(args)))
 
 
+def with_index_lr(trainer_class: type[Trainer]) -> type[Trainer]:
+    """``trainer_class`` whose optimizer gives the (tied) embedding matrix its own group at
+    ``index_lr``, without weight decay, and whose gradient on the pretrained rows is zeroed, so
+    those rows stay as they are and only the new index-token rows move at that rate.
+
+    Why: the new rows start as near-copies (or from titles) and must become item representations
+    the body can read; at the body's rate they barely move in a short run."""
+
+    class IndexLrTrainer(trainer_class):
+        def __init__(self, *args, index_lr: float, first_index_row: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.index_lr = index_lr
+            weight = self.model.get_input_embeddings().weight  # [V, H]
+            if not weight.requires_grad:
+                raise SystemExit("error: --index_lr: the input embedding matrix is frozen (LoRA without it in "
+                                 "--lora_modules_to_save?); there are no index-token rows to train")
+            keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)  # [V, 1]
+            keep[first_index_row:] = 1
+            weight.register_hook(lambda grad: grad * keep)  # before DDP's reduction: the rows stay in sync
+
+        def create_optimizer(self, model=None):
+            optimizer = super().create_optimizer(model)
+            weight = self.model.get_input_embeddings().weight
+            for group in optimizer.param_groups:  # move it out of the Trainer's decay group
+                group["params"] = [p for p in group["params"] if p is not weight]
+            optimizer.add_param_group({"params": [weight], "lr": self.index_lr, "weight_decay": 0.0})
+            return optimizer
+
+    return IndexLrTrainer
+
+
 def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -> Trainer:
     trainer_class, extra = Trainer, {}
     if args.index_softmax != "none":
@@ -146,6 +177,10 @@ def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -
         loss = IndexSoftmax(IndexTrie(item_ids, tokenizer.eos_token_id, weights=weights), len(tokenizer),
                             args.index_softmax)
         trainer_class, extra = IndexSoftmaxTrainer, {"index_softmax": loss}
+    if args.index_lr is not None:
+        first_index_row = min(tokenizer.convert_tokens_to_ids(index_tokens(data.load_item_indices(args))))
+        trainer_class = with_index_lr(trainer_class)
+        extra.update(index_lr=args.index_lr, first_index_row=first_index_row)
     return trainer_class(
         model=model,
         args=training_args,

@@ -100,34 +100,46 @@ def check_vocab(model, tokenizer, where: str) -> None:
 
 
 def init_index_tokens_from_titles(model, tokenizer, indices: dict[str, list[str]], titles: dict[str, str]) -> int:
-    """Start each index token at the mean embedding of the titles of the items it names (a title's
-    embedding: the mean of its tokens' input embeddings), rescaled to the mean norm of the
-    pretrained rows, instead of 1024 near-copies of one vector the model must first pull apart.
-    Returns how many tokens were set."""
+    """Start each index token from the titles of the items it names, instead of 1024 near-copies
+    of one vector the model must first pull apart.
+
+    A title's vector is the mean of its tokens' input embeddings; a code's is the mean over its
+    items of their title vectors minus the mean title vector. Without that centring every code
+    would point along the shared direction of all titles (cosine ~0.8 between codes). The codes
+    are then placed around the pretrained rows' mean with the pretrained rows' spread, so they
+    differ from each other as much as ordinary tokens do. Returns how many tokens were set."""
     import torch
 
     emb = model.get_input_embeddings().weight  # [V, H]
     token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in index_tokens(indices)}
     first_new = min(token_ids.values())
     with torch.no_grad():
-        norm = emb[:first_new].float().norm(dim=1).mean()
+        old = emb[:first_new].float()  # [V_old, H]
+        old_mean = old.mean(0)  # [H]
+        old_spread = (old - old_mean).norm(dim=1).mean()
+        title_vecs = {}
+        for item in indices:
+            ids = tokenizer(titles.get(item, "") or "", add_special_tokens=False)["input_ids"]
+            if ids:
+                title_vecs[item] = emb[ids].float().mean(0)  # [H]
+        if not title_vecs:
+            return 0
+        title_mean = torch.stack(list(title_vecs.values())).mean(0)  # [H]
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
-        for item, tokens in indices.items():
-            ids = tokenizer(titles.get(item, "") or "", add_special_tokens=False)["input_ids"]
-            if not ids:
-                continue
-            vec = emb[ids].float().mean(0)  # [H]
-            for t in tokens:
-                sums[t] = sums.get(t, 0) + vec
+        for item, vec in title_vecs.items():
+            for t in indices[item]:
+                sums[t] = sums.get(t, 0) + (vec - title_mean)
                 counts[t] = counts.get(t, 0) + 1
-        for t, total in sums.items():
-            mean = total / counts[t]
-            emb[token_ids[t]] = (mean * norm / mean.norm().clamp(min=1e-8)).to(emb.dtype)
+        codes = list(sums)
+        offsets = torch.stack([sums[t] / counts[t] for t in codes])  # [C, H]
+        offsets *= old_spread / offsets.norm(dim=1).mean().clamp(min=1e-8)
+        rows = [token_ids[t] for t in codes]
+        emb[rows] = (old_mean + offsets).to(emb.dtype)
         out = model.get_output_embeddings()
         if out is not None and out.weight.data_ptr() != emb.data_ptr():  # untied head: same start
-            out.weight[list(token_ids[t] for t in sums)] = emb[list(token_ids[t] for t in sums)].to(out.weight.dtype)
-    return len(sums)
+            out.weight[rows] = emb[rows].to(out.weight.dtype)
+    return len(codes)
 
 
 def load_for_training(base_model: str, indices: dict[str, list[str]], dtype=None, titles: dict[str, str] | None = None,

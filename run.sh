@@ -30,17 +30,18 @@ case "$PROFILE" in
     : "${SAVE_STRATEGY:=steps}" "${SAVE_STEPS:=24}" "${VALID_USERS:=40}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=2}"
     : "${TEST_SAMPLE_NUM:=300}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=4}"
     : "${CURVE_STEPS:=24}" "${CURVE_USERS:=20}" "${CURVE_BEAMS:=10}"
-    # the measured best at this budget (README, Results): dense history targets, trie softmax, popularity prior
-    : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity}"
+    # the measured best at this budget (README, Results): dense history targets, trie softmax, popularity prior,
+    # index tokens started from the titles of their items
+    : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity --index_token_init title}"
     # both cores of a small CPU machine: two processes of one thread, plain DDP over gloo
     if [ "$GPUS" = 0 ]; then : "${NPROC:=2}" "${DEEPSPEED=}"; fi ;;
   cpu)    # 1.5-2 hours on a 2-core CPU (8-12 s a step): seqrec-weighted mixture, dense history targets, trie softmax
-          # with the popularity prior, all test users
+          # with the popularity prior, title-started index tokens, all test users
     : "${RQ_EPOCHS:=300}" "${RQ_EVAL_STEP:=25}" "${RQ_BATCH:=128}" "${RQ_LAYERS:=512 256 128 64}"
     : "${PROFILE_USERS:=0}" "${TASKS:=seqrec,item2index,index2item,fusionseqrec}"
     : "${EPOCHS:=1}" "${MAX_STEPS:=300}" "${BATCH:=4}" "${GRAD_ACC:=1}" "${LR:=5e-4}"
     : "${MAX_HIS_LEN:=20}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1}" "${TRAIN_DATA_SAMPLE_NUM:=0,1682,1682,2000}"
-    : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity}"
+    : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity --index_token_init title}"
     : "${SAVE_STRATEGY:=steps}" "${SAVE_STEPS:=150}" "${VALID_USERS:=100}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=10}"
     : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=8}"
     : "${CURVE_STEPS:=100}" "${CURVE_USERS:=100}" "${CURVE_BEAMS:=20}"

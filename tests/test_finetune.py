@@ -436,10 +436,15 @@ def test_index_token_init_options(tiny_data, tiny_base_model):
         model, tok = load_for_training(str(tiny_base_model), indices, **kwargs)
         rows[name] = model.get_input_embeddings().weight[base_rows:].detach().clone()
         old = model.get_input_embeddings().weight[:base_rows].detach()
-    # title: distinct rows, at the pretrained rows' mean norm; mean: rows close to the pretrained mean
+    # title: distinct rows around the pretrained rows' mean, as spread out as the pretrained rows;
+    # mean: rows close to the pretrained mean
     title = rows["title"]
-    assert torch.allclose(title.norm(dim=1), old.norm(dim=1).mean().expand(len(title)), rtol=1e-4)
+    offsets = title - old.mean(0)
+    spread = (old - old.mean(0)).norm(dim=1).mean()
+    assert offsets.norm(dim=1).mean().item() == pytest.approx(spread.item(), rel=1e-4)
     assert torch.cdist(title, title).fill_diagonal_(1.0).min() > 1e-3
+    unit = offsets / offsets.norm(dim=1, keepdim=True)
+    assert (unit @ unit.T).fill_diagonal_(0).mean() < 0.5  # centred: not all along one shared direction
     assert (rows["mean"].mean(0) - old.mean(0)).norm() < (rows["title"].mean(0) - old.mean(0)).norm()
     assert rows["normal"].std().item() == pytest.approx(0.02, rel=0.3)  # initializer_range
 
@@ -597,3 +602,30 @@ def test_index_prior_trains_and_is_recorded(tiny_data, tiny_base_model, tmp_path
     assert checkpoint_prior("auto", blind, test_args, indices) is None
     with pytest.raises(SystemExit):
         parse_args("train", cli(tiny_base_model, data_path, out, "--index_prior", "popularity"))
+
+
+def test_index_lr_trains_only_the_index_rows_of_the_embedding(tiny_data, tiny_base_model, tmp_path, capsys):
+    """--index_lr: the new index-token rows move, the pretrained rows of the tied matrix stay as
+    they were, the body still trains; a non-positive rate and --deepspeed are refused by name."""
+    data_path, _ = tiny_data
+    out = tmp_path / "index_lr"
+    finetune.main(cli(tiny_base_model, data_path, out, "--save_and_eval_strategy", "no", "--tasks", "seqrec",
+                      "--train_prompt_sample_num", "1", "--train_data_sample_num", "0", "--learning_rate", "1e-3",
+                      "--index_lr", "1e-2", "--history_loss"))
+    indices = indices_of(data_path)
+    before = finetune.load_for_training(str(tiny_base_model), indices)[0]
+    after = load_for_inference(str(out), indices)[0]
+    first_new = len(load_tokenizer(tiny_base_model))
+    w0, w1 = before.get_input_embeddings().weight, after.get_input_embeddings().weight
+    assert torch.equal(w0[:first_new], w1[:first_new])
+    assert (w1[first_new:] - w0[first_new:]).abs().max() > 1e-3  # moved at 1e-2 a step, not 1e-3
+    body0 = dict(before.named_parameters())
+    moved = [n for n, p in after.named_parameters() if "embed" not in n and not torch.equal(p, body0[n])]
+    assert moved  # the rest of the model trains as before
+    for value in ("0", "-1e-3"):
+        with pytest.raises(SystemExit) as e:
+            parse_args("train", cli(tiny_base_model, data_path, out, f"--index_lr={value}"))
+        assert e.value.code == 2 and f"--index_lr: {float(value)} is not allowed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args("train", cli(tiny_base_model, data_path, out, "--index_lr", "1e-3", "--deepspeed", "x.json"))
+    assert "--index_lr is not supported with --deepspeed" in capsys.readouterr().err

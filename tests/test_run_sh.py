@@ -108,9 +108,10 @@ def test_baselines_variable():
 
 
 @pytest.mark.parametrize("profile", ["quick", "cpu"])
-def test_cpu_sized_profiles_train_with_the_popularity_prior(profile):
+def test_cpu_sized_profiles_train_with_the_prior_and_the_title_start(profile):
     """The measured choice of both CPU profiles (README, Results); FINETUNE_FLAGS= gives the paper's loss."""
     flags = run_sh_settings(PROFILE=profile)[0]["FINETUNE_FLAGS"].split()
-    assert flags == ["--history_loss", "--index_softmax", "trie", "--index_prior", "popularity"]
+    assert flags == ["--history_loss", "--index_softmax", "trie", "--index_prior", "popularity",
+                     "--index_token_init", "title"]
     assert run_sh_settings(PROFILE=profile, FINETUNE_FLAGS="")[0]["FINETUNE_FLAGS"] == ""
     assert "--index_prior" not in run_sh_settings(PROFILE="paper")[0]["FINETUNE_FLAGS"]
