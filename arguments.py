@@ -97,10 +97,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--index_token_init", type=str, default="mean", choices=["mean", "normal", "title"],
                    help="start of the new index-token embeddings: mean (transformers' mean resizing), normal (the "
                         "model's weight init, N(0, initializer_range), what the original's transformers did) or "
-                        "title (from the titles of the items under each code, centred and spread like the pretrained rows)")
+                        "title (from the titles of the items under each code, centred, spread like the "
+                        "pretrained rows)")
     g.add_argument("--index_lr", type=float, default=None,
-                   help="learning rate of the new index-token rows of the (tied) embedding matrix; the pretrained "
-                        "rows of that matrix are then held fixed. Default: off, every weight trains at "
+                   help="learning rate of the new index-token rows of the embedding matrix (and of an untied output "
+                        "head); the pretrained rows of those matrices are then held fixed. Default: off, every weight trains at "
                         "--learning_rate (the paper)")
     g.add_argument("--index_softmax", type=str, default="none", choices=["none", "level", "trie"],
                    help="the loss on an index token: a softmax over the whole vocabulary (none, the paper), over "

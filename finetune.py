@@ -132,9 +132,10 @@ def history_token_ids(args: argparse.Namespace, tokenizer) -> list[int]:
 
 
 def with_index_lr(trainer_class: type[Trainer]) -> type[Trainer]:
-    """``trainer_class`` whose optimizer gives the (tied) embedding matrix its own group at
-    ``index_lr``, without weight decay, and whose gradient on the pretrained rows is zeroed, so
-    those rows stay as they are and only the new index-token rows move at that rate.
+    """``trainer_class`` whose optimizer gives the embedding matrices (input, and the output head
+    when it is not tied to it) their own group at ``index_lr``, without weight decay, and whose
+    gradient on their pretrained rows is zeroed, so those rows stay as they are and only the new
+    index-token rows move at that rate.
 
     Why: the new rows start as near-copies (or from titles) and must become item representations
     the body can read; at the body's rate they barely move in a short run."""
@@ -143,23 +144,33 @@ def with_index_lr(trainer_class: type[Trainer]) -> type[Trainer]:
         def __init__(self, *args, index_lr: float, first_index_row: int, **kwargs):
             super().__init__(*args, **kwargs)
             self.index_lr = index_lr
-            weight = self.model.get_input_embeddings().weight  # [V, H]
-            if not weight.requires_grad:
-                raise SystemExit("error: --index_lr: the input embedding matrix is frozen (LoRA without it in "
-                                 "--lora_modules_to_save?); there are no index-token rows to train")
-            keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)  # [V, 1]
-            keep[first_index_row:] = 1
-            weight.register_hook(lambda grad: grad * keep)  # before DDP's reduction: the rows stay in sync
+            self.index_weights = embedding_weights(self.model)
+            for weight in self.index_weights:
+                if not weight.requires_grad:
+                    raise SystemExit("error: --index_lr: an embedding matrix is frozen (LoRA without it in "
+                                     "--lora_modules_to_save?); there are no index-token rows to train")
+                keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)  # [V, 1]
+                keep[first_index_row:] = 1
+                weight.register_hook(lambda grad, keep=keep: grad * keep)  # before DDP's reduction
 
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model)
-            weight = self.model.get_input_embeddings().weight
-            for group in optimizer.param_groups:  # move it out of the Trainer's decay group
-                group["params"] = [p for p in group["params"] if p is not weight]
-            optimizer.add_param_group({"params": [weight], "lr": self.index_lr, "weight_decay": 0.0})
+            ours = {id(w) for w in self.index_weights}
+            for group in optimizer.param_groups:  # out of the Trainer's groups, into their own
+                group["params"] = [p for p in group["params"] if id(p) not in ours]
+            optimizer.add_param_group({"params": self.index_weights, "lr": self.index_lr, "weight_decay": 0.0})
             return optimizer
 
     return IndexLrTrainer
+
+
+def embedding_weights(model) -> list[torch.nn.Parameter]:
+    """The input embedding matrix, and the output head's when it is a separate matrix."""
+    weights = [model.get_input_embeddings().weight]  # [V, H]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not weights[0]:
+        weights.append(head.weight)
+    return weights
 
 
 def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -> Trainer:

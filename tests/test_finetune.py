@@ -629,3 +629,13 @@ def test_index_lr_trains_only_the_index_rows_of_the_embedding(tiny_data, tiny_ba
     with pytest.raises(SystemExit):
         parse_args("train", cli(tiny_base_model, data_path, out, "--index_lr", "1e-3", "--deepspeed", "x.json"))
     assert "--index_lr is not supported with --deepspeed" in capsys.readouterr().err
+
+
+def test_index_lr_covers_an_untied_output_head():
+    """--index_lr's matrices: the tied embedding once; with an untied head, the head's too."""
+    from fixtures import make_tiny_model
+
+    tied, untied = make_tiny_model(50, tie=True), make_tiny_model(50, tie=False)
+    assert [w is tied.get_input_embeddings().weight for w in finetune.embedding_weights(tied)] == [True]
+    weights = finetune.embedding_weights(untied)
+    assert len(weights) == 2 and weights[1] is untied.get_output_embeddings().weight
