@@ -101,8 +101,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "pretrained rows)")
     g.add_argument("--index_lr", type=float, default=None,
                    help="learning rate of the new index-token rows of the embedding matrix (and of an untied output "
-                        "head); the pretrained rows of those matrices are then held fixed. Default: off, every weight trains at "
-                        "--learning_rate (the paper)")
+                        "head); the pretrained rows of those matrices are then held fixed. Default: off, every "
+                        "weight trains at --learning_rate (the paper)")
     g.add_argument("--index_softmax", type=str, default="none", choices=["none", "level", "trie"],
                    help="the loss on an index token: a softmax over the whole vocabulary (none, the paper), over "
                         "the codes of its level (level), or over the codes the item trie allows after the "

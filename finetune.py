@@ -124,11 +124,11 @@ def keeps_logits(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def history_token_ids(args: argparse.Namespace, tokenizer) -> list[int]:
+def history_token_ids(args: argparse.Namespace, tokenizer, indices: dict[str, list[str]]) -> list[int]:
     """Ids of the index tokens, whose history occurrences --history_loss adds to the loss."""
     if not args.history_loss:
         return []
-    return tokenizer.convert_tokens_to_ids(index_tokens(data.load_item_indices(args)))
+    return tokenizer.convert_tokens_to_ids(index_tokens(indices))
 
 
 def with_index_lr(trainer_class: type[Trainer]) -> type[Trainer]:
@@ -175,13 +175,13 @@ def embedding_weights(model) -> list[torch.nn.Parameter]:
 
 def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -> Trainer:
     trainer_class, extra = Trainer, {}
+    indices = data.load_item_indices(args)
     if args.index_softmax != "none":
         from baseline import item_prior
         from generation import IndexTrie
         from index_loss import IndexSoftmax, IndexSoftmaxTrainer
 
         # the index tokens were checked when they were added (modeling.add_index_tokens)
-        indices = data.load_item_indices(args)
         item_ids = [tokenizer.convert_tokens_to_ids(toks) for toks in indices.values()]
         prior = item_prior(args.index_prior, args, indices)
         weights = None if prior is None else [prior[item] for item in indices]
@@ -189,7 +189,7 @@ def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -
                             args.index_softmax)
         trainer_class, extra = IndexSoftmaxTrainer, {"index_softmax": loss}
     if args.index_lr is not None:
-        first_index_row = min(tokenizer.convert_tokens_to_ids(index_tokens(data.load_item_indices(args))))
+        first_index_row = min(tokenizer.convert_tokens_to_ids(index_tokens(indices)))
         trainer_class = with_index_lr(trainer_class)
         extra.update(index_lr=args.index_lr, first_index_row=first_index_row)
     return trainer_class(
@@ -199,7 +199,7 @@ def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -
         eval_dataset=valid_set if training_args.eval_strategy != "no" else None,
         data_collator=TrainCollator(tokenizer, args.only_train_response, args.model_max_length,
                                     response_logits_only=args.response_logits_only and keeps_logits(model),
-                                    history_token_ids=history_token_ids(args, tokenizer)),
+                                    history_token_ids=history_token_ids(args, tokenizer, indices)),
         processing_class=tokenizer,
         callbacks=[EpochCallback(train_set)],
         **extra,
