@@ -110,8 +110,13 @@ def test_baselines_variable():
 @pytest.mark.parametrize("profile", ["quick", "cpu"])
 def test_cpu_sized_profiles_train_with_the_prior_and_the_title_start(profile):
     """The measured choice of both CPU profiles (README, Results); FINETUNE_FLAGS= gives the paper's loss."""
-    flags = run_sh_settings(PROFILE=profile)[0]["FINETUNE_FLAGS"].split()
-    assert flags == ["--history_loss", "--index_softmax", "trie", "--index_prior", "popularity",
-                     "--index_token_init", "title"]
+    settings = run_sh_settings(PROFILE=profile)[0]
+    flags = settings["FINETUNE_FLAGS"].split()
+    assert flags[:7] == ["--history_loss", "--index_softmax", "trie", "--index_prior", "popularity",
+                         "--index_token_init", "title"]
+    if profile == "cpu":  # the body at 1e-4, the new rows at their own 2e-3
+        assert flags[7:] == ["--index_lr", "2e-3"] and float(settings["LR"]) == 1e-4
+    else:  # 48 steps: one rate (the cpu profile's two rates scored below it there)
+        assert flags[7:] == [] and float(settings["LR"]) == 5e-4
     assert run_sh_settings(PROFILE=profile, FINETUNE_FLAGS="")[0]["FINETUNE_FLAGS"] == ""
     assert "--index_prior" not in run_sh_settings(PROFILE="paper")[0]["FINETUNE_FLAGS"]

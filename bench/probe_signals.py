@@ -1,0 +1,172 @@
+"""Where does the next item's signal live on a dataset, and can the index carry it?
+
+Count-based scorers, fitted on the training parts of the leave-one-out split in a second, each
+ranking the whole catalogue for every test user from the last ``--max_his_len`` history items
+(seen items stay rankable unless the row says otherwise, as in the main protocol):
+
+  popularity                  training counts
+  popularity, history removed the same, minus the items in the history window
+  content                     popularity + cosine between an item's text embedding (centred) and the
+                              history's mean one (--embedding; the RQ-VAE's input)
+  era                         popularity reweighted by P(next is a late release | share of late releases
+                              among the last 5 items), late = the dataset's newest two years (items
+                              need a "year" field)
+  code co-occurrence, level l popularity x how much more often the next item's level-l code follows
+                              the codes of the last 5 items than chance: what an index that groups
+                              items by that code can carry about the next item
+  item co-occurrence          how often each item followed the last 5 items within 5 steps, from all
+                              training parts, and from a budget of ``--windows`` random windows
+                              (LC-Rec's training examples at a CPU profile's budget)
+
+Each prints HR@10 and NDCG@10 with standard errors on all test users. A signal that the index's
+codes do not carry (code co-occurrence near popularity) has to be learned item by item by the
+LLM, from its index tokens, at the rate its training budget allows.
+
+    python bench/probe_signals.py --data_path runs/ml-100k-SmolLM2-135M-Instruct-cpu/data --dataset ml-100k \
+        --embedding runs/ml-100k-SmolLM2-135M-Instruct-cpu/data/ml-100k/ml-100k.emb-smollm2-135m-instruct-td.npy
+"""
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy import sparse
+
+import data
+from dataset_files import parse_index_token, test_item, train_part
+from metrics import compute_metrics, standard_errors, target_rank
+from utils import DataError, exit_on_data_error
+
+METRICS = ["hit@10", "ndcg@10"]
+RECENT = 5  # items of the history the co-occurrence and era scorers read, and the window they count in
+
+Scorer = Callable[[list[int]], np.ndarray]  # history (item numbers) -> [N] scores
+
+
+def evaluate(score: Scorer, histories: list[list[int]], targets: list[int], remove_history: bool = False) -> dict:
+    """HR@10, NDCG@10 and their standard errors of ``score`` over the test users."""
+    ranks = []
+    for history, target in zip(histories, targets):
+        scores = score(history).astype(np.float64, copy=True)  # [N]
+        if remove_history:
+            scores[history] = -np.inf
+        top = np.argpartition(-scores, 10)[:10]
+        ranks.append(target_rank(top[np.argsort(-scores[top])].tolist(), target))
+    values, errors = compute_metrics(ranks, METRICS), standard_errors(ranks, METRICS)
+    return {m: (values[m], errors[m]) for m in METRICS}
+
+
+def follow_counts(seqs: Sequence[Sequence[int]], key: np.ndarray, size: int, window: int = RECENT) -> np.ndarray:
+    """[size, size] how often key[j] came within ``window`` steps after key[i] (sparse, then dense rows on use)."""
+    rows, cols = [], []
+    for seq in seqs:
+        seq = key[np.asarray(seq, dtype=np.int64)]
+        for step in range(1, window + 1):
+            rows.append(seq[:-step])
+            cols.append(seq[step:])
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    return sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(size, size))
+
+
+def random_windows(seqs: Sequence[Sequence[int]], count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """``count`` windows of ``length`` consecutive items, each from a random training part."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        seq = rng.choice(seqs)
+        start = rng.randrange(max(1, len(seq) - length + 1))
+        out.append(list(seq[start:start + length]))
+    return out
+
+
+def item_codes(indices: dict[str, list[str]], n: int) -> np.ndarray:
+    """[N, L] each item's code at each level."""
+    codes = np.zeros((n, len(next(iter(indices.values())))), dtype=np.int64)
+    for item, tokens in indices.items():
+        codes[int(item)] = [parse_index_token(t)[1] for t in tokens]
+    return codes
+
+
+def years(items: dict[str, dict], n: int) -> np.ndarray | None:
+    """[N] release years, or None when the items have no usable "year" field."""
+    out = np.full(n, np.nan)
+    for item, feat in items.items():
+        try:
+            out[int(item)] = float(str(feat.get("year", "")).strip()[:4])
+        except ValueError:
+            pass
+    return None if np.isnan(out).mean() > 0.5 else np.nan_to_num(out, nan=np.nanmedian(out))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data_path", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--index_file", default=".index.json")
+    p.add_argument("--embedding", default=None, help="[N, D] .npy of item text embeddings (the content row)")
+    p.add_argument("--max_his_len", type=int, default=20)
+    p.add_argument("--windows", type=int, default=2400, help="training windows of the budgeted co-occurrence row")
+    args = p.parse_args()
+    if args.max_his_len < 1 or args.windows < 1:
+        raise DataError("--max_his_len and --windows must be positive")
+    files = data.load_files(args)
+    n = 1 + max(int(i) for i in files.indices)
+    train = [train_part(seq) for seq in files.inters.values()]
+    histories = [seq[:-1][-args.max_his_len:] for seq in files.inters.values()]
+    targets = [test_item(seq) for seq in files.inters.values()]
+    counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in train]), minlength=n).astype(float)
+    log_pop = np.log(counts + 1)  # [N]
+
+    rows: list[tuple[str, Scorer, bool]] = [("popularity", lambda h: log_pop, False),
+                                              ("popularity, history removed", lambda h: log_pop, True)]
+    if args.embedding:
+        emb = np.load(args.embedding).astype(np.float64)
+        if emb.shape[0] != n:
+            raise DataError(f"--embedding {args.embedding}: {emb.shape[0]} rows, expected one per item ({n})")
+        emb -= emb.mean(0)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-9
+        rows.append(("content (text embedding)", lambda h: log_pop + emb @ emb[h].mean(0), True))
+    year = years(files.items, n)
+    if year is not None and len(np.unique(year)) > 2 and any(len(s) > RECENT for s in train):
+        first_late = np.sort(np.unique(year))[-2]
+        late = (year >= first_late).astype(int)  # the newest two release years
+        share = np.array([late[s[k - RECENT:k]].mean() for s in train for k in range(RECENT, len(s))])
+        nxt = np.array([late[s[k]] for s in train for k in range(RECENT, len(s))])
+        p_late = np.array([nxt[np.isclose(share, f / RECENT)].mean() if np.isclose(share, f / RECENT).any()
+                           else nxt.mean() for f in range(RECENT + 1)]).clip(1e-6, 1 - 1e-6)  # [RECENT+1]
+        mass = np.array([counts[late == 0].sum(), counts[late == 1].sum()]) + 1
+
+        def era(h: list[int]) -> np.ndarray:
+            q = p_late[int(round(late[h[-RECENT:]].mean() * RECENT))]
+            return log_pop + np.where(late == 1, np.log(q / mass[1]), np.log((1 - q) / mass[0]))
+
+        rows.append((f"era (late = {int(first_late)}+)", era, True))
+    codes = item_codes(files.indices, n)
+    for level in range(codes.shape[1]):
+        size = int(codes[:, level].max()) + 1
+        follows = follow_counts(train, codes[:, level], size).toarray() + 1  # [C, C], add-one smoothed
+        lift = follows / follows.sum(1, keepdims=True)
+        lift /= np.bincount(codes[:, level], weights=counts, minlength=size)[None] / counts.sum() + 1e-12
+        rows.append((f"code co-occurrence, level {level}",
+                     lambda h, lv=level, lift=lift: log_pop + np.log(lift[codes[h[-RECENT:], lv]].mean(0))[codes[:, lv]],
+                     True))
+    for name, seqs in (("item co-occurrence, all training", train),
+                       (f"item co-occurrence, {args.windows} windows",
+                        random_windows(train, args.windows, args.max_his_len + 1))):
+        follows = follow_counts(seqs, np.arange(n), n)
+        follows = sparse.diags(1 / (np.asarray(follows.sum(1)).ravel() + 1)) @ follows  # rows: P(next | item)
+        rows.append((name, lambda h, f=follows: np.log(np.asarray(f[h[-RECENT:]].sum(0)).ravel() + 1e-4)
+                     + 1e-3 * log_pop, True))  # popularity breaks the ties among unseen pairs
+
+    print(f"{args.dataset}: {n} items, {len(targets)} test users, history {args.max_his_len}; "
+          f"codes per level in use: {[len(np.unique(codes[:, lv])) for lv in range(codes.shape[1])]}")
+    for name, score, remove in rows:
+        result = evaluate(score, histories, targets, remove)
+        print(f"{name:38s} " + "  ".join(f"{m} {v:.4f} ± {e:.4f}" for m, (v, e) in result.items()))
+
+
+if __name__ == "__main__":
+    with exit_on_data_error():
+        main()
