@@ -132,14 +132,20 @@ def main() -> None:
     if year is not None and len(np.unique(year)) > 2 and any(len(s) > RECENT for s in train):
         first_late = np.sort(np.unique(year))[-2]
         late = (year >= first_late).astype(int)  # the newest two release years
-        share = np.array([late[s[k - RECENT:k]].mean() for s in train for k in range(RECENT, len(s))])
+
+        def late_bin(recent: Sequence[int]) -> int:
+            """0..RECENT: the share of late releases among ``recent``, in fifths."""
+            return int(round(late[list(recent)].mean() * RECENT))
+
+        bins = np.array([late_bin(s[k - RECENT:k]) for s in train for k in range(RECENT, len(s))])
         nxt = np.array([late[s[k]] for s in train for k in range(RECENT, len(s))])
-        p_late = np.array([nxt[np.isclose(share, f / RECENT)].mean() if np.isclose(share, f / RECENT).any()
-                           else nxt.mean() for f in range(RECENT + 1)]).clip(1e-6, 1 - 1e-6)  # [RECENT+1]
+        seen = np.bincount(bins, minlength=RECENT + 1)
+        p_late = np.where(seen > 0, np.bincount(bins, weights=nxt, minlength=RECENT + 1) / np.maximum(seen, 1),
+                          nxt.mean()).clip(1e-6, 1 - 1e-6)  # [RECENT+1]; an empty bin: the overall rate
         mass = np.array([counts[late == 0].sum(), counts[late == 1].sum()]) + 1
 
         def era(h: list[int]) -> np.ndarray:
-            q = p_late[int(round(late[h[-RECENT:]].mean() * RECENT))]
+            q = p_late[late_bin(h[-RECENT:])]
             return log_pop + np.where(late == 1, np.log(q / mass[1]), np.log((1 - q) / mass[0]))
 
         rows.append((f"era (late = {int(first_late)}+)", era, True))
