@@ -16,8 +16,8 @@ from collections import Counter
 import data
 from dataset_files import train_part
 from arguments import parse_args
-from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, personalisation,
-                     standard_errors, target_rank)
+from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, per_user_values,
+                     personalisation, standard_errors, target_rank)
 from utils import DataError, check_writable, exit_on_data_error, write_results
 
 
@@ -64,7 +64,7 @@ def evaluate_popularity(args: argparse.Namespace) -> dict:
     per_prompt: dict[str, dict[str, float]] = {}
     stderr: dict[str, dict[str, float]] = {}
     personal: dict[str, dict[str, float]] = {}
-    n_examples = 0
+    n_examples, users, rank_lists = 0, None, []
     for pid in data.resolve_prompt_ids(args.test_prompt_ids, args.test_task):
         dataset = data.load_test_dataset(args, args.test_task, pid)
         if len(dataset) == 0:
@@ -73,12 +73,14 @@ def evaluate_popularity(args: argparse.Namespace) -> dict:
         per_prompt[str(pid)] = compute_metrics(ranks, metrics)
         stderr[str(pid)] = standard_errors(ranks, metrics)
         personal[str(pid)] = personalisation([top] * len(ranks))
+        users = users or [dataset[i]["user"] for i in range(len(dataset))]
+        rank_lists.append(ranks)
         n_examples = len(ranks)
     summary = aggregate(per_prompt, metrics)
     results = {"dataset": args.dataset, "test_task": args.test_task, "model": "popularity",
                "sample_num": args.sample_num, "metrics": metrics, "prompt_ids": [int(p) for p in per_prompt],
                "num_examples": n_examples, "per_prompt": per_prompt, "stderr": stderr,
-               "personalisation": personal, **summary}
+               "personalisation": personal, **summary, "per_user": per_user_values(users, rank_lists, metrics)}
     write_results(results, args.results_file, format_table(per_prompt, summary, metrics, stderr, personal))
     return results
 

@@ -18,8 +18,8 @@ import data
 from arguments import TEST_TASKS
 from dataset_files import dataset_file
 from generation import Decoder, rank_batch_with_backoff, scoring_softmax
-from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, personalisation,
-                     standard_errors, target_rank)
+from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, per_user_values,
+                     personalisation, standard_errors, target_rank)
 from utils import DataError, check_writable, default_dtype, get_device, set_seed, write_jsonl_atomic, write_results
 
 log = logging.getLogger("lcrec.eval")
@@ -145,6 +145,8 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     stderr: dict[str, dict[str, float]] = {}
     personal: dict[str, dict[str, float]] = {}
     predictions: list[dict] = []
+    users: list | None = None
+    rank_lists: list[list[int]] = []  # per prompt, in test-set order: for the per-user values
     n_examples, reduced, cut = 0, 0, 0
     for pid in prompt_ids:
         set_seed(args.seed)
@@ -166,6 +168,10 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         per_prompt[str(pid)] = compute_metrics([r["rank"] for r in records], metrics)
         stderr[str(pid)] = standard_errors([r["rank"] for r in records], metrics)
         personal[str(pid)] = personalisation([r["items"] for r in records])
+        users = users or [r["user"] for r in records]
+        if [r["user"] for r in records] != users:
+            raise RuntimeError(f"prompt {pid}: its test users differ from the first prompt's")
+        rank_lists.append([r["rank"] for r in records])
         n_examples = len(records)
         reduced += sum(r["beams"] < args.num_beams for r in records)
         cut += sum(r["prompt_cut"] for r in records)
@@ -184,6 +190,7 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         "metrics": metrics, "prompt_ids": prompt_ids, "num_examples": n_examples,
         "examples_with_fewer_beams": reduced, "model_max_length": args.model_max_length,
         "prompts_cut": cut, "per_prompt": per_prompt, "stderr": stderr, "personalisation": personal, **summary,
+        "per_user": per_user_values(users, rank_lists, metrics),
     }
     write_results(results, args.results_file, format_table(per_prompt, summary, metrics, stderr, personal))
     if args.save_predictions:

@@ -92,6 +92,42 @@ def personalisation(ranked: Sequence[Sequence], k: int = 10) -> dict[str, float]
             f"top{k}_differs_share": sum(t != most_common for t in tops) / len(tops)}
 
 
+def per_user_values(users: Sequence[str], rank_lists: Sequence[Sequence[int]], metrics: Sequence[str]
+                    ) -> dict[str, list]:
+    """Each user's value of each metric, averaged over ``rank_lists`` (one list of target ranks per
+    prompt template or seed, each aligned with ``users``): ``{"users": [...], metric: [...]}``. Two
+    results files that hold these can be compared user by user (``paired_difference``)."""
+    if any(len(ranks) != len(users) for ranks in rank_lists):
+        raise ValueError(f"every rank list must have one rank per user ({len(users)})")
+    out: dict[str, list] = {"users": [str(u) for u in users]}
+    for m in metrics:
+        out[m] = [round(sum(metric_value(m, ranks[i]) for ranks in rank_lists) / len(rank_lists), 6)
+                  for i in range(len(users))]
+    return out
+
+
+def paired_difference(a: dict[str, list], b: dict[str, list], metrics: Sequence[str],
+                      names: tuple[str, str] = ("a", "b")) -> dict[str, tuple[float, float]]:
+    """Mean of ``a - b`` over the same users and the standard error of that mean, per metric, from
+    two ``per_user_values``. Pairing removes what both models share (the users whose target is
+    easy for both), so this standard error is the one that says whether ``a`` beats ``b``; it is
+    smaller than the two separate standard errors combined when their hits overlap."""
+    if set(a["users"]) != set(b["users"]) or len(a["users"]) != len(b["users"]):
+        raise DataError(f"{names[0]} and {names[1]} were scored on different test users "
+                        f"({len(a['users'])} and {len(b['users'])}); compare results of the same users")
+    where = {u: i for i, u in enumerate(b["users"])}
+    n = len(a["users"])
+    out = {}
+    for m in metrics:
+        if m not in a or m not in b:
+            raise DataError(f"{names[0] if m not in a else names[1]}: no per-user values of {m}")
+        diffs = [x - b[m][where[u]] for u, x in zip(a["users"], a[m])]
+        mean = sum(diffs) / n
+        var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+        out[m] = (mean, math.sqrt(var / n))
+    return out
+
+
 def aggregate(per_prompt: dict[str, dict[str, float]], metrics: Sequence[str]) -> dict[str, dict[str, float]]:
     """``{"mean": {...}, "min": {...}, "max": {...}}`` of each metric over prompt templates."""
     if not per_prompt:

@@ -257,5 +257,6 @@ echo "Step times:"
 printf '  %s\n' "${TIMES[@]}"
 echo "  total                  $((SECONDS - T_START))s"
 echo
-"$PYTHON" results_table.py "${TABLE_FILES[@]}" --names "${TABLE_NAMES[@]}" --output "$RESULTS_DIR/table.md"
+"$PYTHON" results_table.py "${TABLE_FILES[@]}" --names "${TABLE_NAMES[@]}" --reference Popularity \
+  --output "$RESULTS_DIR/table.md"
 echo "Plots: $RUN_DIR/code_usage.png $RUN_DIR/loss.png$([ -f "$RUN_DIR/learning_curve.png" ] && echo " $RUN_DIR/learning_curve.png")"

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from arguments import DEFAULT_METRICS
 from baselines.split import Split, load_split
-from metrics import aggregate, format_table, metric_value, parse_metrics, personalisation
+from metrics import aggregate, format_table, metric_value, parse_metrics, per_user_values, personalisation
 from utils import DataError, check_writable, exit_on_data_error, set_seed, write_results
 
 # flags whose default depends on the family (None on the command line = the family's DEFAULTS)
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace, family: ModuleType) -> dict:
         torch.set_num_threads(args.threads or usable_cores())
     metrics = args.metric_list
     split = load_split(args.data_path, args.dataset, args.max_his_len, args.sample_num, args.seed, args.train_stride)
-    runs, user_values = [], [[0.0] * len(split.test_users) for _ in metrics]  # per metric, per user: mean over runs
+    runs, rank_lists = [], []  # rank_lists: per seed, the target rank of every test user
     for r in range(args.seeds):
         seed = args.seed + r
         set_seed(seed)
@@ -228,22 +228,22 @@ def run(args: argparse.Namespace, family: ModuleType) -> dict:
         info["test_time_s"] = round(time.time() - t0, 1)
         info["metrics"] = {m: sum(metric_value(m, k) for k in ranks) / len(ranks) for m in metrics}
         runs.append({"seed": seed, **info})
-        for j, m in enumerate(metrics):
-            for u, k in enumerate(ranks):
-                user_values[j][u] += metric_value(m, k) / args.seeds
+        rank_lists.append(ranks)
         print(f"{args.model} seed {seed}: {info['epochs']} epochs (best {info['best_epoch']}, valid NDCG@10 "
               f"{info['best_valid_ndcg@10']:.4f}, stopped by {info['stopped']}), training time "
               f"{info['train_time_s']:.1f}s, test time {info['test_time_s']:.1f}s", flush=True)
     mean = {m: summarize([run_["metrics"][m] for run_ in runs])[0] for m in metrics}
     std = {m: summarize([run_["metrics"][m] for run_ in runs])[1] for m in metrics}
     n = len(split.test_users)
-    stderr = {m: summarize(user_values[j])[1] / math.sqrt(n) for j, m in enumerate(metrics)}  # over users
+    per_user = per_user_values(split.test_users, rank_lists, metrics)  # each user's mean over the seeds
+    stderr = {m: summarize(per_user[m])[1] / math.sqrt(n) for m in metrics}  # over users
     per_prompt, stderr = {"0": mean}, {"0": stderr}  # one "prompt" (0), as baseline.py's files have
     personal = {"0": {k: sum(x["personalisation"][k] for x in runs) / len(runs) for k in runs[0]["personalisation"]}}
     summary = aggregate(per_prompt, metrics)
     results = {"dataset": args.dataset, "test_task": "seqrec", "model": args.model, "sample_num": args.sample_num,
                "metrics": metrics, "prompt_ids": [0], "num_examples": n, "per_prompt": per_prompt, **summary,
-               "stderr": stderr, "personalisation": personal, "std_over_seeds": std, "seeds": [x["seed"] for x in runs],
+               "stderr": stderr, "personalisation": personal, "per_user": per_user, "std_over_seeds": std,
+               "seeds": [x["seed"] for x in runs],
                "epochs": [x["epochs"] for x in runs], "best_epochs": [x["best_epoch"] for x in runs],
                "best_valid_ndcg@10": [x["best_valid_ndcg@10"] for x in runs],
                "train_time_s": [x["train_time_s"] for x in runs], "runs": runs, "device": str(device),

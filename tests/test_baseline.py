@@ -37,8 +37,38 @@ def test_baseline_script_matches_hand_computation(tiny_data, tmp_path):
     assert res["personalisation"]["0"] == {"distinct_top1": 1, "top10_differs_share": 0.0}  # the same list for all
     se = (hits5 * (1 - hits5) / (len(inters) - 1)) ** 0.5
     assert res["stderr"]["0"]["hit@5"] == pytest.approx(se)
+    assert res["per_user"]["users"] == list(inters)  # every test user, in the test set's order
+    assert res["per_user"]["hit@5"] == [float(str(s[-1]) in top) for s in inters.values()]
     table = results_table([str(out), str(out)], ["A", "B"])
     assert "| A |" in table and "HR@5" in table and f"{hits5:.4f}" in table
+    paired = results_table([str(out), str(out)], ["A", "B"], reference="B")
+    assert f"paired over the same {len(inters)} test users" in paired and "| A | +0.0000 ± 0 |" in paired
+
+
+def test_results_table_pairs_users_against_the_reference(tmp_path):
+    from metrics import per_user_values
+
+    def write(name, ranks, users=("u1", "u2", "u3", "u4")):
+        per_user = per_user_values(list(users), [ranks], ["hit@1"])
+        mean = sum(per_user["hit@1"]) / len(ranks)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"metrics": ["hit@1"], "mean": {"hit@1": mean}, "num_examples": len(ranks),
+                                    "per_user": per_user}))
+        return str(path)
+
+    model, pop = write("model", [1, 1, 2, 0]), write("pop", [2, 1, 2, 0])
+    table = results_table([model, pop], ["Model", "Pop"], reference="Pop")
+    # differences 1, 0, 0, 0: mean 0.25, standard error sqrt(0.25 / 4) = 0.25
+    assert "| Model | +0.2500 ± 0.2500 (+1.0) |" in table
+    with pytest.raises(DataError, match="--reference: 'SASRec' is not one of the --names"):
+        results_table([model, pop], ["Model", "Pop"], reference="SASRec")
+    other = write("other", [1, 1, 2, 0], users=("u1", "u2", "u3", "u9"))
+    with pytest.raises(DataError, match="different test users"):
+        results_table([other, pop], ["Other", "Pop"], reference="Pop")
+    old = tmp_path / "old.json"  # a file from before per-user values: the table still prints, with a note
+    old.write_text(json.dumps({"metrics": ["hit@1"], "mean": {"hit@1": 0.5}}))
+    table = results_table([model, str(old)], ["Model", "Old"], reference="Old")
+    assert "| Model | 4 | 0.5000 |" in table and "has no per-user values" in table
 
 
 def test_results_table_rejects_mismatched_names(tmp_path):

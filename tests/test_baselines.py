@@ -120,6 +120,9 @@ def test_every_family_writes_a_results_file_that_the_table_reads(tiny_data, tmp_
         assert all(0 <= v <= 1 for v in res["mean"].values()) and res["mean"] == res["per_prompt"]["0"]
         assert res["mean"]["hit@10"] >= res["mean"]["hit@5"] >= res["mean"]["hit@1"]
         assert f"{model} seed 43:" in proc.stdout and "training time" in proc.stdout
+        per_user = res["per_user"]  # each user's mean over the two seeds
+        assert len(per_user["users"]) == 6 and all(v in (0.0, 0.5, 1.0) for v in per_user["hit@10"])
+        assert sum(per_user["hit@10"]) / 6 == pytest.approx(res["mean"]["hit@10"], abs=1e-6)
     table = results_table([str(tmp_path / f"{m}.json") for m in ("sasrec", "tiger")], ["SASRec", "TIGER"])
     assert "| SASRec | 6 |" in table and "| TIGER | 6 |" in table and "±" in table
 

@@ -61,3 +61,54 @@ def test_personalisation_sees_a_collapsed_model():
     assert personalisation(same) == {"distinct_top1": 1, "top10_differs_share": 0.0}
     varied = same[:3] + [list("bacdefghij"), list("cabdefghij")]
     assert personalisation(varied) == {"distinct_top1": 3, "top10_differs_share": pytest.approx(0.4)}
+
+
+def test_per_user_values_average_the_rank_lists():
+    from metrics import per_user_values
+
+    # two prompt templates over three users: ranks 1 and 3 for u1, missing and 2 for u2, 12 and 0 for u3
+    values = per_user_values(["u1", "u2", "u3"], [[1, 0, 12], [3, 2, 0]], ["hit@1", "hit@10", "ndcg@10"])
+    assert values["users"] == ["u1", "u2", "u3"]
+    assert values["hit@1"] == [0.5, 0.0, 0.0]
+    assert values["hit@10"] == [1.0, 0.5, 0.0]
+    assert values["ndcg@10"] == pytest.approx([(1 + 0.5) / 2, 1 / math.log2(3) / 2, 0.0], abs=1e-6)
+    with pytest.raises(ValueError, match="one rank per user"):
+        per_user_values(["u1", "u2"], [[1, 2, 3]], ["hit@1"])
+
+
+def test_paired_difference_matches_the_formula_and_pairs_by_user():
+    from metrics import paired_difference, per_user_values
+
+    users = [f"u{i}" for i in range(8)]
+    a = per_user_values(users, [[1, 2, 0, 5, 1, 0, 0, 3]], ["hit@1", "hit@10"])
+    b = per_user_values(users, [[1, 0, 0, 5, 2, 0, 0, 4]], ["hit@1", "hit@10"])
+    diffs = [x - y for x, y in zip(a["hit@10"], b["hit@10"])]  # 0, 1, 0, 0, 0, 0, 0, 0
+    mean = sum(diffs) / 8
+    se = (sum((d - mean) ** 2 for d in diffs) / 7 / 8) ** 0.5
+    got = paired_difference(a, b, ["hit@1", "hit@10"])
+    assert got["hit@10"] == pytest.approx((mean, se))
+    assert got["hit@1"][0] == pytest.approx(1 / 8)
+    # the same users in another order pair the same way
+    order = [3, 7, 0, 5, 1, 6, 2, 4]
+    shuffled = {k: [v[i] for i in order] for k, v in b.items()}
+    assert paired_difference(a, shuffled, ["hit@10"])["hit@10"] == pytest.approx((mean, se))
+    assert paired_difference(a, a, ["hit@10"])["hit@10"] == (0.0, 0.0)
+    # both models hit the same users but one: the paired error is far below the two errors combined
+    separate = (standard_errors_of(a["hit@10"]) ** 2 + standard_errors_of(b["hit@10"]) ** 2) ** 0.5
+    assert se < 0.6 * separate
+
+
+def test_paired_difference_refuses_different_users():
+    from metrics import paired_difference, per_user_values
+
+    a = per_user_values(["u1", "u2"], [[1, 0]], ["hit@1"])
+    b = per_user_values(["u1", "u3"], [[1, 0]], ["hit@1"])
+    with pytest.raises(DataError, match="different test users"):
+        paired_difference(a, b, ["hit@1"], ("lcrec.json", "popularity.json"))
+    with pytest.raises(DataError, match="no per-user values of hit@5"):
+        paired_difference(a, a, ["hit@5"])
+
+
+def standard_errors_of(values):
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5

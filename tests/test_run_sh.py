@@ -37,9 +37,13 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile):
         for agg in ("mean", "min", "max"):
             assert set(res[agg]) == set(metrics) and all(0.0 <= v <= 1.0 for v in res[agg].values())
         assert set(res["per_prompt"]) == {"0", "1"}
+        users = res["per_user"]["users"]  # the same 5 users in both files: the paired table needs them
+        assert len(users) == 5 and all(0.0 <= v <= 1.0 for v in res["per_user"]["ndcg@10"])
     table = (run_dir / "results" / "table.md").read_text()
     assert "| LC-Rec | 5 |" in table and "| Popularity | 5 |" in table
     assert ("| SASRec | 5 |" in table) == (profile == "cpu")
+    paired = table.split("Difference from Popularity, paired over the same 5 test users")[1]
+    assert paired.count("| LC-Rec | ") == 1 and paired.count("| SASRec | ") == (profile == "cpu")
     assert "Step times:" in out.stdout and "fine-tuning" in out.stdout
     for png in ("code_usage.png", "loss.png", "learning_curve.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
