@@ -118,8 +118,9 @@ def test_cpu_sized_profiles_train_with_the_prior_and_the_title_start(profile):
     flags = settings["FINETUNE_FLAGS"].split()
     assert flags[:7] == ["--history_loss", "--index_softmax", "trie", "--index_prior", "popularity",
                          "--index_token_init", "title"]
-    if profile == "cpu":  # the body at 1e-4, the new rows at their own 2e-3
+    if profile == "cpu":  # the body at 1e-4, the new rows at their own 2e-3, 450 steps
         assert flags[7:] == ["--index_lr", "2e-3"] and float(settings["LR"]) == 1e-4
+        assert settings["MAX_STEPS"] == "450" and settings["CURVE_STEPS"] == "150"
     else:  # 48 steps: one rate (the cpu profile's two rates scored below it there)
         assert flags[7:] == [] and float(settings["LR"]) == 5e-4
     assert run_sh_settings(PROFILE=profile, FINETUNE_FLAGS="")[0]["FINETUNE_FLAGS"] == ""
