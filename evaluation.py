@@ -146,7 +146,7 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     personal: dict[str, dict[str, float]] = {}
     predictions: list[dict] = []
     users: list | None = None
-    rank_lists: list[list[int]] = []  # per prompt, in test-set order: for the per-user values
+    rank_lists: list[list[int]] | None = []  # per prompt, in test-set order: for the per-user values
     n_examples, reduced, cut = 0, 0, 0
     for pid in prompt_ids:
         set_seed(args.seed)
@@ -169,9 +169,11 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         stderr[str(pid)] = standard_errors([r["rank"] for r in records], metrics)
         personal[str(pid)] = personalisation([r["items"] for r in records])
         users = users or [r["user"] for r in records]
-        if [r["user"] for r in records] != users:
-            raise RuntimeError(f"prompt {pid}: its test users differ from the first prompt's")
-        rank_lists.append([r["rank"] for r in records])
+        if rank_lists is not None and [r["user"] for r in records] == users:
+            rank_lists.append([r["rank"] for r in records])
+        elif rank_lists is not None:  # cannot average per user; keep the rest of the results
+            log.warning("prompt %d: its test users differ from the first prompt's; no per-user values", pid)
+            rank_lists = None
         n_examples = len(records)
         reduced += sum(r["beams"] < args.num_beams for r in records)
         cut += sum(r["prompt_cut"] for r in records)
@@ -190,8 +192,9 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         "metrics": metrics, "prompt_ids": prompt_ids, "num_examples": n_examples,
         "examples_with_fewer_beams": reduced, "model_max_length": args.model_max_length,
         "prompts_cut": cut, "per_prompt": per_prompt, "stderr": stderr, "personalisation": personal, **summary,
-        "per_user": per_user_values(users, rank_lists, metrics),
     }
+    if rank_lists is not None:
+        results["per_user"] = per_user_values(users, rank_lists, metrics)
     write_results(results, args.results_file, format_table(per_prompt, summary, metrics, stderr, personal))
     if args.save_predictions:
         write_jsonl_atomic(predictions, predictions_path(args.results_file))

@@ -115,13 +115,20 @@ def paired_difference(a: dict[str, list], b: dict[str, list], metrics: Sequence[
     if set(a["users"]) != set(b["users"]) or len(a["users"]) != len(b["users"]):
         raise DataError(f"{names[0]} and {names[1]} were scored on different test users "
                         f"({len(a['users'])} and {len(b['users'])}); compare results of the same users")
-    where = {u: i for i, u in enumerate(b["users"])}
+    if len(set(a["users"])) == len(a["users"]):
+        where = {u: i for i, u in enumerate(b["users"])}
+        order = [where[u] for u in a["users"]]
+    elif a["users"] == b["users"]:  # a user with several examples: only the same order pairs them
+        order = list(range(len(a["users"])))
+    else:
+        raise DataError(f"{names[0]} and {names[1]} hold several examples of one user in different orders; "
+                        "compare results of the same test set")
     n = len(a["users"])
     out = {}
     for m in metrics:
         if m not in a or m not in b:
             raise DataError(f"{names[0] if m not in a else names[1]}: no per-user values of {m}")
-        diffs = [x - b[m][where[u]] for u, x in zip(a["users"], a[m])]
+        diffs = [x - b[m][j] for j, x in zip(order, a[m])]
         mean = sum(diffs) / n
         var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
         out[m] = (mean, math.sqrt(var / n))

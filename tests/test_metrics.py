@@ -109,6 +109,18 @@ def test_paired_difference_refuses_different_users():
         paired_difference(a, a, ["hit@5"])
 
 
+def test_paired_difference_with_several_examples_of_a_user_pairs_by_position():
+    from metrics import paired_difference, per_user_values
+
+    users = ["u1", "u1", "u2"]  # e.g. two item searches of one user
+    a = per_user_values(users, [[1, 0, 1]], ["hit@1"])
+    b = per_user_values(users, [[0, 0, 1]], ["hit@1"])
+    assert paired_difference(a, b, ["hit@1"])["hit@1"][0] == pytest.approx(1 / 3)
+    reordered = per_user_values(["u1", "u2", "u1"], [[0, 1, 0]], ["hit@1"])
+    with pytest.raises(DataError, match="several examples of one user in different orders"):
+        paired_difference(a, reordered, ["hit@1"])
+
+
 def standard_errors_of(values):
     mean = sum(values) / len(values)
     return (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
