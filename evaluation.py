@@ -168,8 +168,9 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         per_prompt[str(pid)] = compute_metrics([r["rank"] for r in records], metrics)
         stderr[str(pid)] = standard_errors([r["rank"] for r in records], metrics)
         personal[str(pid)] = personalisation([r["items"] for r in records])
-        users = users or [r["user"] for r in records]
-        if rank_lists is not None and [r["user"] for r in records] == users:
+        prompt_users = [r["user"] for r in records]
+        users = users or prompt_users
+        if rank_lists is not None and prompt_users == users:
             rank_lists.append([r["rank"] for r in records])
         elif rank_lists is not None:  # cannot average per user; keep the rest of the results
             log.warning("prompt %d: its test users differ from the first prompt's; no per-user values", pid)

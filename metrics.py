@@ -67,17 +67,18 @@ def compute_metrics(ranks: Iterable[int], metrics: Sequence[str]) -> dict[str, f
     return {m: sum(metric_value(m, r) for r in ranks) / len(ranks) for m in metrics}
 
 
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Mean of ``values`` and its standard error, sqrt(sample variance / n) (0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
 def standard_errors(ranks: Iterable[int], metrics: Sequence[str]) -> dict[str, float]:
     """Standard error of each metric's mean over examples: sqrt(sample variance / n)."""
     ranks = list(ranks)
-    n = len(ranks)
-    out = {}
-    for m in metrics:
-        values = [metric_value(m, r) for r in ranks]
-        mean = sum(values) / n
-        var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-        out[m] = math.sqrt(var / n)
-    return out
+    return {m: mean_and_stderr([metric_value(m, r) for r in ranks])[1] for m in metrics}
 
 
 def personalisation(ranked: Sequence[Sequence], k: int = 10) -> dict[str, float]:
@@ -123,16 +124,17 @@ def paired_difference(a: dict[str, list], b: dict[str, list], metrics: Sequence[
     else:
         raise DataError(f"{names[0]} and {names[1]} hold several examples of one user in different orders; "
                         "compare results of the same test set")
-    n = len(a["users"])
     out = {}
     for m in metrics:
         if m not in a or m not in b:
             raise DataError(f"{names[0] if m not in a else names[1]}: no per-user values of {m}")
-        diffs = [x - b[m][j] for j, x in zip(order, a[m])]
-        mean = sum(diffs) / n
-        var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
-        out[m] = (mean, math.sqrt(var / n))
+        out[m] = mean_and_stderr([x - b[m][j] for j, x in zip(order, a[m])])
     return out
+
+
+def metric_label(metric: str) -> str:
+    """``hit@10`` -> ``HR@10``, ``ndcg@10`` -> ``NDCG@10``: the names tables print."""
+    return metric.replace("hit", "HR").replace("ndcg", "NDCG")
 
 
 def aggregate(per_prompt: dict[str, dict[str, float]], metrics: Sequence[str]) -> dict[str, dict[str, float]]:

@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dataset_files import load_json  # noqa: E402
+from metrics import metric_label  # noqa: E402
 from plot_loss import save_plot  # noqa: E402
 from utils import DataError, exit_on_data_error  # noqa: E402
 
@@ -27,7 +28,7 @@ def plot_learning_curve(curve_file: str | Path, output: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     examples = [p["examples"] for p in points]
     for metric, color in (("hit@10", "tab:blue"), ("ndcg@10", "tab:orange")):
-        name = metric.replace("hit", "HR").replace("ndcg", "NDCG")
+        name = metric_label(metric)
         ax.plot(examples, [p[metric] for p in points], "o-", color=color, label=f"LC-Rec {name}", linewidth=1.5)
         if metric in curve.get("popularity", {}):
             ax.axhline(curve["popularity"][metric], color=color, linestyle="--", linewidth=1,

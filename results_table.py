@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from dataset_files import load_json
-from metrics import paired_difference
+from metrics import metric_label, paired_difference
 from utils import DataError, atomic_path, exit_on_data_error
 
 
@@ -23,7 +23,7 @@ def results_table(files: list[str], names: list[str] | None = None, reference: s
     for f, res in zip(files, results):
         if "mean" not in res or res.get("metrics") != metrics:
             raise DataError(f"{f}: expected a results file with 'mean' over the metrics {metrics}")
-    head = ("| model | examples | " + " | ".join(m.replace("hit", "HR").replace("ndcg", "NDCG") for m in metrics)
+    head = ("| model | examples | " + " | ".join(metric_label(m) for m in metrics)
             + " | distinct top-1 | top-10 differs |")
     rows = [head, "|" + "---|" * (len(metrics) + 4)]
     for name, res in zip(names, results):
@@ -53,7 +53,7 @@ def paired_table(files: list[str], names: list[str], results: list[dict], metric
     n = len(results[ref]["per_user"]["users"])
     rows = [f"Difference from {reference}, paired over the same {n} test users: mean difference ± its standard "
             "error (difference / standard error):", "",
-            "| model | " + " | ".join(m.replace("hit", "HR").replace("ndcg", "NDCG") for m in metrics) + " |",
+            "| model | " + " | ".join(metric_label(m) for m in metrics) + " |",
             "|" + "---|" * (len(metrics) + 1)]
     for i, (name, res) in enumerate(zip(names, results)):
         if i == ref:

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from arguments import DEFAULT_METRICS
 from baselines.split import Split, load_split
-from metrics import aggregate, format_table, metric_value, parse_metrics, per_user_values, personalisation
+from metrics import (aggregate, format_table, mean_and_stderr, metric_value, parse_metrics, per_user_values,
+                     personalisation)
 from utils import DataError, check_writable, exit_on_data_error, set_seed, write_results
 
 # flags whose default depends on the family (None on the command line = the family's DEFAULTS)
@@ -236,7 +237,7 @@ def run(args: argparse.Namespace, family: ModuleType) -> dict:
     std = {m: summarize([run_["metrics"][m] for run_ in runs])[1] for m in metrics}
     n = len(split.test_users)
     per_user = per_user_values(split.test_users, rank_lists, metrics)  # each user's mean over the seeds
-    stderr = {m: summarize(per_user[m])[1] / math.sqrt(n) for m in metrics}  # over users
+    stderr = {m: mean_and_stderr(per_user[m])[1] for m in metrics}  # over users
     per_prompt, stderr = {"0": mean}, {"0": stderr}  # one "prompt" (0), as baseline.py's files have
     personal = {"0": {k: sum(x["personalisation"][k] for x in runs) / len(runs) for k in runs[0]["personalisation"]}}
     summary = aggregate(per_prompt, metrics)
