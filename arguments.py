@@ -94,11 +94,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--history_loss", action="store_true",
                    help="with --only_train_response, also train on the index tokens of the history in the prompt: "
                         "each history item becomes a next-item target (off in the paper)")
-    g.add_argument("--index_token_init", type=str, default="mean", choices=["mean", "normal", "title"],
+    g.add_argument("--index_token_init", type=str, default="mean", choices=["mean", "normal", "title", "collab"],
                    help="start of the new index-token embeddings: mean (transformers' mean resizing), normal (the "
                         "model's weight init, N(0, initializer_range), what the original's transformers did) or "
                         "title (from the titles of the items under each code, centred, spread like the "
-                        "pretrained rows)")
+                        "pretrained rows) or collab (the same from which items occur close together in the "
+                        "training sequences: PPMI + SVD; not in the paper)")
     g.add_argument("--index_lr", type=float, default=None,
                    help="learning rate of the new index-token rows of the embedding matrix (and of an untied output "
                         "head); the pretrained rows of those matrices are then held fixed. Default: off, every "

@@ -329,10 +329,12 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
     train_set, valid_set = data.load_datasets(args)
     log(f"train examples per task: {dict(zip(train_set.tasks, (len(d) for d in train_set.datasets)))}; "
         f"validation: {len(valid_set)}")
-    titles = None
+    titles = inters = None
     if args.index_token_init == "title":
         titles = {item: feat.get("title", "") for item, feat in data.load_files(args).items.items()}
-    model, tokenizer = load_for_training(args.base_model, indices, titles=titles,
+    elif args.index_token_init == "collab":
+        inters = data.load_files(args).inters
+    model, tokenizer = load_for_training(args.base_model, indices, titles=titles, inters=inters,
                                          mean_resizing=args.index_token_init != "normal", **(model_kwargs or {}))
     log(f"vocabulary with index tokens: {len(tokenizer)}")
     if args.index_softmax != "none":  # saved in config.json: test.py then scores with the same softmax

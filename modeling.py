@@ -99,17 +99,20 @@ def check_vocab(model, tokenizer, where: str) -> None:
                         "tokens; the checkpoint does not hold the index tokens")
 
 
-def init_index_tokens_from_titles(model, tokenizer, indices: dict[str, list[str]], titles: dict[str, str]) -> int:
-    """Start each index token from the titles of the items it names, instead of 1024 near-copies
-    of one vector the model must first pull apart.
+def init_index_tokens(model, tokenizer, indices: dict[str, list[str]], item_vectors: dict[str, "torch.Tensor"]) -> int:
+    """Start each index token from vectors of the items it names (item_vectors.py), instead of 1024
+    near-copies of one vector the model must first pull apart.
 
-    A title's vector is the mean of its tokens' input embeddings; a code's is the mean over its
-    items of their title vectors minus the mean title vector. Without that centring every code
-    would point along the shared direction of all titles (cosine ~0.8 between codes). The codes
-    are then placed around the pretrained rows' mean with the pretrained rows' spread, so they
-    differ from each other as much as ordinary tokens do. Returns how many tokens were set."""
+    Each code's centred mean item vector (item_vectors.code_vectors) is placed around the pretrained
+    rows' mean with the pretrained rows' spread, so the codes differ from each other as much as
+    ordinary tokens do. Codes with no item vector keep their start. Returns how many tokens were set."""
     import torch
 
+    from item_vectors import code_vectors
+
+    codes = code_vectors(indices, item_vectors)
+    if not codes:
+        return 0
     emb = model.get_input_embeddings().weight  # [V, H]
     token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in index_tokens(indices)}
     first_new = min(token_ids.values())
@@ -117,22 +120,7 @@ def init_index_tokens_from_titles(model, tokenizer, indices: dict[str, list[str]
         old = emb[:first_new].float()  # [V_old, H]
         old_mean = old.mean(0)  # [H]
         old_spread = (old - old_mean).norm(dim=1).mean()
-        title_vecs = {}
-        for item in indices:
-            ids = tokenizer(titles.get(item, "") or "", add_special_tokens=False)["input_ids"]
-            if ids:
-                title_vecs[item] = emb[ids].float().mean(0)  # [H]
-        if not title_vecs:
-            return 0
-        title_mean = torch.stack(list(title_vecs.values())).mean(0)  # [H]
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-        for item, vec in title_vecs.items():
-            for t in indices[item]:
-                sums[t] = sums.get(t, 0) + (vec - title_mean)
-                counts[t] = counts.get(t, 0) + 1
-        codes = list(sums)
-        offsets = torch.stack([sums[t] / counts[t] for t in codes])  # [C, H]
+        offsets = torch.stack(list(codes.values()))  # [C, H]
         offsets *= old_spread / offsets.norm(dim=1).mean().clamp(min=1e-8)
         rows = [token_ids[t] for t in codes]
         emb[rows] = (old_mean + offsets).to(emb.dtype)
@@ -143,12 +131,15 @@ def init_index_tokens_from_titles(model, tokenizer, indices: dict[str, list[str]
 
 
 def load_for_training(base_model: str, indices: dict[str, list[str]], dtype=None, titles: dict[str, str] | None = None,
-                      mean_resizing: bool = True, **model_kwargs):
+                      mean_resizing: bool = True, inters: dict[str, list[int]] | None = None, **model_kwargs):
     """Base model + tokenizer with the index tokens added and the embeddings resized (tied stay tied).
     New rows: transformers' mean resizing, or (``mean_resizing=False``) the model's own weight
-    init, as older transformers did; with ``titles`` ({item: title}) they start from the titles
-    (init_index_tokens_from_titles)."""
+    init, as older transformers did; with ``titles`` ({item: title}) they start from the titles,
+    with ``inters`` ({user: items}) from the items' co-occurrence in the training parts
+    (init_index_tokens; one of the two at a time)."""
     from transformers import AutoModelForCausalLM
+
+    from item_vectors import collab_vectors, title_vectors
 
     if not base_model:
         raise DataError("--base_model: a model folder or hub id is required")
@@ -159,8 +150,15 @@ def load_for_training(base_model: str, indices: dict[str, list[str]], dtype=None
     model = AutoModelForCausalLM.from_pretrained(base_model, **model_kwargs)
     if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=mean_resizing)
+    if titles is not None and inters is not None:
+        raise ValueError("load_for_training: titles and inters are two starts of the index rows; give one")
     if titles is not None:
-        init_index_tokens_from_titles(model, tokenizer, indices, titles)
+        item_titles = {item: titles.get(item, "") for item in indices}
+        init_index_tokens(model, tokenizer, indices,
+                          title_vectors(model.get_input_embeddings().weight.detach(), tokenizer, item_titles))
+    elif inters is not None:
+        width = model.get_input_embeddings().weight.shape[1]
+        init_index_tokens(model, tokenizer, indices, collab_vectors(inters, list(indices), width))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

@@ -17,13 +17,20 @@ ranking the whole catalogue for every test user from the last ``--max_his_len`` 
   item co-occurrence          how often each item followed the last 5 items within 5 steps, from all
                               training parts, and from a budget of ``--windows`` random windows
                               (LC-Rec's training examples at a CPU profile's budget)
+  start vectors               cosine between an item's vector and the mean one of the last 5 items, for
+                              the vectors that start the index-token rows (item_vectors.py): the
+                              items' collab vectors, and the rows the collab start gives (an item
+                              read as the mean of its codes' vectors); with --base_model, the same
+                              for the title start. What each start hands the model about the next
+                              item before any training
 
 Each prints HR@10 and NDCG@10 with standard errors on all test users. A signal that the index's
 codes do not carry (code co-occurrence near popularity) has to be learned item by item by the
 LLM, from its index tokens, at the rate its training budget allows.
 
     python bench/probe_signals.py --data_path runs/ml-100k-SmolLM2-135M-Instruct-cpu/data --dataset ml-100k \
-        --embedding runs/ml-100k-SmolLM2-135M-Instruct-cpu/data/ml-100k/ml-100k.emb-smollm2-135m-instruct-td.npy
+        --embedding runs/ml-100k-SmolLM2-135M-Instruct-cpu/data/ml-100k/ml-100k.emb-smollm2-135m-instruct-td.npy \
+        --base_model ~/.cache/lcrec/SmolLM2-135M-Instruct
 """
 from __future__ import annotations
 
@@ -32,10 +39,12 @@ import random
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 from scipy import sparse
 
 import data
 from dataset_files import parse_index_token, test_item, train_part
+from item_vectors import COLLAB_RANK, code_vectors, collab_vectors, title_vectors
 from metrics import compute_metrics, standard_errors, target_rank
 from utils import DataError, exit_on_data_error
 
@@ -100,6 +109,16 @@ def years(items: dict[str, dict], n: int) -> np.ndarray | None:
     return None if np.isnan(out).mean() > 0.5 else np.nan_to_num(out, nan=np.nanmedian(out))
 
 
+def cosine_scorer(vectors: dict[str, "torch.Tensor"], n: int, log_pop: np.ndarray) -> Scorer:
+    """Cosine between each item's vector and the mean one of the last RECENT history items (items
+    without a vector score 0); popularity only breaks ties."""
+    table = np.zeros((n, len(next(iter(vectors.values())))))
+    for item, vec in vectors.items():
+        table[int(item)] = vec.numpy()
+    table /= np.linalg.norm(table, axis=1, keepdims=True) + 1e-9
+    return lambda h: table @ table[h[-RECENT:]].mean(0) + 1e-3 * log_pop
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data_path", required=True)
@@ -108,6 +127,7 @@ def main() -> None:
     p.add_argument("--embedding", default=None, help="[N, D] .npy of item text embeddings (the content row)")
     p.add_argument("--max_his_len", type=int, default=20)
     p.add_argument("--windows", type=int, default=2400, help="training windows of the budgeted co-occurrence row")
+    p.add_argument("--base_model", default=None, help="model folder whose input embeddings give the title start's row")
     args = p.parse_args()
     if args.max_his_len < 1 or args.windows < 1:
         raise DataError("--max_his_len and --windows must be positive")
@@ -165,6 +185,23 @@ def main() -> None:
         follows = sparse.diags(1 / (np.asarray(follows.sum(1)).ravel() + 1)) @ follows  # rows: P(next | item)
         rows.append((name, lambda h, f=follows: np.log(np.asarray(f[h[-RECENT:]].sum(0)).ravel() + 1e-4)
                      + 1e-3 * log_pop, True))  # popularity breaks the ties among unseen pairs
+
+    starts = {"collab": collab_vectors(files.inters, list(files.indices), COLLAB_RANK)}
+    if args.base_model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.base_model)
+        titles = {item: files.items.get(item, {}).get("title", "") for item in files.indices}
+        starts["title"] = title_vectors(model.get_input_embeddings().weight.detach(), AutoTokenizer.from_pretrained(
+            args.base_model), titles)
+    for start, vectors in starts.items():
+        per_code = code_vectors(files.indices, vectors)
+        code_rows = {item: torch.stack([per_code[t] for t in tokens if t in per_code]).mean(0)
+                     for item, tokens in files.indices.items() if any(t in per_code for t in tokens)}
+        for what, table in (("items", vectors), ("code rows", code_rows)):
+            if start == "title" and what == "items":
+                continue  # the title start is defined by its code rows; the items' title vectors are not rows
+            rows.append((f"{start} start, {what}", cosine_scorer(table, n, log_pop), True))
 
     print(f"{args.dataset}: {n} items, {len(targets)} test users, history {args.max_his_len}; "
           f"codes per level in use: {[len(np.unique(codes[:, lv])) for lv in range(codes.shape[1])]}")

@@ -67,6 +67,16 @@ def test_item_co_occurrence_finds_a_sequential_signal_popularity_cannot(tmp_path
         assert row in out.stdout
     assert hit10(out.stdout, "item co-occurrence, all training") > 0.95
     assert hit10(out.stdout, "popularity ") < 0.6
+    # the collab start's item vectors put an item next to its neighbours in the walk
+    assert hit10(out.stdout, "collab start, items") > hit10(out.stdout, "popularity, history removed") + 0.3
+    assert "collab start, code rows" in out.stdout and "title start" not in out.stdout
+
+
+def test_the_title_start_row_reads_the_base_model(tmp_path, tiny_base_model):
+    out = run_probe("--data_path", chain_dataset(tmp_path), "--dataset", "Chain", "--windows", 50,
+                    "--base_model", tiny_base_model)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 0 <= hit10(out.stdout, "title start, code rows") <= 1
 
 
 def test_a_bad_embedding_file_is_refused_by_name(tmp_path):

@@ -432,7 +432,9 @@ def test_index_token_init_options(tiny_data, tiny_base_model):
     titles = {i: f["title"] for i, f in items.items()}
     base_rows = load_tokenizer(tiny_base_model).__len__()
     rows = {}
-    for name, kwargs in (("mean", {}), ("normal", {"mean_resizing": False}), ("title", {"titles": titles})):
+    inters = json.loads((data_path / "Tiny" / "Tiny.inter.json").read_text())
+    for name, kwargs in (("mean", {}), ("normal", {"mean_resizing": False}), ("title", {"titles": titles}),
+                         ("collab", {"inters": inters})):
         model, tok = load_for_training(str(tiny_base_model), indices, **kwargs)
         rows[name] = model.get_input_embeddings().weight[base_rows:].detach().clone()
         old = model.get_input_embeddings().weight[:base_rows].detach()
@@ -447,6 +449,12 @@ def test_index_token_init_options(tiny_data, tiny_base_model):
     assert (unit @ unit.T).fill_diagonal_(0).mean() < 0.5  # centred: not all along one shared direction
     assert (rows["mean"].mean(0) - old.mean(0)).norm() < (rows["title"].mean(0) - old.mean(0)).norm()
     assert rows["normal"].std().item() == pytest.approx(0.02, rel=0.3)  # initializer_range
+    # collab: as spread out as the title start, in directions of its own
+    collab_offsets = rows["collab"] - old.mean(0)
+    assert collab_offsets.norm(dim=1).mean().item() == pytest.approx(spread.item(), rel=0.05)
+    assert not torch.allclose(rows["collab"], title)
+    with pytest.raises(ValueError, match="give one"):
+        load_for_training(str(tiny_base_model), indices, titles=titles, inters=inters)
 
 
 def test_index_softmax_loss_restricts_index_targets_to_their_level(tiny_data, tiny_base_model):

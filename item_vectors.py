@@ -1,0 +1,76 @@
+"""Item vectors that start the new index-token rows (``--index_token_init``): from the items' titles
+in the base model's own embedding space, or from which items the training sequences hold close
+together (``collab``). modeling.init_index_tokens turns them into one row per code.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dataset_files import train_part
+
+COLLAB_WINDOW = 5  # items within this many steps of each other count as watched together
+COLLAB_RANK = 64  # dimensions the co-occurrence is reduced to before it is placed in the model's space
+
+
+def title_vectors(embeddings: torch.Tensor, tokenizer, titles: dict[str, str]) -> dict[str, torch.Tensor]:
+    """{item: [H]} the mean input embedding of each title's tokens (items without a title are left out)."""
+    out = {}
+    for item, title in titles.items():
+        ids = tokenizer(title or "", add_special_tokens=False)["input_ids"]
+        if ids:
+            out[item] = embeddings[ids].float().mean(0)  # [H]
+    return out
+
+
+def collab_vectors(inters: dict[str, list[int]], items: list[str], dim: int, window: int = COLLAB_WINDOW,
+                   rank: int = COLLAB_RANK, seed: int = 0) -> dict[str, torch.Tensor]:
+    """{item: [dim]} vectors whose inner products follow how often two items occur within ``window``
+    steps of each other in the training parts (``s[:-2]``; the validation and test items are never read).
+
+    Positive pointwise mutual information of the symmetric co-occurrence counts, reduced to ``rank``
+    dimensions by truncated SVD (scaled by the square root of the singular values), then placed in
+    ``dim`` dimensions by a seeded random orthonormal map, which keeps every inner product. Items
+    that never co-occur with another get no vector."""
+    from scipy.sparse import coo_matrix
+    from sklearn.decomposition import TruncatedSVD
+
+    pos = {item: k for k, item in enumerate(items)}
+    rows, cols = [], []
+    for seq in inters.values():
+        seq = [pos[str(i)] for i in train_part(seq) if str(i) in pos]
+        for step in range(1, window + 1):
+            rows += seq[:-step]
+            cols += seq[step:]
+    n = len(items)
+    counts = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)).tocsr()
+    counts = (counts + counts.T).tocoo()  # [N, N] symmetric
+    marginal = np.asarray(counts.sum(axis=1)).ravel()  # [N]
+    pmi = np.log(counts.data * counts.sum() / (marginal[counts.row] * marginal[counts.col]))
+    keep = pmi > 0
+    ppmi = coo_matrix((pmi[keep], (counts.row[keep], counts.col[keep])), shape=(n, n)).tocsr()
+    rank = min(rank, dim, n - 1)
+    if rank < 1 or ppmi.nnz == 0:
+        return {}
+    svd = TruncatedSVD(n_components=rank, random_state=seed)
+    reduced = svd.fit_transform(ppmi) / np.sqrt(np.maximum(svd.singular_values_, 1e-12))  # [N, r]: U sqrt(S)
+    generator = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, rank, generator=generator))  # [dim, r], orthonormal columns
+    vectors = torch.from_numpy(reduced).float() @ basis.T  # [N, dim]
+    return {item: vectors[k] for k, item in enumerate(items) if marginal[k] > 0}
+
+
+def code_vectors(indices: dict[str, list[str]], item_vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{index token: [D]} the mean over the items under each code of their vectors minus the mean item
+    vector. Without the centring every code would point along the direction all items share (for
+    titles, cosine ~0.8 between codes). Codes none of whose items has a vector are left out."""
+    if not item_vectors:
+        return {}
+    item_mean = torch.stack(list(item_vectors.values())).mean(0)  # [D]
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for item, vec in item_vectors.items():
+        for token in indices.get(item, []):
+            sums[token] = sums.get(token, 0) + (vec - item_mean)
+            counts[token] = counts.get(token, 0) + 1
+    return {token: sums[token] / counts[token] for token in sums}
