@@ -96,7 +96,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "each history item becomes a next-item target (off in the paper)")
     g.add_argument("--index_token_init", type=str, default="mean", choices=["mean", "normal", "title", "collab"],
                    help="start of the new index-token embeddings: mean (transformers' mean resizing), normal (the "
-                        "model's weight init, N(0, initializer_range), what the original's transformers did) or "
+                        "model's weight init, N(0, initializer_range), what the original's transformers did), "
                         "title (from the titles of the items under each code, centred, spread like the "
                         "pretrained rows) or collab (the same from which items occur close together in the "
                         "training sequences: PPMI + SVD; not in the paper)")
