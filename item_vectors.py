@@ -4,10 +4,16 @@ together (``collab``). modeling.init_index_tokens turns them into one row per co
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from dataset_files import train_part
+
+if TYPE_CHECKING:
+    from scipy.sparse import csr_matrix
 
 COLLAB_WINDOW = 5  # items within this many steps of each other count as watched together
 COLLAB_RANK = 64  # dimensions the co-occurrence is reduced to before it is placed in the model's space
@@ -23,6 +29,20 @@ def title_vectors(embeddings: torch.Tensor, tokenizer, titles: dict[str, str]) -
     return out
 
 
+def follow_counts(seqs: Sequence[Sequence[int]], key: np.ndarray, size: int, window: int) -> csr_matrix:
+    """[size, size] sparse: how often key[j] came within ``window`` steps after key[i] in ``seqs``."""
+    from scipy.sparse import csr_matrix
+
+    rows, cols = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for seq in seqs:
+        seq = key[np.asarray(seq, dtype=np.int64)]
+        for step in range(1, window + 1):
+            rows.append(seq[:-step])
+            cols.append(seq[step:])
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    return csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(size, size))
+
+
 def collab_vectors(inters: dict[str, list[int]], items: list[str], dim: int, window: int = COLLAB_WINDOW,
                    rank: int = COLLAB_RANK, seed: int = 0) -> dict[str, torch.Tensor]:
     """{item: [dim]} vectors whose inner products follow how often two items occur within ``window``
@@ -36,14 +56,9 @@ def collab_vectors(inters: dict[str, list[int]], items: list[str], dim: int, win
     from sklearn.decomposition import TruncatedSVD
 
     pos = {item: k for k, item in enumerate(items)}
-    rows, cols = [], []
-    for seq in inters.values():
-        seq = [pos[str(i)] for i in train_part(seq) if str(i) in pos]
-        for step in range(1, window + 1):
-            rows += seq[:-step]
-            cols += seq[step:]
+    seqs = [[pos[str(i)] for i in train_part(seq) if str(i) in pos] for seq in inters.values()]
     n = len(items)
-    counts = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)).tocsr()
+    counts = follow_counts(seqs, np.arange(n), n, window).astype(np.float64)  # whole counts: exact in float32
     counts = (counts + counts.T).tocoo()  # [N, N] symmetric
     marginal = np.asarray(counts.sum(axis=1)).ravel()  # [N]
     pmi = np.log(counts.data * counts.sum() / (marginal[counts.row] * marginal[counts.col]))

@@ -44,7 +44,7 @@ from scipy import sparse
 
 import data
 from dataset_files import parse_index_token, test_item, train_part
-from item_vectors import COLLAB_RANK, code_vectors, collab_vectors, title_vectors
+from item_vectors import COLLAB_RANK, code_vectors, collab_vectors, follow_counts, title_vectors
 from metrics import compute_metrics, standard_errors, target_rank
 from utils import DataError, exit_on_data_error
 
@@ -65,18 +65,6 @@ def evaluate(score: Scorer, histories: list[list[int]], targets: list[int], remo
         ranks.append(target_rank(top[np.argsort(-scores[top])].tolist(), target))
     values, errors = compute_metrics(ranks, METRICS), standard_errors(ranks, METRICS)
     return {m: (values[m], errors[m]) for m in METRICS}
-
-
-def follow_counts(seqs: Sequence[Sequence[int]], key: np.ndarray, size: int, window: int = RECENT) -> np.ndarray:
-    """[size, size] how often key[j] came within ``window`` steps after key[i] (sparse, then dense rows on use)."""
-    rows, cols = [], []
-    for seq in seqs:
-        seq = key[np.asarray(seq, dtype=np.int64)]
-        for step in range(1, window + 1):
-            rows.append(seq[:-step])
-            cols.append(seq[step:])
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
-    return sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(size, size))
 
 
 def random_windows(seqs: Sequence[Sequence[int]], count: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -172,7 +160,7 @@ def main() -> None:
     codes = item_codes(files.indices, n)
     for level in range(codes.shape[1]):
         size = int(codes[:, level].max()) + 1
-        follows = follow_counts(train, codes[:, level], size).toarray() + 1  # [C, C], add-one smoothed
+        follows = follow_counts(train, codes[:, level], size, RECENT).toarray() + 1  # [C, C], add-one smoothed
         lift = follows / follows.sum(1, keepdims=True)
         lift /= np.bincount(codes[:, level], weights=counts, minlength=size)[None] / counts.sum() + 1e-12
         rows.append((f"code co-occurrence, level {level}",
@@ -181,7 +169,7 @@ def main() -> None:
     for name, seqs in (("item co-occurrence, all training", train),
                        (f"item co-occurrence, {args.windows} windows",
                         random_windows(train, args.windows, args.max_his_len + 1))):
-        follows = follow_counts(seqs, np.arange(n), n)
+        follows = follow_counts(seqs, np.arange(n), n, RECENT)
         follows = sparse.diags(1 / (np.asarray(follows.sum(1)).ravel() + 1)) @ follows  # rows: P(next | item)
         rows.append((name, lambda h, f=follows: np.log(np.asarray(f[h[-RECENT:]].sum(0)).ravel() + 1e-4)
                      + 1e-3 * log_pop, True))  # popularity breaks the ties among unseen pairs

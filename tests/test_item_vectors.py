@@ -39,7 +39,7 @@ def test_items_without_co_occurrence_get_no_vector_and_the_map_keeps_inner_produ
     inters = {**two_groups(), "lonely": [99, 1, 2]}  # 99: only a training item that occurs alone
     vectors = collab_vectors(inters, ITEMS + ["99"], dim=32, rank=4)
     assert "99" not in vectors
-    small = collab_vectors(inters, ITEMS + ["99"], dim=4, rank=4)  # the same reduction, no random map
+    small = collab_vectors(inters, ITEMS + ["99"], dim=4, rank=4)  # the same reduction, a square (rotation) map
     big = torch.stack([vectors[i] for i in ITEMS])
     low = torch.stack([small[i] for i in ITEMS])
     assert torch.allclose(big @ big.T, low @ low.T, atol=1e-4)
