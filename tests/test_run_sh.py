@@ -126,3 +126,11 @@ def test_cpu_sized_profiles_train_with_the_prior_and_a_start_for_the_index_rows(
         assert flags[6:] == ["title"] and float(settings["LR"]) == 5e-4
     assert run_sh_settings(PROFILE=profile, FINETUNE_FLAGS="")[0]["FINETUNE_FLAGS"] == ""
     assert "--index_prior" not in run_sh_settings(PROFILE="paper")[0]["FINETUNE_FLAGS"]
+
+
+def test_gpu_profile_trains_with_what_lifted_the_cpu_profile():
+    """The cpu profile's loss, prior and row start, with one learning rate (its two rates were a 450-step fix)."""
+    flags = run_sh_settings(PROFILE="gpu")[0]["FINETUNE_FLAGS"].split()
+    assert flags == ["--history_loss", "--index_softmax", "trie", "--index_prior", "popularity",
+                     "--index_token_init", "collab"]
+    assert run_sh_settings(PROFILE="gpu", FINETUNE_FLAGS="")[0]["FINETUNE_FLAGS"] == ""
