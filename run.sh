@@ -2,7 +2,7 @@
 # LC-Rec end to end: data -> text embeddings -> RQ-VAE index -> user profiles -> fine-tuning
 # -> constrained-beam-search evaluation (+ popularity baseline) -> results table and plots.
 #
-#   bash run.sh                         # quick start: ml-100k + SmolLM2-135M, ~15 min on 2 CPU cores
+#   bash run.sh                         # quick start: ml-100k + SmolLM2-135M, 13-20 min on 2 CPU cores (machine speed varies)
 #   PROFILE=gpu bash run.sh             # longer run sized for one GPU (~10 min on an H200-class GPU)
 #   PROFILE=paper NPROC=8 DATASET=Instruments BASE_MODEL=/path/llama-7b PLM_CHECKPOINT=/path/llama-7b bash run.sh
 #

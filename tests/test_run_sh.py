@@ -129,7 +129,7 @@ def test_cpu_sized_profiles_train_with_the_prior_and_a_start_for_the_index_rows(
 
 
 def test_gpu_profile_trains_with_what_lifted_the_cpu_profile():
-    """The cpu profile's loss, prior and row start, with one learning rate (its two rates were a 450-step fix)."""
+    """The cpu profile's loss, prior and row start, with one learning rate: the split rates make up for 450 steps."""
     flags = run_sh_settings(PROFILE="gpu")[0]["FINETUNE_FLAGS"].split()
     assert flags == ["--history_loss", "--index_softmax", "trie", "--index_prior", "popularity",
                      "--index_token_init", "collab"]
