@@ -143,6 +143,8 @@ def load_for_training(base_model: str, indices: dict[str, list[str]], dtype=None
 
     if not base_model:
         raise DataError("--base_model: a model folder or hub id is required")
+    if titles is not None and inters is not None:
+        raise ValueError("load_for_training: titles and inters are two starts of the index rows; give one")
     tokenizer = load_tokenizer(base_model)
     add_index_tokens(tokenizer, indices)
     if dtype is not None:
@@ -150,8 +152,6 @@ def load_for_training(base_model: str, indices: dict[str, list[str]], dtype=None
     model = AutoModelForCausalLM.from_pretrained(base_model, **model_kwargs)
     if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=mean_resizing)
-    if titles is not None and inters is not None:
-        raise ValueError("load_for_training: titles and inters are two starts of the index rows; give one")
     if titles is not None:
         item_titles = {item: titles.get(item, "") for item in indices}
         init_index_tokens(model, tokenizer, indices,
