@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
@@ -20,7 +21,8 @@ from dataset_files import dataset_file
 from generation import Decoder, rank_batch_with_backoff, scoring_softmax
 from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, per_user_values,
                      personalisation, standard_errors, target_rank)
-from utils import DataError, check_writable, default_dtype, get_device, set_seed, write_jsonl_atomic, write_results
+from utils import (DataError, check_writable, cpu_autocast_bf16, default_dtype, get_device, set_seed,
+                   write_jsonl_atomic, write_results)
 
 log = logging.getLogger("lcrec.eval")
 
@@ -148,16 +150,20 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     users: list | None = None
     rank_lists: list[list[int]] | None = []  # per prompt, in test-set order: for the per-user values
     n_examples, reduced, cut = 0, 0, 0
+    autocast = cpu_autocast_bf16(device, args.cpu_bf16)
+    if autocast and rank == 0:
+        log.info("decoding under bf16 autocast on the CPU (--cpu_bf16 %s); beam scores stay fp32", args.cpu_bf16)
     for pid in prompt_ids:
         set_seed(args.seed)
         dataset = data.load_test_dataset(args, args.test_task, pid)
         if len(dataset) == 0:
             raise DataError(f"{args.test_task} prompt {pid}: the test set of {args.dataset} is empty")
         shard = shard_range(len(dataset), rank, world_size)
-        records = evaluate_prompt(model, tokenizer, dataset, decoder, metrics, shard,
-                                  batch_size=args.test_batch_size, num_beams=args.num_beams,
-                                  oom_backoff=args.oom_backoff, desc=f"{args.test_task} prompt {pid}",
-                                  show=rank == 0, max_prompt_length=max_prompt_length)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            records = evaluate_prompt(model, tokenizer, dataset, decoder, metrics, shard,
+                                      batch_size=args.test_batch_size, num_beams=args.num_beams,
+                                      oom_backoff=args.oom_backoff, desc=f"{args.test_task} prompt {pid}",
+                                      show=rank == 0, max_prompt_length=max_prompt_length)
         if world_size > 1:
             records = [r for part in gather(records) for r in part]
         if rank != 0:
@@ -190,6 +196,7 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         "lora": bool(args.lora), "base_model": args.base_model, "index_file": args.index_file,
         "decoding": decoder.mode, "beam_search": decoder.search, "filter_items": bool(args.filter_items), "num_beams": args.num_beams,
         "test_batch_size": args.test_batch_size, "sample_num": args.sample_num, "world_size": world_size,
+        "cpu_bf16_autocast": autocast,
         "metrics": metrics, "prompt_ids": prompt_ids, "num_examples": n_examples,
         "examples_with_fewer_beams": reduced, "model_max_length": args.model_max_length,
         "prompts_cut": cut, "per_prompt": per_prompt, "stderr": stderr, "personalisation": personal, **summary,

@@ -2,7 +2,7 @@
 # LC-Rec end to end: data -> text embeddings -> RQ-VAE index -> user profiles -> fine-tuning
 # -> constrained-beam-search evaluation (+ popularity baseline) -> results table and plots.
 #
-#   bash run.sh                         # quick start: ml-100k + SmolLM2-135M, 13-20 min on 2 CPU cores (machine speed varies)
+#   bash run.sh                         # quick start: ml-100k + SmolLM2-135M, ~12 min on 2 CPU cores with native bf16, 13-20 without
 #   PROFILE=gpu bash run.sh             # longer run sized for one GPU (~10 min on an H200-class GPU)
 #   PROFILE=paper NPROC=8 DATASET=Instruments BASE_MODEL=/path/llama-7b PLM_CHECKPOINT=/path/llama-7b bash run.sh
 #
@@ -17,32 +17,26 @@ CACHE_DIR=${CACHE_DIR:-$HOME/.cache/lcrec}
 FORCE=${FORCE:-0}
 PYTHON=${PYTHON:-python3}
 GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+OMP_THREADS_GIVEN=${OMP_NUM_THREADS-}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # faster and steadier than 2 threads on small CPU machines
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 
 case "$PROFILE" in
-  quick)  # fits the 15-minute budget of a 2-core CPU machine
+  quick)  # fits the 15-minute budget of a 2-core CPU machine; what it trains depends on the precision (below)
     : "${RQ_EPOCHS:=120}" "${RQ_EVAL_STEP:=10}" "${RQ_BATCH:=128}" "${RQ_LAYERS:=512 256 128 64}"
-    : "${PROFILE_USERS:=20}"
-    : "${EPOCHS:=1}" "${MAX_STEPS:=48}" "${BATCH:=8}" "${GRAD_ACC:=1}" "${LR:=5e-4}"
-    : "${MAX_HIS_LEN:=5}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
-    : "${TRAIN_DATA_SAMPLE_NUM:=20000,1682,400,400,0,0}"
-    : "${SAVE_STRATEGY:=steps}" "${SAVE_STEPS:=24}" "${VALID_USERS:=40}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=2}"
+    : "${PROFILE_USERS:=20}" "${EPOCHS:=1}" "${GRAD_ACC:=1}"
+    : "${SAVE_STRATEGY:=steps}" "${VALID_USERS:=40}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=2}"
     : "${TEST_SAMPLE_NUM:=300}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=4}"
-    : "${CURVE_STEPS:=24}" "${CURVE_USERS:=20}" "${CURVE_BEAMS:=10}"
-    # the measured best at this budget (README, Results): dense history targets, trie softmax, popularity prior,
-    # index tokens started from the titles of their items
-    : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity --index_token_init title}"
-    # both cores of a small CPU machine: two processes of one thread, plain DDP over gloo
-    if [ "$GPUS" = 0 ]; then : "${NPROC:=2}" "${DEEPSPEED=}"; fi ;;
-  cpu)    # under 2 hours on a 2-core CPU (9-11 s a step): seqrec-weighted mixture, dense history targets, trie softmax
+    : "${CURVE_USERS:=20}" "${CURVE_BEAMS:=10}"
+    if [ "$GPUS" = 0 ]; then : "${DEEPSPEED=}"; CPU_PROFILE=1; fi ;;
+  cpu)    # under 2 hours on a 2-core CPU (9-11 s a step in fp32, about 3 in bf16): seqrec-weighted mixture, dense history targets, trie softmax
           # with the popularity prior, index tokens started from the items' co-occurrence, all test users
     : "${RQ_EPOCHS:=300}" "${RQ_EVAL_STEP:=25}" "${RQ_BATCH:=128}" "${RQ_LAYERS:=512 256 128 64}"
     : "${PROFILE_USERS:=0}" "${TASKS:=seqrec,item2index,index2item,fusionseqrec}"
     # the body at 1e-4 and the new index rows at 2e-3: the measured best here (README, Results); with one
     # rate of 5e-4 the rows barely move and the model stays at popularity; 450 steps score above 300, and rows
     # started from which items are watched together (collab) above rows started from the titles (README)
-    : "${EPOCHS:=1}" "${MAX_STEPS:=450}" "${BATCH:=4}" "${GRAD_ACC:=1}" "${LR:=1e-4}"
+    : "${EPOCHS:=1}" "${MAX_STEPS:=450}" "${GRAD_ACC:=1}" "${LR:=1e-4}"   # 8 examples a step (BATCH below)
     : "${MAX_HIS_LEN:=20}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1}" "${TRAIN_DATA_SAMPLE_NUM:=0,1682,1682,2000}"
     : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity --index_token_init collab --index_lr 2e-3}"
     : "${SAVE_STRATEGY:=steps}" "${SAVE_STEPS:=150}" "${VALID_USERS:=100}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=10}"
@@ -50,7 +44,7 @@ case "$PROFILE" in
     : "${CURVE_STEPS:=150}" "${CURVE_USERS:=100}" "${CURVE_BEAMS:=20}"
     # TIGER (BASELINES=sasrec,gru4rec,tiger) adds about 18 minutes and, capped at 10, scores at popularity's level
     : "${BASELINES:=sasrec,gru4rec}" "${TIGER_MINUTES:=10}"
-    if [ "$GPUS" = 0 ]; then : "${NPROC:=2}" "${DEEPSPEED=}"; fi ;;
+    if [ "$GPUS" = 0 ]; then : "${DEEPSPEED=}"; CPU_PROFILE=1; fi ;;
   gpu)    # one H200-class GPU, about 10 minutes of fine-tuning
     : "${RQ_EPOCHS:=1000}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=256}" "${RQ_LAYERS:=2048 1024 512 256 128 64}"
     : "${RQ_FLAGS:=--bn true --lr_scheduler_type linear}"
@@ -89,6 +83,49 @@ case "$PROFILE" in
     : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=all}" "${TEST_BATCH:=1}" "${BASELINES:=sasrec,gru4rec,tiger}" ;;
   *) echo "error: PROFILE must be quick, cpu, gpu or paper, got '$PROFILE'" >&2; exit 2 ;;
 esac
+DEEPSPEED=${DEEPSPEED-config/ds_z3_bf16.json}   # used when NPROC > 1; empty = plain DDP
+# Training precision: auto = bf16 on GPUs, with DeepSpeed, and on CPUs with native bf16 (avx512_bf16,
+# AMX); fp32 on other CPUs, where emulated bf16 matmuls are slower than fp32 ones.
+PRECISION=${PRECISION:-auto}
+if [ "$PRECISION" = auto ]; then
+  if [ "$GPUS" -gt 0 ] || { [ "${NPROC:-1}" -gt 1 ] && [ -n "$DEEPSPEED" ]; } || \
+     [ "$("$PYTHON" -c 'from utils import cpu_supports_bf16; print(int(cpu_supports_bf16()))' 2>/dev/null)" = 1 ]; then
+    PRECISION=bf16
+  else
+    PRECISION=fp32
+  fi
+fi
+case "$PRECISION" in bf16|fp32) ;; *) echo "error: PRECISION must be auto, bf16 or fp32, got '$PRECISION'" >&2; exit 2 ;; esac
+# Processes on a CPU (quick and cpu profiles): with native bf16 a step is cheap enough that the gradient
+# all-reduce between two processes costs more than the second core gives, so one process runs with every
+# core's thread (2.2 vs 4.4 s a step measured on 2 cores with AMX); in fp32 two processes of one thread win.
+if [ -z "${NPROC:-}" ] && [ "${CPU_PROFILE:-0}" = 1 ]; then
+  if [ "$PRECISION" = bf16 ]; then NPROC=1; else NPROC=2; fi
+fi
+NPROC=${NPROC:-$(( GPUS > 1 ? GPUS : 1 ))}
+if [ "$PROFILE" = cpu ]; then BATCH=${BATCH:-$(( NPROC > 8 ? 1 : 8 / NPROC ))}; fi   # 8 examples a step in all
+# Threads of fine-tuning and evaluation when they run in one process on a CPU: every core, unless given
+TRAIN_THREADS=${TRAIN_THREADS:-$(
+  if [ -z "$OMP_THREADS_GIVEN" ] && [ "$GPUS" = 0 ] && [ "$NPROC" = 1 ]; then env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; else echo "$OMP_NUM_THREADS"; fi)}
+
+# What the quick profile trains, by precision (README, Results)
+if [ "$PROFILE" = quick ]; then
+  if [ "$PRECISION" = bf16 ]; then
+    # native bf16 (GPUs; CPUs with AMX or avx512_bf16) makes a step about 3x cheaper, enough for the cpu
+    # profile's recipe at history 20 (the only one measured to give rankings of their own in 15 minutes),
+    # with both rates 1.5x the cpu profile's for its 128 steps instead of 200 (23 items ranked first, not 16)
+    : "${MAX_STEPS:=128}" "${BATCH:=8}" "${LR:=1.5e-4}" "${MAX_HIS_LEN:=20}" "${SAVE_STEPS:=64}" "${CURVE_STEPS:=64}"
+    : "${TASKS:=seqrec,item2index,index2item,fusionseqrec}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1}"
+    : "${TRAIN_DATA_SAMPLE_NUM:=0,1682,1682,2000}"
+    : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity --index_token_init collab --index_lr 3e-3}"
+  else
+    # fp32: 48 steps at history 5 are what fits; the measured best there is one rate and index tokens
+    # started from the titles of their items (two rates and the co-occurrence start pay off only later)
+    : "${MAX_STEPS:=48}" "${BATCH:=8}" "${LR:=5e-4}" "${MAX_HIS_LEN:=5}" "${SAVE_STEPS:=24}" "${CURVE_STEPS:=24}"
+    : "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}" "${TRAIN_DATA_SAMPLE_NUM:=20000,1682,400,400,0,0}"
+    : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity --index_token_init title}"
+  fi
+fi
 PROFILE_FLAGS=${PROFILE_FLAGS-}
 RQ_FLAGS=${RQ_FLAGS-}               # extra index/main.py flags (BatchNorm, schedule, ...)
 FINETUNE_FLAGS=${FINETUNE_FLAGS-}   # extra finetune.py flags, e.g. --history_loss --index_token_init title
@@ -110,23 +147,9 @@ NUM_BEAMS=${NUM_BEAMS:-20}
 RQ_CODES=${RQ_CODES:-256 256 256 256}   # codes per level of the RQ-VAE
 # Uniform semantic mapping on the last level only (the paper: 0 0 0 0.003)
 SK_EPSILONS=${SK_EPSILONS:-$(for _ in $(seq 2 "$(wc -w <<< "$RQ_CODES")"); do printf '0.0 '; done; echo 0.003)}
-NPROC=${NPROC:-$(( GPUS > 1 ? GPUS : 1 ))}
-DEEPSPEED=${DEEPSPEED-config/ds_z3_bf16.json}   # used when NPROC > 1; empty = plain DDP
-# Training precision: auto = bf16 on GPUs, with DeepSpeed, and on CPUs with native bf16 (avx512_bf16,
-# AMX); fp32 on other CPUs, where emulated bf16 matmuls are slower than fp32 ones.
-PRECISION=${PRECISION:-auto}
-if [ "$PRECISION" = auto ]; then
-  if [ "$GPUS" -gt 0 ] || { [ "$NPROC" -gt 1 ] && [ -n "$DEEPSPEED" ]; } || \
-     [ "$("$PYTHON" -c 'from utils import cpu_supports_bf16; print(int(cpu_supports_bf16()))' 2>/dev/null)" = 1 ]; then
-    PRECISION=bf16
-  else
-    PRECISION=fp32
-  fi
-fi
-case "$PRECISION" in bf16|fp32) ;; *) echo "error: PRECISION must be auto, bf16 or fp32, got '$PRECISION'" >&2; exit 2 ;; esac
 
 if [ "${DRY_RUN:-0}" = 1 ]; then  # print the settings this profile resolves to, run nothing
-  for name in PROFILE DATASET NPROC DEEPSPEED PRECISION RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS RQ_FLAGS PROFILE_USERS \
+  for name in PROFILE DATASET NPROC TRAIN_THREADS DEEPSPEED PRECISION RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS RQ_FLAGS PROFILE_USERS \
               PROFILE_FLAGS FINETUNE_FLAGS CURVE_STEPS CURVE_USERS CURVE_BEAMS BASELINES TIGER_MINUTES EPOCHS MAX_STEPS BATCH GRAD_ACC LR MAX_HIS_LEN TASKS TRAIN_PROMPT_SAMPLE_NUM TRAIN_DATA_SAMPLE_NUM \
               TEST_SAMPLE_NUM TEST_PROMPT_IDS TEST_BATCH NUM_BEAMS; do
     printf '%s=%s\n' "$name" "${!name}"
@@ -172,7 +195,7 @@ launch() {  # one process, or torchrun with DeepSpeed when NPROC > 1
   if [ "$NPROC" -gt 1 ]; then
     "$PYTHON" -m torch.distributed.run --nproc_per_node="$NPROC" --master_port="${MASTER_PORT:-3324}" "$@"
   else
-    "$PYTHON" "$@"
+    OMP_NUM_THREADS=$TRAIN_THREADS "$PYTHON" "$@"
   fi
 }
 

@@ -174,6 +174,14 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", info) is not None
 
 
+def cpu_autocast_bf16(device: "torch.device", choice: str = "auto") -> bool:  # noqa: F821
+    """Whether to decode under bf16 autocast: only on a CPU, and with ``auto`` only where the CPU has
+    native bf16 (an emulated bf16 matmul is slower than an fp32 one)."""
+    if device.type != "cpu" or choice == "off":
+        return False
+    return choice == "on" or cpu_supports_bf16()
+
+
 def default_dtype(device: "torch.device") -> "torch.dtype":  # noqa: F821
     """bf16 on GPUs that support it, fp32 on CPU (bf16 matmuls are slow and lossy there)."""
     import torch

@@ -14,8 +14,8 @@ figures are medians over the timed steps. Before any step, both collators score 
 with the same weights: their losses must agree (exactly in fp32, within bf16 rounding otherwise).
 
 One figure per line on stdout:
-    device, loss_plain, loss_fast, <path>_examples_per_second, <path>_tokens_per_second,
-    <path>_padding_share, speedup
+    device, loss_plain, loss_fast, <path>_examples_per_second (and the interquartile range of the
+    steps' rates), <path>_tokens_per_second, <path>_padding_share, speedup
 
     python bench/bench_train.py --data_path runs/ml-100k-SmolLM2-135M-Instruct-quick/data --dataset ml-100k \
         [--tasks seqrec --train_data_sample_num 0 --max_his_len 5] [--batch_size 16] [--steps 8]
@@ -120,7 +120,9 @@ def main() -> None:
     for path in paths:
         median = statistics.median(times[path])
         rate[path] = args.batch_size / median
+        q1, _, q3 = statistics.quantiles(times[path], n=4) if len(times[path]) > 1 else [median] * 3
         print(f"{path}_examples_per_second {rate[path]:.2f}")
+        print(f"{path}_examples_per_second_iqr {args.batch_size / q3:.2f}-{args.batch_size / q1:.2f}")
         print(f"{path}_tokens_per_second {statistics.median(tokens[path]) / median:.1f}")
         print(f"{path}_padding_share {1 - sum(tokens[path]) / sum(padded[path]):.3f}")
     if len(paths) == 2:

