@@ -96,9 +96,9 @@ if [ "$PRECISION" = auto ]; then
   fi
 fi
 case "$PRECISION" in bf16|fp32) ;; *) echo "error: PRECISION must be auto, bf16 or fp32, got '$PRECISION'" >&2; exit 2 ;; esac
-# Processes on a CPU (quick and cpu profiles): with native bf16 a step is cheap enough that the gradient
-# all-reduce between two processes costs more than the second core gives, so one process runs with every
-# core's thread (2.2 vs 4.4 s a step measured on 2 cores with AMX); in fp32 two processes of one thread win.
+# Processes on a CPU (quick and cpu profiles): in bf16 one process with every core's thread trains as many
+# examples a second as two DDP processes (3.17 against 3.15 measured on 2 cores with AMX), with no gradient
+# all-reduce, and is what the bf16 recipes were measured with; in fp32 two processes of one thread win.
 if [ -z "${NPROC:-}" ] && [ "${CPU_PROFILE:-0}" = 1 ]; then
   if [ "$PRECISION" = bf16 ]; then NPROC=1; else NPROC=2; fi
 fi
@@ -111,7 +111,7 @@ TRAIN_THREADS=${TRAIN_THREADS:-$(
 # What the quick profile trains, by precision (README, Results)
 if [ "$PROFILE" = quick ]; then
   if [ "$PRECISION" = bf16 ]; then
-    # native bf16 (GPUs; CPUs with AMX or avx512_bf16) makes a step about 3x cheaper, enough for the cpu
+    # native bf16 (GPUs; CPUs with AMX or avx512_bf16) makes a step about 2.5x cheaper, enough for the cpu
     # profile's recipe at history 20 (the only one measured to give rankings of their own in 15 minutes),
     # with both rates 1.5x the cpu profile's for its 128 steps instead of 200 (23 items ranked first, not 16)
     : "${MAX_STEPS:=128}" "${BATCH:=8}" "${LR:=1.5e-4}" "${MAX_HIS_LEN:=20}" "${SAVE_STEPS:=64}" "${CURVE_STEPS:=64}"

@@ -108,7 +108,7 @@ def test_precision_is_bf16_only_where_the_cpu_has_it():
 
 @pytest.mark.parametrize("profile", ["quick", "cpu"])
 def test_cpu_profiles_run_one_process_on_every_core_in_bf16_and_two_single_thread_ones_in_fp32(profile):
-    """bf16 makes a step cheap enough that DDP's gradient all-reduce costs more than the second core gives."""
+    """In bf16 one process with every thread trains as fast as two DDP processes, with no all-reduce."""
     import torch
 
     if torch.cuda.is_available():
