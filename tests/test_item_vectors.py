@@ -24,9 +24,16 @@ def two_groups(users: int = 30) -> dict[str, list[int]]:
 def test_items_watched_together_get_similar_vectors():
     vectors = collab_vectors(two_groups(), ITEMS, dim=32, rank=4)
     assert set(vectors) == set(ITEMS) and all(v.shape == (32,) for v in vectors.values())
-    within = [cosine(vectors[a], vectors[b]) for a in "123456" for b in "123456" if a < b]
-    across = [cosine(vectors[a], vectors[b]) for a in "123456" for b in ("7", "8", "9", "10", "11", "12")]
-    assert min(within) > max(across) + 0.3
+    group = {i: int(i) <= 6 for i in ITEMS}
+    within = [cosine(vectors[a], vectors[b]) for a in ITEMS for b in ITEMS if a < b and group[a] == group[b]]
+    across = [cosine(vectors[a], vectors[b]) for a in ITEMS for b in ITEMS if group[a] != group[b]]
+    # rank 4 is more than two groups need: how the SVD splits the spare, nearly tied directions moves
+    # single pairs from one CPU to another, so the margin is asked of the means, not of the extremes
+    assert min(within) > max(across)
+    assert sum(within) / len(within) > sum(across) / len(across) + 0.5
+    for a in ITEMS:  # every item's nearest neighbour was watched with it
+        nearest = max((b for b in ITEMS if b != a), key=lambda b: cosine(vectors[a], vectors[b]))
+        assert group[nearest] == group[a]
 
 
 def test_held_out_items_are_never_read():
