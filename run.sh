@@ -21,10 +21,19 @@ OMP_THREADS_GIVEN=${OMP_NUM_THREADS-}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # faster and steadier than 2 threads on small CPU machines
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 
+# The cpu profile's training recipe (README, Results), also the quick profile's in bf16: history 20, a
+# seqrec-weighted mixture of four tasks, dense history targets, the trie softmax with the popularity prior,
+# index rows started from the items' co-occurrence with a learning rate of their own ($1)
+collab_recipe() {
+  : "${MAX_HIS_LEN:=20}" "${TASKS:=seqrec,item2index,index2item,fusionseqrec}"
+  : "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1}" "${TRAIN_DATA_SAMPLE_NUM:=0,1682,1682,2000}"
+  : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity --index_token_init collab --index_lr $1}"
+}
+
 case "$PROFILE" in
   quick)  # fits the 15-minute budget of a 2-core CPU machine; what it trains depends on the precision (below)
     : "${RQ_EPOCHS:=120}" "${RQ_EVAL_STEP:=10}" "${RQ_BATCH:=128}" "${RQ_LAYERS:=512 256 128 64}"
-    : "${PROFILE_USERS:=20}" "${EPOCHS:=1}" "${GRAD_ACC:=1}"
+    : "${PROFILE_USERS:=20}" "${EPOCHS:=1}" "${BATCH:=8}" "${GRAD_ACC:=1}"
     : "${SAVE_STRATEGY:=steps}" "${VALID_USERS:=40}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=2}"
     : "${TEST_SAMPLE_NUM:=300}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=4}"
     : "${CURVE_USERS:=20}" "${CURVE_BEAMS:=10}"
@@ -32,13 +41,12 @@ case "$PROFILE" in
   cpu)    # under 2 hours on a 2-core CPU (9-11 s a step in fp32, about 3 in bf16): seqrec-weighted mixture, dense history targets, trie softmax
           # with the popularity prior, index tokens started from the items' co-occurrence, all test users
     : "${RQ_EPOCHS:=300}" "${RQ_EVAL_STEP:=25}" "${RQ_BATCH:=128}" "${RQ_LAYERS:=512 256 128 64}"
-    : "${PROFILE_USERS:=0}" "${TASKS:=seqrec,item2index,index2item,fusionseqrec}"
+    : "${PROFILE_USERS:=0}"
     # the body at 1e-4 and the new index rows at 2e-3: the measured best here (README, Results); with one
     # rate of 5e-4 the rows barely move and the model stays at popularity; 450 steps score above 300, and rows
     # started from which items are watched together (collab) above rows started from the titles (README)
     : "${EPOCHS:=1}" "${MAX_STEPS:=450}" "${GRAD_ACC:=1}" "${LR:=1e-4}"   # 8 examples a step (BATCH below)
-    : "${MAX_HIS_LEN:=20}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1}" "${TRAIN_DATA_SAMPLE_NUM:=0,1682,1682,2000}"
-    : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity --index_token_init collab --index_lr 2e-3}"
+    collab_recipe 2e-3
     : "${SAVE_STRATEGY:=steps}" "${SAVE_STEPS:=150}" "${VALID_USERS:=100}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=10}"
     : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=8}"
     : "${CURVE_STEPS:=150}" "${CURVE_USERS:=100}" "${CURVE_BEAMS:=20}"
@@ -114,14 +122,12 @@ if [ "$PROFILE" = quick ]; then
     # native bf16 (GPUs; CPUs with AMX or avx512_bf16) makes a step about 2.5x cheaper, enough for the cpu
     # profile's recipe at history 20 (the only one measured to give rankings of their own in 15 minutes),
     # with both rates 1.5x the cpu profile's for its 128 steps instead of 200 (23 items ranked first, not 16)
-    : "${MAX_STEPS:=128}" "${BATCH:=8}" "${LR:=1.5e-4}" "${MAX_HIS_LEN:=20}" "${SAVE_STEPS:=64}" "${CURVE_STEPS:=64}"
-    : "${TASKS:=seqrec,item2index,index2item,fusionseqrec}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1}"
-    : "${TRAIN_DATA_SAMPLE_NUM:=0,1682,1682,2000}"
-    : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity --index_token_init collab --index_lr 3e-3}"
+    : "${MAX_STEPS:=128}" "${LR:=1.5e-4}" "${SAVE_STEPS:=64}" "${CURVE_STEPS:=64}"
+    collab_recipe 3e-3
   else
     # fp32: 48 steps at history 5 are what fits; the measured best there is one rate and index tokens
     # started from the titles of their items (two rates and the co-occurrence start pay off only later)
-    : "${MAX_STEPS:=48}" "${BATCH:=8}" "${LR:=5e-4}" "${MAX_HIS_LEN:=5}" "${SAVE_STEPS:=24}" "${CURVE_STEPS:=24}"
+    : "${MAX_STEPS:=48}" "${LR:=5e-4}" "${MAX_HIS_LEN:=5}" "${SAVE_STEPS:=24}" "${CURVE_STEPS:=24}"
     : "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}" "${TRAIN_DATA_SAMPLE_NUM:=20000,1682,400,400,0,0}"
     : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity --index_token_init title}"
   fi
