@@ -69,7 +69,7 @@ class Recommender:
         from generation import Decoder
         from modeling import load_for_inference
         from transformers import GenerationConfig
-        from utils import default_dtype, get_device
+        from utils import cpu_autocast_bf16, default_dtype, get_device
 
         if not args.ckpt_path:
             raise DataError("--ckpt_path is required: the fine-tuned checkpoint folder (or the LoRA adapter with --lora)")
@@ -94,6 +94,7 @@ class Recommender:
         index_len = len(next(iter(self.indices.values())))
         self.collate = TestCollator(self.tokenizer, prompt_budget(args.model_max_length, index_len))
         self.device = device
+        self.bf16_autocast = cpu_autocast_bf16(device, args.cpu_bf16)  # as test.py decodes (--cpu_bf16)
         self.lock = threading.Lock()  # one request at a time on the model
 
     # ------------------------------------------------------------------ inputs
@@ -143,6 +144,8 @@ class Recommender:
 
     def recommend(self, history: list[str], query: str | None = None, k: int = 10) -> dict:
         """Top-``k`` items for a history (oldest first) and/or a request text."""
+        import torch
+
         if not 1 <= int(k) <= len(self.indices):
             raise RequestError(f"K must be between 1 and the number of items ({len(self.indices)}), got {k}")
         k = int(k)
@@ -157,7 +160,8 @@ class Recommender:
             if self.collate.last_cut[0]:
                 notes.append("the prompt was longer than --model_max_length; its oldest tokens were cut")
             encodings = {name: t.to(self.device) for name, t in encodings.items()}
-            ranked = self.decoder.rank(self.model, encodings, beams)[0]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16_autocast):
+                ranked = self.decoder.rank(self.model, encodings, beams)[0]
         seen = set(history)
         items = [Recommendation(rank, item, self.titles.get(item, ""), "".join(self.indices[item]), round(score, 4),
                                 item in seen)

@@ -415,6 +415,30 @@ def test_learning_curve_is_logged_and_plotted(tiny_data, tiny_base_model, tmp_pa
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_learning_curve_scores_in_the_training_precision(tiny_data, tiny_base_model, tmp_path, monkeypatch):
+    import evaluation
+
+    data_path, _ = tiny_data
+    seen = []
+    real = evaluation.evaluate_prompt
+
+    def spy(*a, **kw):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(evaluation, "evaluate_prompt", spy)
+    for flags, autocast in (((), False), (("--bf16",), True)):
+        seen.clear()
+        out = tmp_path / f"curve{int(autocast)}"
+        finetune.main(cli(tiny_base_model, data_path, out, "--max_steps", "2", "--save_and_eval_strategy", "no",
+                          "--curve_steps", "1", "--curve_users", "4", "--curve_beams", "3", *flags))
+        curve = json.loads((out / "learning_curve.json").read_text())
+        assert curve["bf16_autocast"] is autocast and len(curve["points"]) == 2
+        assert len(seen) == 2 and all(on is autocast for on, _ in seen)  # a bf16 run decodes under bf16 autocast
+        if autocast:
+            assert all(dtype == torch.bfloat16 for _, dtype in seen)
+
+
 def test_learning_curve_flags_reject_bad_values(tiny_data, tiny_base_model, tmp_path, capsys):
     data_path, _ = tiny_data
     for flag, value in (("--curve_steps", "-1"), ("--curve_users", "0"), ("--curve_beams", "-2")):

@@ -87,6 +87,25 @@ def test_cli_user_history_and_query_return_k_real_items(ckpt_and_data, capsys):
     assert "held-out next item" in table and table.count("\n") >= 12
 
 
+def test_cpu_bf16_flag_sets_the_decoding_precision(ckpt_and_data, capsys, monkeypatch):
+    from generation import Decoder
+
+    ckpt, data_path, titles, _ = ckpt_and_data
+    seen = []
+    real = Decoder.rank
+
+    def spy(self, *a, **kw):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Decoder, "rank", spy)
+    for choice, autocast in (("on", True), ("off", False)):
+        seen.clear()
+        out = run_json(ckpt, data_path, capsys, "--user", "3", "--k", "5", "--cpu_bf16", choice)
+        assert seen == [autocast]  # one request, decoded under bf16 autocast only with "on"
+        assert_real_distinct(out, 5, titles)
+
+
 def test_typed_titles_match_closest_or_fail_with_suggestions():
     titles = {"1": "Star Wars", "2": "Fargo", "3": "The Empire Strikes Back"}
     assert match_title("fargo", titles) == ("2", None)
