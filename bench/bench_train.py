@@ -5,8 +5,10 @@ training mixture, rendered and tokenized exactly as finetune.py does:
 - ``plain``: random batches, right padding, the output layer on every token, fp32 on CPU
   (bf16 autocast on GPUs);
 - ``fast``: what finetune.py does by default: the output layer on the response positions only,
-  and bf16 autocast wherever the device has native bf16 (GPUs, CPUs with avx512_bf16 or AMX;
-  run.sh's PRECISION=auto).
+  bf16 autocast wherever the device has native bf16 (GPUs, CPUs with avx512_bf16 or AMX;
+  run.sh's PRECISION=auto), and AdamW in one fused pass (``--optim adamw_torch_fused``) instead
+  of a loop over the weights.
+Each path has its own optimizer over the same weights.
 Both paths take the same random batches; ``padding_share`` says how much batching by length
 could still save.
 Steps of the two paths alternate, so that a machine whose speed drifts slows both alike; the
@@ -70,7 +72,8 @@ def main() -> None:
     train_set, _ = data.load_datasets(train_args)
     model, tokenizer = load_for_training(args.model, data.load_item_indices(train_args), dtype=torch.float32)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    optimizers = {path: torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=path == "fast")
+                  for path in ("plain", "fast")}
     native_bf16 = device.type == "cuda" or cpu_supports_bf16()
 
     collators = {"plain": TrainCollator(tokenizer, True, 2048, response_logits_only=False),
@@ -105,8 +108,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             loss_of(path, batch).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizers[path].step()
+            optimizers[path].zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if step >= args.warmup:

@@ -390,6 +390,38 @@ def test_response_only_logits_give_the_same_loss_and_gradients(tiny_data, tiny_b
         assert torch.allclose(g_fast[name], g, atol=1e-6, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("index_lr", [None, "1e-3"])
+def test_default_optimizer_is_fused_adamw_with_the_looped_update(tiny_data, tiny_base_model, tmp_path, index_lr):
+    """The Trainer's optimizer is AdamW in one fused pass (also with the index rows' own group), and three
+    of its steps move the weights as the looped AdamW does (float rounding apart)."""
+    data_path, _ = tiny_data
+    extra = ("--index_lr", index_lr) if index_lr else ()
+    args = parse_args("train", cli(tiny_base_model, data_path, tmp_path / "opt", *extra))
+    assert args.optim == "adamw_torch_fused"
+    train, valid = data.load_datasets(args)
+    model, tok = finetune.load_for_training(str(tiny_base_model), indices_of(data_path))
+    trainer = finetune.build_trainer(args, finetune.training_arguments(args), model, tok, train, valid)
+    trainer.create_optimizer()
+    optimizer = trainer.optimizer
+    assert optimizer.defaults["fused"] is True and len(optimizer.param_groups) == (3 if index_lr else 2)
+
+    batch = trainer.data_collator([train[i] for i in range(4)])
+    weights = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        net = finetune.load_for_training(str(tiny_base_model), indices_of(data_path))[0]
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.01, fused=fused)
+        for _ in range(3):
+            net(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        weights[fused] = {n: w.detach().clone() for n, w in net.named_parameters()}
+    start = dict(finetune.load_for_training(str(tiny_base_model), indices_of(data_path))[0].named_parameters())
+    assert any(not torch.equal(weights[True][n], start[n]) for n in start)  # the steps moved the weights
+    for name, w in weights[False].items():
+        assert torch.allclose(weights[True][name], w, atol=1e-5, rtol=1e-4), name
+
+
 def test_cpu_bf16_is_detected_from_the_cpu_flags():
     from utils import cpu_supports_bf16
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,13 @@ def test_index_length_blames_the_odd_item_not_the_first(tmp_path):
     p.write_text(json.dumps(rows))
     with pytest.raises(DataError, match=r"1 items have an index whose length differs from the other items' 2: '0' \(length 1\)"):
         load_indices(p)
+
+
+def test_pyproject_installs_every_top_level_module():
+    """``pip install -e .`` must make every shared module importable from the script folders
+    (bench/, index/, ...); a module left off the list fails only there."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"])
+    modules = {p.stem for p in root.glob("*.py")} - {"test", "test_ddp"}  # scripts, not modules
+    assert modules - listed == set() and listed <= modules
