@@ -2,7 +2,7 @@
 # LC-Rec end to end: data -> text embeddings -> RQ-VAE index -> user profiles -> fine-tuning
 # -> constrained-beam-search evaluation (+ popularity baseline) -> results table and plots.
 #
-#   bash run.sh                         # quick start: ml-100k + SmolLM2-135M, ~12 min on 2 CPU cores with native bf16, 13-20 without
+#   bash run.sh                         # quick start: ml-100k + SmolLM2-135M, ~10 min on 2 CPU cores with native bf16, 13-20 without
 #   PROFILE=gpu bash run.sh             # longer run sized for one GPU (~10 min on an H200-class GPU)
 #   PROFILE=paper NPROC=8 DATASET=Instruments BASE_MODEL=/path/llama-7b PLM_CHECKPOINT=/path/llama-7b bash run.sh
 #
