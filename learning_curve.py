@@ -58,7 +58,7 @@ class LearningCurve(TrainerCallback):
         pop_ranks = [target_rank(top, ex["item"]) for ex in self.examples]
         self.curve = {"users": len(self.examples), "every": self.every, "num_beams": args.curve_beams,
                       "popularity": compute_metrics(pop_ranks, CURVE_METRICS),
-                      "bf16_autocast": bool(getattr(args, "bf16", False)), "points": []}
+                      "bf16_autocast": bool(args.bf16), "points": []}
         self.decoder = None
         self.train_start = 0.0
         self.scoring_seconds = 0.0

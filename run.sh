@@ -117,27 +117,25 @@ if [ "$PROFILE" = cpu ]; then BATCH=${BATCH:-$(( NPROC > 8 ? 1 : 8 / NPROC ))}; 
 TRAIN_THREADS=${TRAIN_THREADS:-$(
   if [ -z "$OMP_THREADS_GIVEN" ] && [ "$GPUS" = 0 ] && [ "$NPROC" = 1 ]; then env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; else echo "$OMP_NUM_THREADS"; fi)}
 
-# How long the cpu profile trains, by precision (README, Results): native bf16 makes a step about 3x
-# cheaper, and three times the steps still fit 2 hours (1,350 scored above 450 on the same CPU)
-if [ "$PROFILE" = cpu ]; then
-  if [ "$PRECISION" = bf16 ]; then : "${MAX_STEPS:=1350}" "${SAVE_STEPS:=450}"; else : "${MAX_STEPS:=450}" "${SAVE_STEPS:=150}"; fi
-fi
-# What the quick profile trains, by precision (README, Results)
-if [ "$PROFILE" = quick ]; then
-  if [ "$PRECISION" = bf16 ]; then
-    # native bf16 (GPUs; CPUs with AMX or avx512_bf16) makes a step about 2.5x cheaper, enough for the cpu
-    # profile's recipe at history 20 (the only one measured to give rankings of their own in 15 minutes),
-    # with both rates 1.5x the cpu profile's for its 128 steps instead of 200 (23 items ranked first, not 16)
+# What the CPU-sized profiles train, by precision (README, Results)
+case "$PROFILE:$PRECISION" in
+  # native bf16 makes a step about 3x cheaper, and three times the steps still fit 2 hours (1,350 scored
+  # above 450 on the same CPU)
+  cpu:bf16) : "${MAX_STEPS:=1350}" "${SAVE_STEPS:=450}" ;;
+  cpu:fp32) : "${MAX_STEPS:=450}" "${SAVE_STEPS:=150}" ;;
+  # native bf16 (GPUs; CPUs with AMX or avx512_bf16) makes a step about 2.5x cheaper, enough for the cpu
+  # profile's recipe at history 20 (the only one measured to give rankings of their own in 15 minutes),
+  # with both rates 1.5x the cpu profile's for its 128 steps instead of 200 (23 items ranked first, not 16)
+  quick:bf16)
     : "${MAX_STEPS:=128}" "${LR:=1.5e-4}" "${SAVE_STEPS:=64}" "${CURVE_STEPS:=64}"
-    collab_recipe 3e-3
-  else
-    # fp32: 48 steps at history 5 are what fits; the measured best there is one rate and index tokens
-    # started from the titles of their items (two rates and the co-occurrence start pay off only later)
+    collab_recipe 3e-3 ;;
+  # fp32: 48 steps at history 5 are what fits; the measured best there is one rate and index tokens
+  # started from the titles of their items (two rates and the co-occurrence start pay off only later)
+  quick:fp32)
     : "${MAX_STEPS:=48}" "${LR:=5e-4}" "${MAX_HIS_LEN:=5}" "${SAVE_STEPS:=24}" "${CURVE_STEPS:=24}"
     : "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}" "${TRAIN_DATA_SAMPLE_NUM:=20000,1682,400,400,0,0}"
-    : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity --index_token_init title}"
-  fi
-fi
+    : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity --index_token_init title}" ;;
+esac
 PROFILE_FLAGS=${PROFILE_FLAGS-}
 RQ_FLAGS=${RQ_FLAGS-}               # extra index/main.py flags (BatchNorm, schedule, ...)
 FINETUNE_FLAGS=${FINETUNE_FLAGS-}   # extra finetune.py flags, e.g. --history_loss --index_token_init title
