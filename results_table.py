@@ -98,7 +98,8 @@ def mean_over_prompts(per_prompt: dict | None) -> dict[str, float]:
     """{prompt id: {name: value}} -> {name: mean over prompts}; {} when absent (older files)."""
     if not per_prompt:
         return {}
-    names = set.intersection(*(set(v) for v in per_prompt.values()))
+    first = next(iter(per_prompt.values()))
+    names = [n for n in first if all(n in v for v in per_prompt.values())]  # in the file's order
     return {n: sum(v[n] for v in per_prompt.values()) / len(per_prompt) for n in names}
 
 
