@@ -3,8 +3,9 @@
 A fixed, seeded subset of ``--curve_users`` validation users (target ``s[-2]``, history
 ``s[:-2]``, seqrec template 0) is ranked with the same trie-constrained beam search as test.py.
 Each point records the step, the examples seen, the training seconds so far (scoring time left
-out) and how many distinct items are ranked first, so that a model that recommends the same
-item to everyone shows at a glance. Popularity on the same users is stored beside the curve.
+out), each metric's standard error over the users (``stderr``; the plot draws it as a band) and
+how many distinct items are ranked first, so that a model that recommends the same item to
+everyone shows at a glance. Popularity on the same users is stored beside the curve.
 A run trained with ``--bf16`` is scored under bf16 autocast too (``bf16_autocast`` in the file).
 Points go to ``<output_dir>/learning_curve.json`` (rewritten atomically after each point);
 ``plot_learning_curve.py`` draws them.
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from metrics import compute_metrics, personalisation, target_rank
+from metrics import compute_metrics, personalisation, standard_errors, target_rank
 from utils import write_json_atomic
 
 CURVE_METRICS = ["hit@10", "ndcg@10"]
@@ -106,11 +107,13 @@ class LearningCurve(TrainerCallback):
                                                                           self.decoder.trie.index_len))
         finally:
             model.train(was_training)
-        values = compute_metrics([r["rank"] for r in records], CURVE_METRICS)
+        ranks = [r["rank"] for r in records]
+        values = compute_metrics(ranks, CURVE_METRICS)
         self.scoring_seconds += time.perf_counter() - start
         point = {"step": state.global_step, "examples": state.global_step * self.examples_per_step,
                  "train_seconds": round(time.perf_counter() - self.train_start - self.scoring_seconds, 1),
                  "scoring_seconds": round(self.scoring_seconds, 1), **values,
+                 "stderr": {m: round(se, 6) for m, se in standard_errors(ranks, CURVE_METRICS).items()},
                  "distinct_top1": personalisation([r["items"] for r in records])["distinct_top1"]}
         self.curve["points"].append(point)
         write_json_atomic(self.curve, self.path, indent=2)

@@ -244,6 +244,15 @@ evaluate() {
     --test_prompt_ids "$TEST_PROMPT_IDS" --sample_num "$TEST_SAMPLE_NUM" --max_his_len "$MAX_HIS_LEN"
 }
 
+summarize() {  # summarize <name> <model> [flags]: results/<name>.summary.json, what results_table.py --publish commits
+  local out=$RESULTS_DIR/$1.summary.json
+  if [ "$REDO" = 1 ] || [ ! -e "$out" ]; then
+    "$PYTHON" results_table.py "$RESULTS_DIR/$1.json" --names "$2" --summary "$out" "${@:3}" --profile "$PROFILE" \
+      --wall_time_s $((SECONDS - T_START)) --command "$(printf '%s=%q ' PROFILE "$PROFILE" PRECISION "$PRECISION" \
+      NPROC "$NPROC" MAX_STEPS "$MAX_STEPS" BASELINES "$BASELINES" DATASET "$DATASET")bash run.sh" >/dev/null
+  fi
+}
+
 profiles() {
   local cap=()
   if [ "$PROFILE_USERS" != 0 ]; then cap=(--max_users "$PROFILE_USERS"); fi
@@ -270,9 +279,11 @@ if [[ ",$TASKS," =~ ,(itemsearch|preferenceobtain), ]]; then
 fi
 step "fine-tuning"      "$CKPT_DIR/config.json" finetune
 step "evaluation"       "$RESULTS_DIR/lcrec.json" evaluate
+summarize lcrec LC-Rec --trainer_state "$CKPT_DIR/trainer_state.json"
 step "popularity"       "$RESULTS_DIR/popularity.json" "$PYTHON" baseline.py --dataset "$DATASET" \
   --data_path "$DATA_PATH" --results_file "$RESULTS_DIR/popularity.json" \
   --sample_num "$TEST_SAMPLE_NUM" --test_prompt_ids "$TEST_PROMPT_IDS" --max_his_len "$MAX_HIS_LEN"
+summarize popularity Popularity
 TABLE_FILES=("$RESULTS_DIR/lcrec.json" "$RESULTS_DIR/popularity.json") TABLE_NAMES=(LC-Rec Popularity)
 for b in "${LEARNED_BASELINES[@]}"; do   # same split, history length and test users as LC-Rec
   cap=()
@@ -282,12 +293,14 @@ for b in "${LEARNED_BASELINES[@]}"; do   # same split, history length and test u
     --max_his_len "$MAX_HIS_LEN" ${cap[@]+"${cap[@]}"} $BASELINE_FLAGS
   TABLE_FILES+=("$RESULTS_DIR/$b.json")
   case "$b" in sasrec) TABLE_NAMES+=(SASRec) ;; gru4rec) TABLE_NAMES+=(GRU4Rec) ;; tiger) TABLE_NAMES+=(TIGER) ;; esac
+  summarize "$b" "${TABLE_NAMES[-1]}"
 done
 if [ -f "$CKPT_DIR/trainer_state.json" ]; then
   "$PYTHON" plot_loss.py --trainer_state "$CKPT_DIR/trainer_state.json" --output "$RUN_DIR/loss.png" >/dev/null
 fi
 if [ -f "$CKPT_DIR/learning_curve.json" ]; then
-  "$PYTHON" plot_learning_curve.py --curve "$CKPT_DIR/learning_curve.json" --output "$RUN_DIR/learning_curve.png" >/dev/null
+  # prints a note where the curve's points are within two standard errors of each other
+  "$PYTHON" plot_learning_curve.py --curve "$CKPT_DIR/learning_curve.json" --output "$RUN_DIR/learning_curve.png" | tail -n +2
 fi
 
 echo

@@ -442,8 +442,11 @@ def test_learning_curve_is_logged_and_plotted(tiny_data, tiny_base_model, tmp_pa
     for p in curve["points"]:
         assert 0 <= p["ndcg@10"] <= p["hit@10"] <= 1 and 1 <= p["distinct_top1"] <= 6
         assert p["examples"] == p["step"] * 2 and p["train_seconds"] >= 0
+        h = p["hit@10"]  # each user's hit is 0 or 1: its standard error follows from the mean
+        assert p["stderr"]["hit@10"] == pytest.approx((h * (1 - h) / 5) ** 0.5, abs=1e-6)
+        assert 0 <= p["stderr"]["ndcg@10"] <= 0.5
     assert set(curve["popularity"]) == {"hit@10", "ndcg@10"}
-    png = plot_learning_curve(out / "learning_curve.json", tmp_path / "curve.png")
+    png, _ = plot_learning_curve(out / "learning_curve.json", tmp_path / "curve.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

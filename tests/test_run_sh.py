@@ -47,6 +47,20 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
     paired = table.split("Difference from Popularity, paired over the same 5 test users")[1]
     assert paired.count("| LC-Rec | ") == 1 and paired.count("| SASRec | ") == (profile == "cpu")
     assert "Step times:" in out.stdout and "fine-tuning" in out.stdout
+    # a summary beside each results file, which --publish turns into rows of the README's table
+    from results_table import TABLE_BEGIN, TABLE_END, publish, readme_table
+
+    models = ["lcrec", "popularity"] + (["sasrec"] if profile == "cpu" else [])
+    assert sorted(p.name for p in (run_dir / "results").glob("*.summary.json")) == sorted(f"{m}.summary.json" for m in models)
+    summary = json.loads((run_dir / "results" / "lcrec.summary.json").read_text())
+    assert summary["num_users"] == 5 and summary["train_time_s"] > 0 and summary["commit"]
+    assert summary["command"].startswith(f"PROFILE={profile} PRECISION={precision} ")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{TABLE_BEGIN}\n{TABLE_END}\n")
+    publish(run_dir / "results", profile, tmp_path / "published", readme)
+    rows = readme_table(readme.read_text()).splitlines()[2:]
+    names = ["LC-Rec", "Popularity"] + (["SASRec"] if profile == "cpu" else [])
+    assert sorted(r.split(" | ")[0] for r in rows) == sorted(f"| {n}" for n in names)
     for png in ("code_usage.png", "loss.png", "learning_curve.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((run_dir / "ckpt" / "config.json").read_text())["index_prior"] == "popularity"
