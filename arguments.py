@@ -68,7 +68,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--optim", type=str, default="adamw_torch_fused",
                    help="a Trainer optimizer name; the default, transformers' own on torch >= 2.8, updates all "
-                        "weights in one fused pass (4x faster than adamw_torch on 2 CPU cores, the same update)")
+                        "weights in one fused pass (4x faster than adamw_torch on 2 CPU cores, the same update); the "
+                        "original: adamw_torch")
     g.add_argument("--epochs", type=int, default=4)
     g.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (quick runs)")
     g.add_argument("--learning_rate", type=float, default=5e-5)
@@ -96,9 +97,19 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--history_loss", action="store_true",
                    help="with --only_train_response, also train on the index tokens of the history in the prompt: "
                         "each history item becomes a next-item target (off in the paper)")
-    g.add_argument("--index_token_init", type=str, default="mean", choices=["mean", "normal", "title", "collab"],
-                   help="start of the new index-token embeddings: mean (transformers' mean resizing), normal (the "
-                        "model's weight init, N(0, initializer_range), what the original's transformers did), "
+    g.add_argument("--loss_normalization", type=str, default="micro_batch", choices=["micro_batch", "global_tokens"],
+                   help="micro_batch (the original's, under transformers 4.2x): each micro-batch's mean over its "
+                        "label tokens, averaged over accumulation steps and processes; global_tokens (transformers' "
+                        "own since 4.46): the summed token loss over the label tokens of the whole accumulated "
+                        "batch of every process, which weighs long text answers more than 5-token index answers")
+    g.add_argument("--torch_dtype", type=str, default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="dtype the weights are loaded and trained in (the AdamW moments follow it); float32, as the "
+                        "original (--bf16/--fp16 then autocast, DeepSpeed keeps its own fp32 master copy); auto: the "
+                        "checkpoint's dtype (fp16 for LLaMA-7B), transformers 5's default")
+    g.add_argument("--index_token_init", type=str, default="normal", choices=["mean", "normal", "title", "collab"],
+                   help="start of the new index-token embeddings: normal (the model's weight init, N(0, "
+                        "initializer_range), what the original's transformers did; default), mean (transformers' "
+                        "mean resizing, its default since 4.46), "
                         "title (from the titles of the items under each code, centred, spread like the "
                         "pretrained rows) or collab (the same from which items occur close together in the "
                         "training sequences: PPMI + SVD; not in the paper)")

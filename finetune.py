@@ -173,6 +173,23 @@ def embedding_weights(model) -> list[torch.nn.Parameter]:
     return weights
 
 
+def set_loss_normalization(trainer: Trainer, mode: str) -> None:
+    """--loss_normalization on a built Trainer (every class of build_trainer).
+
+    transformers >= 4.46 passes ``num_items_in_batch`` (the label tokens of the whole accumulated batch,
+    summed over processes with ``average_tokens_across_devices``) to any model whose forward takes loss
+    kwargs, and divides the summed token loss by it: ``global_tokens``. Its switch for the older rule is
+    ``model_accepts_loss_kwargs``: off, no count is made or passed, each micro-batch's loss is its own
+    token mean, ``training_step`` divides it by the accumulation steps, and DDP and DeepSpeed average the
+    gradients over processes: ``micro_batch``, what the original trained with (transformers 4.2x).
+    IndexSoftmaxTrainer reads the same switch."""
+    if mode == "micro_batch":
+        trainer.model_accepts_loss_kwargs = False
+    elif not trainer.model_accepts_loss_kwargs:
+        raise SystemExit("error: --loss_normalization global_tokens: this model's forward takes no "
+                         "num_items_in_batch, so the Trainer can only normalise per micro-batch; pass micro_batch")
+
+
 def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -> Trainer:
     trainer_class, extra = Trainer, {}
     indices = data.load_item_indices(args)
@@ -192,7 +209,7 @@ def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -
         first_index_row = min(tokenizer.convert_tokens_to_ids(index_tokens(indices)))
         trainer_class = with_index_lr(trainer_class)
         extra.update(index_lr=args.index_lr, first_index_row=first_index_row)
-    return trainer_class(
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_set,
@@ -204,6 +221,8 @@ def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -
         callbacks=[EpochCallback(train_set)],
         **extra,
     )
+    set_loss_normalization(trainer, args.loss_normalization)
+    return trainer
 
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -334,7 +353,7 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
         titles = {item: feat.get("title", "") for item, feat in data.load_files(args).items.items()}
     elif args.index_token_init == "collab":
         inters = data.load_files(args).inters
-    model, tokenizer = load_for_training(args.base_model, indices, titles=titles, inters=inters,
+    model, tokenizer = load_for_training(args.base_model, indices, dtype=args.torch_dtype, titles=titles, inters=inters,
                                          mean_resizing=args.index_token_init != "normal", **(model_kwargs or {}))
     log(f"vocabulary with index tokens: {len(tokenizer)}")
     if args.index_softmax != "none":  # saved in config.json: test.py then scores with the same softmax

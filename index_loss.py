@@ -109,7 +109,9 @@ class IndexSoftmax:
 
 
 class IndexSoftmaxTrainer(Trainer):
-    """A Trainer whose loss is :class:`IndexSoftmax`, normalised exactly as the default loss is."""
+    """A Trainer whose loss is :class:`IndexSoftmax`, normalised exactly as the default loss is: per
+    micro-batch when ``model_accepts_loss_kwargs`` is off (finetune.py --loss_normalization micro_batch),
+    else over the label tokens of the whole accumulated batch (global_tokens)."""
 
     def __init__(self, *args, index_softmax: IndexSoftmax, **kwargs):
         super().__init__(*args, **kwargs)
@@ -128,7 +130,7 @@ class IndexSoftmaxTrainer(Trainer):
         input_ids = inputs["input_ids"][:, -keep:] if keep else inputs["input_ids"]
         total = self.index_softmax(hidden, labels, unwrapped.get_output_embeddings(), input_ids)
         if num_items_in_batch is None or not self.model_accepts_loss_kwargs:
-            # a mean over this batch's labels; the Trainer then divides by the accumulation steps
+            # a mean over this micro-batch's labels; the Trainer then divides by the accumulation steps
             loss = total / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
         else:  # mirrors the default: the sum over the global label count, times the processes averaged over
             loss = total / num_items_in_batch

@@ -136,7 +136,9 @@ def load_for_training(base_model: str, indices: dict[str, list[str]], dtype=None
     New rows: transformers' mean resizing, or (``mean_resizing=False``) the model's own weight
     init, as older transformers did; with ``titles`` ({item: title}) they start from the titles,
     with ``inters`` ({user: items}) from the items' co-occurrence in the training parts
-    (init_index_tokens; one of the two at a time)."""
+    (init_index_tokens; one of the two at a time). ``dtype`` (a torch dtype, its name or "auto"): the
+    weights' dtype, which without DeepSpeed is also the master weights' (finetune.py --torch_dtype);
+    None leaves transformers 5's default, the checkpoint's own."""
     from transformers import AutoModelForCausalLM
 
     from item_vectors import collab_vectors, title_vectors

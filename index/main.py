@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # faster and steadier on small CPUs; override freely
 
@@ -100,10 +101,19 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--lr must be > 0 and --weight_decay >= 0")
 
 
+def bn_turned_off(args: argparse.Namespace, argv: list[str]) -> bool:
+    """Whether the command line itself says --bn false (not the default): the original's own command did."""
+    return not args.bn and any(a == "--bn" or a.startswith("--bn=") for a in argv)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     check_args(parser, args)
+    if bn_turned_off(args, argv):
+        print("note: --bn false trains without BatchNorm; the original code ran BatchNorm whatever --bn said (it "
+              "parsed --bn with type=bool), so pass --bn true to reproduce its runs", file=sys.stderr)
     set_seed(args.seed)
     device = resolve_device(args.device)
     data = EmbDataset(args.data_path)

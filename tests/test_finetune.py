@@ -507,7 +507,10 @@ def test_index_token_init_options(tiny_data, tiny_base_model):
     unit = offsets / offsets.norm(dim=1, keepdim=True)
     assert (unit @ unit.T).fill_diagonal_(0).mean() < 0.5  # centred: not all along one shared direction
     assert (rows["mean"].mean(0) - old.mean(0)).norm() < (rows["title"].mean(0) - old.mean(0)).norm()
+    # normal (the default, as the original's transformers): N(0, initializer_range)
+    assert parse_args("train", cli(tiny_base_model, data_path, "unused")).index_token_init == "normal"
     assert rows["normal"].std().item() == pytest.approx(0.02, rel=0.3)  # initializer_range
+    assert abs(rows["normal"].mean().item()) < 0.005
     # collab: as spread out as the title start, in directions of its own
     collab_offsets = rows["collab"] - old.mean(0)
     assert collab_offsets.norm(dim=1).mean().item() == pytest.approx(spread.item(), rel=0.05)
@@ -706,3 +709,86 @@ def test_index_lr_covers_an_untied_output_head():
     assert [w is tied.get_input_embeddings().weight for w in finetune.embedding_weights(tied)] == [True]
     weights = finetune.embedding_weights(untied)
     assert len(weights) == 2 and weights[1] is untied.get_output_embeddings().weight
+
+
+class FixedExamples(list):
+    """A training set of given examples, in the shape the Trainer and EpochCallback expect."""
+
+    def set_epoch(self, epoch):
+        pass
+
+
+class GradientsBeforeStep(TrainerCallback):
+    """The accumulated gradients of the first optimizer step (clipping is off in the test)."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("softmax", ["none", "trie"])
+def test_loss_normalization_per_micro_batch_or_over_the_global_tokens(tiny_data, tiny_base_model, tmp_path, softmax):
+    """Two micro-batches of 1 example, a 4-token index answer and a longer title, accumulated into one step:
+    micro_batch (the original's) gives the gradient of the mean of the two micro-batch means, global_tokens
+    (transformers 5's) that of the token mean over both."""
+    import copy
+
+    data_path, _ = tiny_data
+    base = cli(tiny_base_model, data_path, tmp_path / "norm", "--max_steps", "1", "--per_device_batch_size", "1",
+               "--gradient_accumulation_steps", "2", "--save_and_eval_strategy", "no", "--tasks",
+               "seqrec,index2item", "--train_prompt_sample_num", "1,1", "--train_data_sample_num", "0,0",
+               "--index_softmax", softmax, "--learning_rate", "0")
+    assert parse_args("train", base).loss_normalization == "micro_batch"  # the original's, by default
+    args = parse_args("train", base)
+    train, valid = data.load_datasets(args)
+    examples = FixedExamples([train[0], train[len(train) - 1]])  # an index answer and a title
+    start, tok = finetune.load_for_training(str(tiny_base_model), indices_of(data_path))
+
+    ref = finetune.build_trainer(args, finetune.training_arguments(args), copy.deepcopy(start), tok, examples, valid)
+    means, counts = [], []
+    for ex in examples:  # each micro-batch's own token mean (its loss with nothing accumulated)
+        batch = ref.data_collator([ex])
+        means.append(ref.compute_loss(ref.model, dict(batch)))
+        counts.append(int((batch["labels"][:, 1:] != collator.IGNORE_INDEX).sum()))
+    assert counts[1] >= 2 * counts[0]  # lengths that weigh the two rules apart
+    expected = {"micro_batch": (means[0] + means[1]) / 2,
+                "global_tokens": (means[0] * counts[0] + means[1] * counts[1]) / sum(counts)}
+    grads = {}
+    for mode, loss in expected.items():
+        ref.model.zero_grad()
+        loss.backward(retain_graph=True)
+        grads[mode] = {n: p.grad.clone() for n, p in ref.model.named_parameters() if p.grad is not None}
+
+    for mode, other in (("micro_batch", "global_tokens"), ("global_tokens", "micro_batch")):
+        args = parse_args("train", [*base, "--loss_normalization", mode])
+        spy = GradientsBeforeStep()
+        trainer = finetune.build_trainer(args, finetune.training_arguments(args, max_grad_norm=0.0),
+                                         copy.deepcopy(start), tok, examples, valid)
+        trainer.add_callback(spy)
+        trainer.train()
+        logged = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+        assert logged == pytest.approx(expected[mode].item(), rel=1e-4)
+        emb = "model.embed_tokens.weight"
+        far = (grads[mode][emb] - grads[other][emb]).norm()
+        assert far > 0.05 * grads[mode][emb].norm()  # the two rules differ clearly here
+        assert (spy.grads[emb] - grads[mode][emb]).norm() < 0.01 * far
+        for name, g in grads[mode].items():
+            assert torch.allclose(spy.grads[name], g, atol=1e-6, rtol=1e-3), (mode, name)
+
+
+def test_an_fp16_checkpoint_trains_with_fp32_weights_by_default(tiny_data, tiny_base_model, tmp_path):
+    """Without DeepSpeed the loaded dtype is the master weights' (and AdamW's moments'): float32 by default, as
+    the original loaded; --torch_dtype auto keeps the checkpoint's fp16 (transformers 5's default)."""
+    from transformers import AutoModelForCausalLM
+
+    data_path, _ = tiny_data
+    fp16 = tmp_path / "fp16"
+    AutoModelForCausalLM.from_pretrained(str(tiny_base_model)).half().save_pretrained(fp16)
+    for f in tiny_base_model.glob("*token*"):
+        shutil.copy(f, fp16)
+    out = tmp_path / "out"
+    finetune.main(cli(fp16, data_path, out, "--max_steps", "1", "--save_and_eval_strategy", "no"))
+    weights = load_file(out / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+    model, _ = finetune.load_for_training(str(fp16), indices_of(data_path), dtype="auto")
+    assert model.dtype == torch.float16

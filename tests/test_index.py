@@ -373,3 +373,16 @@ def test_truncated_checkpoint_is_named(trained, tmp_path):
     with pytest.raises(DataError, match=r"cut.pth: the checkpoint file is truncated or corrupt.*\d+ bytes"):
         gen.main(["--ckpt_path", str(cut), "--data_path", str(emb_path), "--output_file", str(out)])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, noted", [(["--bn", "False"], True), (["--bn=false"], True), (["--bn", "true"], False),
+                                          ([], False)])
+def test_bn_false_says_the_original_ran_batchnorm(tmp_path, capsys, flags, noted):
+    """The original's own command said --bn False and trained with BatchNorm; here it means off, and says so."""
+    emb_path = tmp_path / "emb.npy"
+    np.save(emb_path, clustered_embeddings(n=64))
+    train_main.main(["--data_path", str(emb_path), "--ckpt_dir", str(tmp_path / "ck"), *TINY_MODEL, "--epochs", "1",
+                     "--eval_step", "1", "--warmup_epochs", "0", "--device", "cpu", *flags])
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--bn" in line]
+    assert notes == (["note: --bn false trains without BatchNorm; the original code ran BatchNorm whatever --bn said "
+                      "(it parsed --bn with type=bool), so pass --bn true to reproduce its runs"] if noted else [])

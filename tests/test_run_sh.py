@@ -164,13 +164,15 @@ def test_cpu_sized_profiles_train_with_the_prior_and_a_start_for_the_index_rows(
         rates = {"cpu": ("1e-4", "2e-3"), "quick": ("1.5e-4", "3e-3")}[profile]
         steps = {("cpu", "fp32"): ("450", "150"), ("cpu", "bf16"): ("1350", "150"),
                  ("quick", "bf16"): ("128", "64")}[profile, precision]
-        assert flags[6:] == ["collab", "--index_lr", rates[1]] and float(settings["LR"]) == float(rates[0])
+        assert flags[6:9] == ["collab", "--index_lr", rates[1]] and float(settings["LR"]) == float(rates[0])
         assert settings["MAX_HIS_LEN"] == "20" and settings["TASKS"] == "seqrec,item2index,index2item,fusionseqrec"
         assert (settings["MAX_STEPS"], settings["CURVE_STEPS"]) == steps
     else:  # quick in fp32: 48 steps at history 5, one rate (the two rates scored below it there)
-        assert flags[6:] == ["title"] and float(settings["LR"]) == 5e-4
+        assert flags[6:7] == ["title"] and float(settings["LR"]) == 5e-4
         assert (settings["MAX_STEPS"], settings["MAX_HIS_LEN"], settings["CURVE_STEPS"]) == ("48", "5", "24")
         assert len(settings["TASKS"].split(",")) == len(settings["TRAIN_DATA_SAMPLE_NUM"].split(",")) == 6
+    # measured with transformers 5's loss normalisation, which they keep
+    assert flags[-2:] == ["--loss_normalization", "global_tokens"] and len(flags) == (9 if flags[6] == "title" else 11)
     assert settings["TEST_SAMPLE_NUM"] == ("300" if profile == "quick" else "-1")
     assert run_sh_settings(PROFILE=profile, FINETUNE_FLAGS="")[0]["FINETUNE_FLAGS"] == ""
     assert "--index_prior" not in run_sh_settings(PROFILE="paper")[0]["FINETUNE_FLAGS"]
@@ -180,5 +182,19 @@ def test_gpu_profile_trains_with_what_lifted_the_cpu_profile():
     """The cpu profile's loss, prior and row start, with one learning rate: the split rates make up for 450 steps."""
     flags = run_sh_settings(PROFILE="gpu")[0]["FINETUNE_FLAGS"].split()
     assert flags == ["--history_loss", "--index_softmax", "trie", "--index_prior", "popularity",
-                     "--index_token_init", "collab"]
+                     "--index_token_init", "collab", "--loss_normalization", "global_tokens"]
     assert run_sh_settings(PROFILE="gpu", FINETUNE_FLAGS="")[0]["FINETUNE_FLAGS"] == ""
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_paper_profile_spells_out_the_original_training_settings(precision):
+    """Each setting where finetune.py could differ from the original is on the paper profile's command line,
+    and each is accepted by finetune.py's parser."""
+    from arguments import parse_args
+
+    flags = run_sh_settings(PROFILE="paper", DATASET="Instruments", PRECISION=precision)[0]["FINETUNE_FLAGS"].split()
+    given = dict(zip(flags[::2], flags[1::2]))
+    assert given == {"--loss_normalization": "micro_batch", "--torch_dtype": "float32", "--index_token_init": "normal",
+                     "--optim": "adamw_torch"}
+    args = parse_args("train", ["--base_model", "m", *flags])
+    assert (args.loss_normalization, args.torch_dtype, args.index_token_init, args.optim) == tuple(given.values())
