@@ -89,7 +89,10 @@ case "$PROFILE" in
     esac
     : "${TRAIN_DATA_SAMPLE_NUM:=0,0,0,$FUSION_SAMPLES,0,0}"
     : "${SAVE_STRATEGY:=epoch}" "${SAVE_STEPS:=1000}" "${VALID_USERS:=0}" "${VALID_PROMPTS:=2}"
-    : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=all}" "${TEST_BATCH:=1}" "${BASELINES:=sasrec,gru4rec,tiger}" ;;
+    : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=all}" "${TEST_BATCH:=1}" "${BASELINES:=sasrec,gru4rec,tiger}"
+    # two tables: the trie (this repository's decoding) and the original's per-position rule, whose
+    # figure is the one comparable with the paper's (a beam that spells no item is a miss)
+    : "${DECODING:=trie,position}" ;;
   *) echo "error: PROFILE must be quick, cpu, gpu or paper, got '$PROFILE'" >&2; exit 2 ;;
 esac
 DEEPSPEED=${DEEPSPEED-config/ds_z3_bf16.json}   # used when NPROC > 1; empty = plain DDP
@@ -154,6 +157,13 @@ for b in ${BASELINES//,/ }; do
 done
 TASKS=${TASKS:-seqrec,item2index,index2item,fusionseqrec,itemsearch,preferenceobtain}
 NUM_BEAMS=${NUM_BEAMS:-20}
+# The decodings the evaluation scores (test.py --decoding), one results file and table row each
+DECODING=${DECODING:-trie}
+DECODINGS=(${DECODING//,/ })
+for mode in "${DECODINGS[@]}"; do
+  case "$mode" in trie|position|none) ;; *) echo "error: DECODING: unknown decoding '$mode'; expected names from trie, position, none" >&2; exit 2 ;; esac
+  if [ "$(tr ' ' '\n' <<< "${DECODINGS[*]}" | grep -cx "$mode")" != 1 ]; then echo "error: DECODING: '$mode' is named twice" >&2; exit 2; fi
+done
 RQ_CODES=${RQ_CODES:-256 256 256 256}   # codes per level of the RQ-VAE
 # Uniform semantic mapping on the last level only (the paper: 0 0 0 0.003)
 SK_EPSILONS=${SK_EPSILONS:-$(for _ in $(seq 2 "$(wc -w <<< "$RQ_CODES")"); do printf '0.0 '; done; echo 0.003)}
@@ -161,7 +171,7 @@ SK_EPSILONS=${SK_EPSILONS:-$(for _ in $(seq 2 "$(wc -w <<< "$RQ_CODES")"); do pr
 if [ "${DRY_RUN:-0}" = 1 ]; then  # print the settings this profile resolves to, run nothing
   for name in PROFILE DATASET NPROC TRAIN_THREADS DEEPSPEED PRECISION RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS RQ_FLAGS PROFILE_USERS \
               PROFILE_FLAGS FINETUNE_FLAGS CURVE_STEPS CURVE_USERS CURVE_BEAMS BASELINES TIGER_MINUTES EPOCHS MAX_STEPS BATCH GRAD_ACC LR MAX_HIS_LEN TASKS TRAIN_PROMPT_SAMPLE_NUM TRAIN_DATA_SAMPLE_NUM \
-              TEST_SAMPLE_NUM TEST_PROMPT_IDS TEST_BATCH NUM_BEAMS; do
+              TEST_SAMPLE_NUM TEST_PROMPT_IDS TEST_BATCH NUM_BEAMS DECODING; do
     printf '%s=%s\n' "$name" "${!name}"
   done
   exit 0
@@ -241,8 +251,20 @@ evaluate() {
   MASTER_PORT=${MASTER_PORT_TEST:-4324} launch "$script" --ckpt_path "$CKPT_DIR" \
     --dataset "$DATASET" --data_path "$DATA_PATH" --index_file .index.json \
     --results_file "$RESULTS_DIR/lcrec.json" --test_batch_size "$TEST_BATCH" --num_beams "$NUM_BEAMS" \
-    --test_prompt_ids "$TEST_PROMPT_IDS" --sample_num "$TEST_SAMPLE_NUM" --max_his_len "$MAX_HIS_LEN"
+    --test_prompt_ids "$TEST_PROMPT_IDS" --sample_num "$TEST_SAMPLE_NUM" --max_his_len "$MAX_HIS_LEN" \
+    --decoding "$DECODING"
 }
+# test.py writes the first decoding's results to lcrec.json and each other one's to lcrec_<decoding>.json
+LCREC_FILES=() LCREC_NAMES=()
+for mode in "${DECODINGS[@]}"; do
+  if [ "$mode" = "${DECODINGS[0]}" ]; then LCREC_FILES+=("$RESULTS_DIR/lcrec.json"); else LCREC_FILES+=("$RESULTS_DIR/lcrec_$mode.json"); fi
+  case "${#DECODINGS[@]}:$mode" in
+    1:*)        LCREC_NAMES+=(LC-Rec) ;;
+    *:trie)     LCREC_NAMES+=("LC-Rec, trie decoding") ;;
+    *:position) LCREC_NAMES+=("LC-Rec, per-position decoding (original)") ;;
+    *:none)     LCREC_NAMES+=("LC-Rec, unconstrained decoding") ;;
+  esac
+done
 
 profiles() {
   local cap=()
@@ -269,11 +291,11 @@ if [[ ",$TASKS," =~ ,(itemsearch|preferenceobtain), ]]; then
   step "user profiles"  "$D.user.json"   profiles
 fi
 step "fine-tuning"      "$CKPT_DIR/config.json" finetune
-step "evaluation"       "$RESULTS_DIR/lcrec.json" evaluate
+step "evaluation"       "${LCREC_FILES[-1]}" evaluate   # the last file is written last
 step "popularity"       "$RESULTS_DIR/popularity.json" "$PYTHON" baseline.py --dataset "$DATASET" \
   --data_path "$DATA_PATH" --results_file "$RESULTS_DIR/popularity.json" \
   --sample_num "$TEST_SAMPLE_NUM" --test_prompt_ids "$TEST_PROMPT_IDS" --max_his_len "$MAX_HIS_LEN"
-TABLE_FILES=("$RESULTS_DIR/lcrec.json" "$RESULTS_DIR/popularity.json") TABLE_NAMES=(LC-Rec Popularity)
+TABLE_FILES=("${LCREC_FILES[@]}" "$RESULTS_DIR/popularity.json") TABLE_NAMES=("${LCREC_NAMES[@]}" Popularity)
 for b in "${LEARNED_BASELINES[@]}"; do   # same split, history length and test users as LC-Rec
   cap=()
   if [ "$b" = tiger ] && [ -n "$TIGER_MINUTES" ]; then cap=(--max_train_minutes "$TIGER_MINUTES"); fi

@@ -26,12 +26,13 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
                TRAIN_DATA_SAMPLE_NUM="8,8,8,8,0,0" if profile == "quick" else "8,8,8,8", TEST_SAMPLE_NUM="5",
                TEST_BATCH="5", TEST_PROMPT_IDS="0,1", OMP_NUM_THREADS="1", PROFILE=profile, CURVE_USERS="4",
                CURVE_BEAMS="5", BASELINES="" if profile == "quick" else "sasrec",
-               BASELINE_FLAGS="--epochs 1 --hidden_size 16", PRECISION=precision)
+               BASELINE_FLAGS="--epochs 1 --hidden_size 16", PRECISION=precision,
+               DECODING="trie,position" if profile == "quick" else "trie")
     out = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     metrics = ["hit@1", "hit@5", "hit@10", "ndcg@5", "ndcg@10"]
-    for name in ("lcrec", "popularity"):
+    for name in ("lcrec", "popularity") + (("lcrec_position",) if profile == "quick" else ()):
         res = json.loads((run_dir / "results" / f"{name}.json").read_text())
         assert res["num_examples"] == 5 and res["prompt_ids"] == [0, 1]
         for agg in ("mean", "min", "max"):
@@ -42,10 +43,14 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
     lcrec = json.loads((run_dir / "results" / "lcrec.json").read_text())
     assert isinstance(lcrec["cpu_bf16_autocast"], bool)  # how the CPU decoded is on record
     table = (run_dir / "results" / "table.md").read_text()
-    assert "| LC-Rec | 5 |" in table and "| Popularity | 5 |" in table
+    assert "| Popularity | 5 |" in table
+    lcrec_rows = (["LC-Rec, trie decoding", "LC-Rec, per-position decoding (original)"] if profile == "quick"
+                  else ["LC-Rec"])  # two decodings: one labelled row each
+    assert all(f"| {row} | 5 |" in table for row in lcrec_rows)
     assert ("| SASRec | 5 |" in table) == (profile == "cpu")
     paired = table.split("Difference from Popularity, paired over the same 5 test users")[1]
-    assert paired.count("| LC-Rec | ") == 1 and paired.count("| SASRec | ") == (profile == "cpu")
+    assert all(paired.count(f"| {row} | ") == 1 for row in lcrec_rows)
+    assert paired.count("| SASRec | ") == (profile == "cpu")
     assert "Step times:" in out.stdout and "fine-tuning" in out.stdout
     for png in ("code_usage.png", "loss.png", "learning_curve.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
@@ -75,6 +80,16 @@ def test_paper_profile_picks_fusionseqrec_samples_by_dataset(dataset, fusion):
     assert settings["EPOCHS"] == "4" and settings["LR"] == "5e-5" and settings["TEST_PROMPT_IDS"] == "all"
     # the published indices were trained with BatchNorm on and a linear decay
     assert "--bn true" in settings["RQ_FLAGS"] and "--lr_scheduler_type linear" in settings["RQ_FLAGS"]
+
+
+def test_paper_profile_scores_the_trie_and_the_original_per_position_rule():
+    assert run_sh_settings(PROFILE="paper", DATASET="Instruments")[0]["DECODING"] == "trie,position"
+    assert run_sh_settings(PROFILE="quick")[0]["DECODING"] == "trie"
+    assert run_sh_settings(PROFILE="paper", DATASET="Instruments", DECODING="trie")[0]["DECODING"] == "trie"
+    for bad, message in (("trie,beam", "DECODING: unknown decoding 'beam'"), ("trie,trie", "'trie' is named twice")):
+        out = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**os.environ, "DRY_RUN": "1", "DECODING": bad},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and message in out.stderr
 
 
 def test_paper_profile_on_an_unknown_dataset_keeps_100000_and_says_so():
