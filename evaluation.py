@@ -39,9 +39,14 @@ def check_test_args(args: argparse.Namespace) -> None:
 def checkpoint_softmax(choice: str, model, mode: str = "trie", search: str = "trie") -> str:
     """``--score_softmax``: ``auto`` follows the checkpoint (``index_softmax`` in its config.json,
     written by finetune.py --index_softmax); full, level or trie force one. Only the trie search
-    (``mode`` and ``search`` "trie") scores with a softmax other than full."""
+    (``mode`` and ``search`` "trie") scores with a softmax other than full: ``auto`` under the
+    position or no constraint (which have no trie to normalise over) scores with the full one."""
     if choice == "auto":
         choice = scoring_softmax(getattr(model.config, "index_softmax", "none"))
+        if choice != "full" and mode != "trie":
+            log.warning("decoding %s: the checkpoint's --index_softmax %s needs the trie; its beams are scored "
+                        "with the full softmax", mode, choice)
+            return "full"
     if choice != "full" and (mode, search) != ("trie", "trie"):
         raise DataError(f"--score_softmax {choice} (a model trained with --index_softmax {choice}) needs the "
                         "trie search: --decoding trie --beam_search trie, or --score_softmax full")
@@ -157,16 +162,18 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     # every decoder is built before any is run: a decoding the checkpoint cannot use fails at once
+    # (the popularity prior of --score_prior auto is for the trie only, as its softmax)
     decoders = [Decoder.build(tokenizer, indices, mode, args.filter_items, device,
                               share_prefill=not args.no_share_prefill, search=args.beam_search,
                               softmax=checkpoint_softmax(args.score_softmax, model, mode, args.beam_search),
-                              prior=checkpoint_prior(args.score_prior, model, args, indices))
+                              prior=checkpoint_prior("none" if mode != "trie" and args.score_prior == "auto"
+                                                     else args.score_prior, model, args, indices))
                 for mode in modes]
     autocast = cpu_autocast_bf16(device, args.cpu_bf16)
     if autocast and rank == 0:
         log.info("decoding under bf16 autocast on the CPU (--cpu_bf16 %s); beam scores stay fp32", args.cpu_bf16)
-    results = [evaluate_decoding(args, model, tokenizer, decoder, prompt_ids, files[decoder.mode], autocast,
-                                 rank, world_size, gather, label=DECODING_LABELS[decoder.mode] if len(modes) > 1 else "")
+    results = [evaluate_decoding(args, model, tokenizer, decoder, prompt_ids, files[decoder.mode], autocast, rank,
+                                 world_size, gather, label=DECODING_LABELS[decoder.mode] if len(modes) > 1 else "")
                for decoder in decoders]
     return results[0]
 
@@ -194,7 +201,8 @@ def evaluate_decoding(args: argparse.Namespace, model, tokenizer, decoder: Decod
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             records = evaluate_prompt(model, tokenizer, dataset, decoder, metrics, shard,
                                       batch_size=args.test_batch_size, num_beams=args.num_beams,
-                                      oom_backoff=args.oom_backoff, desc=f"{args.test_task} prompt {pid} ({decoder.mode})",
+                                      oom_backoff=args.oom_backoff,
+                                      desc=f"{args.test_task} prompt {pid} ({decoder.mode})",
                                       show=rank == 0, max_prompt_length=max_prompt_length)
         if world_size > 1:
             records = [r for part in gather(records) for r in part]

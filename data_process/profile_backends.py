@@ -31,7 +31,8 @@ def plain_prompt(messages: Messages) -> str:
 class SentenceStop:
     """Per-row stopping criterion: a row is done once its answer has a complete sentence.
 
-    In the one-sentence answer style stopping here saves most of the decoding budget on CPU. A row stops at ". X" (the next word has started) or at a line break after text.
+    In the one-sentence answer style stopping here saves most of the decoding budget on CPU.
+    A row stops at ". X" (the next word has started) or at a line break after text.
     """
 
     def __init__(self, tokenizer: Any, prompt_len: int, min_words: int = 6):

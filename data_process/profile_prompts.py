@@ -120,7 +120,8 @@ def preference_requests(user: str, titles: list[str], domain: str, recent_len: i
     )
     short_term = _chat(
         f"A user {verb} these {domain} most recently:\n{_title_list(recent)}\n"
-        f"In {style.sentences}, describe the kind of {domain} the user is into at the moment, without listing titles.", style
+        f"In {style.sentences}, describe the kind of {domain} the user is into at the moment, "
+        "without listing titles.", style
     )
     spread = [titles[0], titles[len(titles) // 2], titles[-1]] if len(titles) >= 3 else titles
     fallbacks = (

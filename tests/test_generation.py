@@ -1,6 +1,7 @@
 import itertools
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -394,6 +395,11 @@ def test_level_and_trie_softmax_score_every_item_over_its_codes(tiny_indexed, ti
     assert differs == len(indices)  # a real change: the full softmax scores every item lower
     with pytest.raises(DataError, match="needs the trie search"):
         checkpoint_softmax(softmax, model, "trie", "hf")
+    # the original's per-position rule has no trie to normalise over: auto scores it with the full softmax
+    trained = SimpleNamespace(config=SimpleNamespace(index_softmax=softmax))  # as config.json records it
+    assert checkpoint_softmax("auto", trained, "position") == "full" and checkpoint_softmax("auto", trained) == softmax
+    with pytest.raises(DataError, match="needs the trie search"):
+        checkpoint_softmax(softmax, trained, "position")
 
 
 def test_trie_prior_adds_up_to_the_item_weights(tiny_indexed):

@@ -502,7 +502,8 @@ def test_clean_answer_keeps_every_sentence_of_a_longer_answer(raw):
 
 
 @pytest.mark.parametrize("raw", ["", "   ", "**", "Answer:", '""', "...", "<|im_end|>", "1.\n2.\n", "- \n* ",
-                                 "Heat.", "The movie Heat (1995).", "Sure! Here is the answer:", "\u200b", "Summary:\n\n"])
+                                 "Heat.", "The movie Heat (1995).", "Sure! Here is the answer:", "\u200b",
+                                 "Summary:\n\n"])
 def test_clean_answer_never_returns_an_empty_string(raw):
     text = prompts.clean_answer(raw, hidden_titles=("Heat (1995)", "Heat"))
     assert text is None or (text.strip(" .") and len(text.split()) >= 3)
@@ -621,7 +622,8 @@ def test_profile_writer_needs_the_openai_variables(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("OPENAI_MODEL", "some-instruct")
     argv = ["--user_file", str(tmp_path / "u.json"), "--backend", "openai"]
     code, out, err = _writer(argv, capsys)
-    assert code == 2 and len(err) == 1 and "$OPENAI_BASE_URL, $OPENAI_API_KEY" in err[0] and "OPENAI_MODEL" not in err[0]
+    assert code == 2 and len(err) == 1
+    assert "$OPENAI_BASE_URL, $OPENAI_API_KEY" in err[0] and "OPENAI_MODEL" not in err[0]
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")
     code, out, _ = _writer(argv, capsys)
