@@ -26,6 +26,18 @@ def parse_list(value: str, cast: type = str, flag: str = "") -> list:
     return out
 
 
+DECODINGS = ("trie", "position", "none")
+
+
+def decoding_list(value: str) -> list[str]:
+    """The argparse type of --decoding: one or more distinct DECODINGS, comma-separated."""
+    modes = [m.strip().lower() for m in str(value).split(",")]
+    if not all(m in DECODINGS for m in modes) or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"expected distinct decodings among {', '.join(DECODINGS)}, "
+                                         f"comma-separated, got {value!r}")
+    return modes
+
+
 def positive_int(value: str) -> int:
     """The argparse type of counts that must be at least 1 (beams, batch sizes)."""
     try:
@@ -163,9 +175,11 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu_bf16", type=str, default="auto", choices=["auto", "on", "off"],
                    help="bf16 autocast when decoding on a CPU (GPUs load bf16 weights); auto: on where the CPU "
                         "has native bf16 (avx512_bf16, AMX), where it is about twice as fast; scores stay fp32")
-    g.add_argument("--decoding", type=str, default="trie", choices=["trie", "position", "none"],
+    g.add_argument("--decoding", type=decoding_list, default="trie",
                    help="trie: only real items (default); position: any token seen at each index position "
-                        "(the original rule, may produce non-items); none: unconstrained")
+                        "(the original rule; a beam that spells no item is a miss); none: unconstrained. "
+                        "Several, comma-separated (trie,position), are scored one after the other on one "
+                        "loaded model: the first writes --results_file, each other one <stem>_<decoding>.json")
     g.add_argument("--no_share_prefill", action="store_true",
                    help="run each prompt once per beam inside generate instead of once, then sharing its cache")
     g.add_argument("--beam_search", type=str, default="trie", choices=["trie", "hf"],

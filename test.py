@@ -5,7 +5,9 @@
         --index_file .index.json
 
 Beam search constrained to the real item indices; HR@K / NDCG@K per prompt template and their
-mean/min/max, written as JSON to --results_file. The loop lives in evaluation.py.
+mean/min/max, written as JSON to --results_file. ``--decoding trie,position`` also scores the
+original's per-position rule with the same loaded model, into <results stem>_position.json, each
+table printed under its label. The loop lives in evaluation.py.
 """
 import logging
 import os

@@ -31,8 +31,8 @@ def plain_prompt(messages: Messages) -> str:
 class SentenceStop:
     """Per-row stopping criterion: a row is done once its answer has a complete sentence.
 
-    Answers are asked to be one sentence; stopping here saves most of the decoding budget
-    on CPU. A row stops at ". X" (the next word has started) or at a line break after text.
+    In the one-sentence answer style stopping here saves most of the decoding budget on CPU.
+    A row stops at ". X" (the next word has started) or at a line break after text.
     """
 
     def __init__(self, tokenizer: Any, prompt_len: int, min_words: int = 6):
@@ -51,10 +51,12 @@ class SentenceStop:
 
 
 class HFBackend:
-    """A local transformers causal LM; batched, left-padded generation."""
+    """A local transformers causal LM; batched, left-padded generation. ``top_p`` applies when
+    sampling (None: 0.95); ``stop_at_sentence`` ends a row at its first complete sentence."""
 
     def __init__(self, model_path: str | os.PathLike, max_new_tokens: int = 32, temperature: float = 0.0,
-                 repetition_penalty: float = 1.1, device: Any = None, dtype: Any = None):
+                 repetition_penalty: float = 1.1, device: Any = None, dtype: Any = None,
+                 top_p: float | None = None, stop_at_sentence: bool = True):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,6 +68,8 @@ class HFBackend:
         self.model.to(self.device).eval()
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.max_new_tokens, self.temperature, self.repetition_penalty = max_new_tokens, temperature, repetition_penalty
+        self.top_p = 0.95 if top_p is None else top_p
+        self.stop_at_sentence = stop_at_sentence
         self.name = str(model_path)
         self._torch = torch
 
@@ -89,14 +93,14 @@ class HFBackend:
             max_new_tokens=self.max_new_tokens,
             do_sample=do_sample,
             temperature=max(self.temperature, 0.7 if sample else 0.0) if do_sample else None,
-            top_p=0.95 if do_sample else None,
+            top_p=self.top_p if do_sample else None,
             top_k=None,
             repetition_penalty=self.repetition_penalty,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )
         prompt_len = enc["input_ids"].shape[1]
-        stop = StoppingCriteriaList([SentenceStop(self.tokenizer, prompt_len)])
+        stop = StoppingCriteriaList([SentenceStop(self.tokenizer, prompt_len)] if self.stop_at_sentence else [])
         with self._torch.inference_mode():
             out = self.model.generate(**enc, generation_config=config, stopping_criteria=stop)
         return self.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
@@ -113,13 +117,14 @@ class OpenAIBackend:
 
     def __init__(self, api_base: str, model_name: str, api_key: str = "EMPTY", max_new_tokens: int = 80,
                  temperature: float = 0.0, max_retries: int = 5, retry_delay: float = 1.0, timeout: float = 120.0,
-                 concurrency: int = 8, sleep: Callable[[float], None] = time.sleep):
+                 concurrency: int = 8, sleep: Callable[[float], None] = time.sleep, top_p: float | None = None):
         import openai
 
         self._openai = openai
         # Retries are ours (below): the client's own would hide them from the tests and the log.
         self.client = openai.OpenAI(base_url=api_base, api_key=api_key, max_retries=0, timeout=timeout)
         self.model_name, self.max_new_tokens, self.temperature = model_name, max_new_tokens, temperature
+        self.top_p = top_p  # None: the server's default (1 for OpenAI's)
         self.max_retries, self.retry_delay, self.concurrency, self.sleep = max_retries, retry_delay, concurrency, sleep
         self.name = f"{api_base} {model_name}"
         self.retries_done = 0
@@ -150,8 +155,10 @@ class OpenAIBackend:
         temperature = max(self.temperature, 0.7) if sample else self.temperature
         for attempt in range(self.max_retries + 1):
             try:
+                extra = {} if self.top_p is None else {"top_p": self.top_p}
                 reply = self.client.chat.completions.create(
-                    model=self.model_name, messages=messages, max_tokens=self.max_new_tokens, temperature=temperature
+                    model=self.model_name, messages=messages, max_tokens=self.max_new_tokens, temperature=temperature,
+                    **extra
                 )
                 return (reply.choices[0].message.content or "") if reply.choices else ""
             except Exception as e:  # noqa: BLE001 -- sorted into transient / fatal just below

@@ -2,8 +2,10 @@
 
 Per user, three explicit-preference prompts (from the titles of the training window) and four
 vague-intention prompts (train and test, user- and item-related), each with a fallback sentence
-built from the data. An answer is cleaned to one plain sentence (labels, lead-ins, quotes and
-special tokens removed); a refusal, a loop or an answer that names a hidden title is unusable.
+built from the data. The answers are asked for in one of two ``ANSWER_STYLES``: one sentence
+(small local models stay on topic) or a few sentences (as the original's profiles were written).
+An answer is cleaned to one plain line (labels, lead-ins, quotes and special tokens removed); a
+refusal, a loop or an answer that names a hidden title is unusable.
 """
 from __future__ import annotations
 
@@ -52,7 +54,21 @@ def domain_verbs(domain: str) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------- prompts
-SYSTEM_PROMPT = "Answer with one short sentence."
+@dataclass(frozen=True)
+class AnswerStyle:
+    """How long an answer is asked to be: the system prompt and the phrases the prompts use."""
+
+    system: str
+    sentences: str      # "one sentence"
+    first_person: str   # "one first-person sentence"
+    one_sentence: bool  # the hf back-end may stop a row at its first complete sentence
+
+
+ANSWER_STYLES = {
+    "sentence": AnswerStyle("Answer with one short sentence.", "one sentence", "one first-person sentence", True),
+    "paragraph": AnswerStyle("Answer in plain prose of two to four sentences, with no lists, headings or titles.",
+                             "a few sentences", "a few first-person sentences", False),
+}
 
 
 @dataclass
@@ -83,27 +99,29 @@ def _join_titles(titles: Sequence[str]) -> str:
     return titles[0] if len(titles) == 1 else ", ".join(titles[:-1]) + " and " + titles[-1]
 
 
-def _chat(user_text: str) -> Messages:
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user_text}]
+def _chat(user_text: str, style: AnswerStyle = ANSWER_STYLES["sentence"]) -> Messages:
+    return [{"role": "system", "content": style.system}, {"role": "user", "content": user_text}]
 
 
-def preference_requests(user: str, titles: list[str], domain: str, recent_len: int) -> list[Request]:
+def preference_requests(user: str, titles: list[str], domain: str, recent_len: int,
+                        style: AnswerStyle = ANSWER_STYLES["sentence"]) -> list[Request]:
     """General, long-term and short-term preference prompts from the (already cut) title window."""
     verb = domain_verbs(domain)[0]
     recent = titles[-recent_len:]
     older = titles[:-recent_len] or titles  # a short window: long-term falls back to all of it
     general = _chat(
         f"A user {verb} these {domain}, oldest first:\n{_title_list(titles)}\n"
-        f"In one sentence, describe the kinds of {domain} this user enjoys (genres, moods, themes), "
-        "without listing titles."
+        f"In {style.sentences}, describe the kinds of {domain} this user enjoys (genres, moods, themes), "
+        "without listing titles.", style
     )
     long_term = _chat(
         f"A user {verb} these {domain} long ago:\n{_title_list(older)}\n"
-        f"In one sentence, describe the user's long-standing taste in {domain}, without listing titles."
+        f"In {style.sentences}, describe the user's long-standing taste in {domain}, without listing titles.", style
     )
     short_term = _chat(
         f"A user {verb} these {domain} most recently:\n{_title_list(recent)}\n"
-        f"In one sentence, describe the kind of {domain} the user is into at the moment, without listing titles."
+        f"In {style.sentences}, describe the kind of {domain} the user is into at the moment, "
+        "without listing titles.", style
     )
     spread = [titles[0], titles[len(titles) // 2], titles[-1]] if len(titles) >= 3 else titles
     fallbacks = (
@@ -115,7 +133,7 @@ def preference_requests(user: str, titles: list[str], domain: str, recent_len: i
 
 
 def intention_requests(user: str, split: str, item: dict[str, Any], review: dict[str, str] | None,
-                       domain: str) -> list[Request]:
+                       domain: str, style: AnswerStyle = ANSWER_STYLES["sentence"]) -> list[Request]:
     """User-related and item-related vague intention prompts for one item of one user.
 
     The user-related prompt never shows the title (small models copy it); the item-related one
@@ -125,28 +143,28 @@ def intention_requests(user: str, split: str, item: dict[str, Any], review: dict
     title = natural_title(one_line(item.get("title", ""), 200))
     desc = one_line(item.get("description", ""), 400)
     item_text = f"Title: {title}" + (f"\nDescription: {desc}" if desc else "")
-    ask_item = "In one sentence, describe what it is like (kind, mood, main features) without giving its title."
+    ask_item = f"In {style.sentences}, describe what it is like (kind, mood, main features) without giving its title."
     if review and (review.get("review") or review.get("summary")):
         said = one_line(review.get("summary", ""), 150)
         body = one_line(review.get("review", ""), 600)
         user_text = (
             f"A user {verb} one of the {domain} and wrote this review: \"{said}\" {body}\n"
-            "Write, in the first person, one sentence saying what the user was looking for."
+            f"Write, in the first person, {style.sentences} saying what the user was looking for."
         )
         item_ask = f"One of the {domain}:\n{item_text}\nA user's review: \"{said}\"\n{ask_item}"
         user_fallback = f"I want {domain} that live up to this: {said or body}"
     else:
         user_text = (
-            f"{desc or title}\nAs someone who wants to {base} {domain} like this, say in one first-person "
-            "sentence which kind, genre and mood you are looking for."
+            f"{desc or title}\nAs someone who wants to {base} {domain} like this, say in {style.first_person} "
+            "which kind, genre and mood you are looking for."
         )
         item_ask = f"One of the {domain}:\n{item_text}\n{ask_item}"
         user_fallback = f"I want {domain} that fit my taste right now."
     item_fallback = f"Something matching this description: {desc}" if desc else f"Something among {domain} like what I enjoyed before."
     hidden = _title_variants(title)
     return [
-        Request(user, f"{split}_user", _chat(user_text), _finish(user_fallback), hidden),
-        Request(user, f"{split}_item", _chat(item_ask), _finish(item_fallback), hidden),
+        Request(user, f"{split}_user", _chat(user_text, style), _finish(user_fallback), hidden),
+        Request(user, f"{split}_item", _chat(item_ask, style), _finish(item_fallback), hidden),
     ]
 
 

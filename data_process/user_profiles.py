@@ -14,9 +14,11 @@ and ``openai`` (any OpenAI-compatible chat-completions endpoint; base URL, model
 to $OPENAI_BASE_URL, $OPENAI_MODEL and $OPENAI_API_KEY). ``--require_instruct`` refuses an hf
 model whose tokenizer has no chat template (a base model, not instruction-tuned).
 
-Answers are one sentence, greedy, at most 32 new tokens (hf) or 80 (openai) by default; the
-paper's profiles came from an OpenAI instruction model with ``--max_new_tokens 512
---temperature 0.4``.
+Answers are one sentence, greedy, at most 32 new tokens (hf) or 80 (openai) by default, the hf
+back-end with a repetition penalty of 1.1 and, when sampling, top_p 0.95. The original's profiles
+came from an OpenAI instruction model sampled with temperature 0.4, top_p 1, no repetition
+penalty and answers of several sentences: ``--max_new_tokens 512 --temperature 0.4 --top_p 1
+--repetition_penalty 1 --answer_style paragraph`` (run.sh's paper profile).
 
 Every finished user is appended to a JSONL journal, so a rerun resumes where it stopped; the
 final step validates and writes user.json atomically. Answers are cleaned; an unusable answer
@@ -49,8 +51,10 @@ from typing import Any
 from tqdm import tqdm
 
 from data_process.profile_backends import BackendError, HFBackend, OpenAIBackend
-from data_process.profile_prompts import (FIELDS, PREF_FIELDS, Request, clean_answer, default_domain,
-                                          intention_requests, natural_title, one_line, preference_requests)
+from data_process.profile_writer import chat_template_in, no_chat_template_message
+from data_process.profile_prompts import (ANSWER_STYLES, FIELDS, PREF_FIELDS, AnswerStyle, Request, clean_answer,
+                                          default_domain, intention_requests, natural_title, one_line,
+                                          preference_requests)
 from dataset_files import dataset_file, intention_target, load_inters, load_items, load_json, validate_user_profiles
 from utils import DataError, exit_on_data_error, write_json_atomic
 
@@ -170,16 +174,16 @@ def load_reviews(path: Path) -> dict[tuple[str, int], dict[str, str]]:
 
 
 def user_requests(user: str, seq: list[int], items: dict[str, dict], reviews: dict, domain: str,
-                  pref_len: int, recent_len: int) -> list[Request]:
+                  pref_len: int, recent_len: int, style: AnswerStyle = ANSWER_STYLES["sentence"]) -> list[Request]:
     """The seven requests of one user, in FIELDS order."""
     def title(i: int) -> str:
         return natural_title(one_line(items[str(i)].get("title") or f"item {i}", 120))
 
     titles = [title(i) for i in intention_target(seq, "train")[1][-pref_len:]]
-    reqs = preference_requests(user, titles, domain, recent_len)
+    reqs = preference_requests(user, titles, domain, recent_len, style)
     for split in ("train", "test"):
         item = intention_target(seq, split)[0]
-        reqs += intention_requests(user, split, items[str(item)], reviews.get((user, item)), domain)
+        reqs += intention_requests(user, split, items[str(item)], reviews.get((user, item)), domain, style)
     return reqs
 
 
@@ -254,7 +258,8 @@ def select_users(inters: dict[str, list[int]], max_users: int | None) -> tuple[l
 
 def build_profiles(backend: Any, inters: dict[str, list[int]], items: dict[str, dict], reviews: dict, domain: str,
                    journal: Journal, output_file: Path, max_users: int | None = None, batch_size: int = 32,
-                   retries: int = 1, pref_len: int = 20, recent_len: int = 5, restart: bool = False) -> Stats:
+                   retries: int = 1, pref_len: int = 20, recent_len: int = 5, restart: bool = False,
+                   style: AnswerStyle = ANSWER_STYLES["sentence"]) -> Stats:
     """Generate what the journal lacks, then validate and write ``output_file`` atomically."""
     users, skipped = select_users(inters, max_users)
     stats = Stats(users_selected=len(users), users_skipped=len(skipped))
@@ -269,7 +274,7 @@ def build_profiles(backend: Any, inters: dict[str, list[int]], items: dict[str, 
     with tqdm(total=len(todo) * len(FIELDS), desc="profiles (prompts)", unit="prompt", dynamic_ncols=True) as bar:
         for start in range(0, len(todo), chunk):
             group = todo[start: start + chunk]
-            reqs = {u: user_requests(u, inters[u], items, reviews, domain, pref_len, recent_len) for u in group}
+            reqs = {u: user_requests(u, inters[u], items, reviews, domain, pref_len, recent_len, style) for u in group}
             run_requests(backend, [r for u in group for r in reqs[u]], batch_size, retries, bar, stats)
             for u in group:
                 rec = make_record(u, inters[u], reqs[u])
@@ -316,13 +321,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the paper used 512 with an OpenAI model)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy (default, reproducible); the paper used 0.4")
+    p.add_argument("--top_p", type=float, default=None,
+                   help="nucleus sampling when sampling (default 0.95 for hf, the server's own for openai; "
+                        "the original: 1)")
+    p.add_argument("--answer_style", choices=tuple(ANSWER_STYLES), default="sentence",
+                   help="sentence: one sentence (default; hf stops a row at its first complete sentence); "
+                        "paragraph: a few sentences, as the original's profiles")
     p.add_argument("--require_instruct", action="store_true",
                    help="refuse an hf model whose tokenizer has no chat template (not instruction-tuned)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--backend", choices=("hf", "openai"), default="hf")
     g = p.add_argument_group("hf backend")
     g.add_argument("--model_path", type=str, default=None, help="HF folder (default: the embedded SmolLM2 Instruct)")
-    g.add_argument("--repetition_penalty", type=float, default=1.1)
+    g.add_argument("--repetition_penalty", type=float, default=1.1, help="1 = none (the original)")
     g = p.add_argument_group("openai backend")
     g.add_argument("--api_base", type=str, default=os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8000/v1",
                    help="endpoint base URL (default $OPENAI_BASE_URL, else http://127.0.0.1:8000/v1)")
@@ -345,32 +356,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--max_new_tokens must be at least 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         p.error(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    if not (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0):
+        p.error(f"--repetition_penalty must be a number > 0 (1 = none), got {args.repetition_penalty}")
     if args.backend == "openai" and not args.model_name:
         p.error("--backend openai needs --model_name or $OPENAI_MODEL (the model the endpoint serves)")
     return args
 
 
-OPENAI_HINT = ("or use an OpenAI-compatible endpoint: --backend openai with $OPENAI_BASE_URL, $OPENAI_MODEL and "
-               "$OPENAI_API_KEY set (or --api_base, --model_name, --api_key_env)")
-
-
 def check_instruct_model(model_path: str | os.PathLike) -> None:
     """Refuse a model that is not instruction-tuned, judged by its tokenizer's chat template.
 
-    Only the tokenizer is loaded, so a refused 7B base model costs a second, not a load.
+    A local folder's files are read (profile_writer.chat_template_in); a Hub id loads only the
+    tokenizer, so a refused 7B base model costs a second, not a load.
     """
-    from transformers import AutoTokenizer
+    template = chat_template_in(model_path)
+    if template is None:
+        from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as e:
-        raise DataError(f"--model_path {model_path}: cannot load its tokenizer ({one_line(str(e), 200)})") from e
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            f"--model_path {model_path}: the tokenizer has no chat template, so this is not an instruction-tuned "
-            "model and --require_instruct refuses to write profiles with it; name an instruction model with "
-            f"--model_path (run.sh: PROFILE_MODEL=...) {OPENAI_HINT}"
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+        except (OSError, ValueError) as e:
+            raise DataError(f"--model_path {model_path}: cannot load its tokenizer ({one_line(str(e), 200)})") from e
+        template = bool(getattr(tokenizer, "chat_template", None))
+    if not template:
+        raise DataError(no_chat_template_message(model_path))
 
 
 def resolve_model_path(args: argparse.Namespace) -> str | None:
@@ -393,11 +404,13 @@ def make_backend(args: argparse.Namespace, model_path: str | None = None) -> Any
     if args.backend == "openai":
         key = os.environ.get(args.api_key_env) or "EMPTY"  # local servers accept any key
         return OpenAIBackend(args.api_base, args.model_name, key, args.max_new_tokens, args.temperature,
-                             args.max_retries, args.retry_delay, args.request_timeout, args.batch_size)
+                             args.max_retries, args.retry_delay, args.request_timeout, args.batch_size,
+                             top_p=args.top_p)
     model_path = model_path or resolve_model_path(args)
     if args.require_instruct:
         check_instruct_model(model_path)
-    return HFBackend(model_path, args.max_new_tokens, args.temperature, args.repetition_penalty)
+    return HFBackend(model_path, args.max_new_tokens, args.temperature, args.repetition_penalty, top_p=args.top_p,
+                     stop_at_sentence=ANSWER_STYLES[args.answer_style].one_sentence)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -418,7 +431,9 @@ def run(args: argparse.Namespace) -> None:
     # Generation settings are part of the journal's settings: answers of one file share them.
     meta = {"dataset": args.dataset, "domain": domain, "backend": args.backend,
             "model": backend_name(args, model_path), "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature}
+            "temperature": args.temperature, "top_p": args.top_p, "answer_style": args.answer_style}
+    if args.backend == "hf":
+        meta["repetition_penalty"] = args.repetition_penalty
     journal = Journal(journal_path, meta)
     if not args.restart:
         journal.check_settings()  # before the model is loaded: a refusal should be instant
@@ -434,9 +449,12 @@ def run(args: argparse.Namespace) -> None:
               file=sys.stderr)
     print(f"{args.dataset}: {len(inters)} users, reviews {'yes' if reviews else 'no'}, domain {domain!r}, "
           f"backend {args.backend} ({backend.name}), max_new_tokens {args.max_new_tokens}, "
-          f"temperature {args.temperature}")
+          f"temperature {args.temperature}, top_p {'default' if args.top_p is None else args.top_p}"
+          + (f", repetition_penalty {args.repetition_penalty}" if args.backend == "hf" else "")
+          + f", answers: {args.answer_style}")
     stats = build_profiles(backend, inters, items, reviews, domain, journal, output_file,
-                           args.max_users, args.batch_size, args.retries, args.pref_len, args.recent_len, args.restart)
+                           args.max_users, args.batch_size, args.retries, args.pref_len, args.recent_len, args.restart,
+                           ANSWER_STYLES[args.answer_style])
     print_summary(stats, output_file)
 
 

@@ -1,6 +1,7 @@
 import itertools
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -139,6 +140,25 @@ def test_unconstrained_decoding_marks_non_items(tiny_indexed):
     assert len(keep) == 5 and None in [i for i, _ in keep]  # a random model does not write indices
     dropped = Decoder.build(tok, indices, mode="none", filter_items=True).rank(model, enc, 5)[0]
     assert all(i is not None for i, _ in dropped) and len(dropped) < 5
+
+
+def test_position_decoding_counts_a_beam_that_is_no_item_as_a_miss(tiny_indexed):
+    """The original's rule spells non-items; each keeps its place in the ranking and never hits."""
+    from metrics import compute_metrics, target_rank
+
+    tok, model, indices = tiny_indexed
+    decoder = Decoder.build(tok, indices, mode="position")
+    ids = {item: tok.convert_tokens_to_ids(toks) for item, toks in indices.items()}
+    per_position = [sorted({seq[j] for seq in ids.values()}) for j in range(3)]
+    non_item = next(list(c) for c in itertools.product(*per_position) if list(c) not in ids.values())
+    target = "0"
+    ranked = decoder.ranked([non_item + [tok.eos_token_id], ids[target] + [tok.eos_token_id]], [-1.0, -2.0], 2)[0]
+    names = [i for i, _ in ranked]
+    assert names == [None, target] and target_rank(names, target) == 2
+    assert compute_metrics([target_rank(names, target)], ["hit@1", "hit@2"]) == {"hit@1": 0.0, "hit@2": 1.0}
+    # a random model under the position rule spells non-items among its 20 beams, all kept in place
+    names = [i for i, _ in decoder.rank(model, _encode(tok, ["The red king"]), 20)[0]]
+    assert len(names) == 20 and None in names and set(names) - {None} <= set(indices)
 
 
 def test_index_tokens_must_be_single_ids(tiny_indexed):
@@ -319,6 +339,11 @@ def test_beam_search_flag_and_bad_value(tiny_indexed):
     assert parse_args("test", ["--beam_search", "hf"]).beam_search == "hf"
     with pytest.raises(SystemExit):  # the parser checks the decoding options
         parse_args("test", ["--beam_search", "greedy"])
+    assert parse_args("test", []).decoding == ["trie"]
+    assert parse_args("test", ["--decoding", "trie,position"]).decoding == ["trie", "position"]
+    for bad in ("beam", "trie,trie", "trie,"):
+        with pytest.raises(SystemExit):
+            parse_args("test", ["--decoding", bad])
 
 
 def test_oom_inside_the_trie_search_backs_off(tiny_indexed):
@@ -370,6 +395,11 @@ def test_level_and_trie_softmax_score_every_item_over_its_codes(tiny_indexed, ti
     assert differs == len(indices)  # a real change: the full softmax scores every item lower
     with pytest.raises(DataError, match="needs the trie search"):
         checkpoint_softmax(softmax, model, "trie", "hf")
+    # the original's per-position rule has no trie to normalise over: auto scores it with the full softmax
+    trained = SimpleNamespace(config=SimpleNamespace(index_softmax=softmax))  # as config.json records it
+    assert checkpoint_softmax("auto", trained, "position") == "full" and checkpoint_softmax("auto", trained) == softmax
+    with pytest.raises(DataError, match="needs the trie search"):
+        checkpoint_softmax(softmax, trained, "position")
 
 
 def test_trie_prior_adds_up_to_the_item_weights(tiny_indexed):

@@ -26,12 +26,13 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
                TRAIN_DATA_SAMPLE_NUM="8,8,8,8,0,0" if profile == "quick" else "8,8,8,8", TEST_SAMPLE_NUM="5",
                TEST_BATCH="5", TEST_PROMPT_IDS="0,1", OMP_NUM_THREADS="1", PROFILE=profile, CURVE_USERS="4",
                CURVE_BEAMS="5", BASELINES="" if profile == "quick" else "sasrec",
-               BASELINE_FLAGS="--epochs 1 --hidden_size 16", PRECISION=precision)
+               BASELINE_FLAGS="--epochs 1 --hidden_size 16", PRECISION=precision,
+               DECODING="trie,position" if profile == "quick" else "trie")
     out = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     metrics = ["hit@1", "hit@5", "hit@10", "ndcg@5", "ndcg@10"]
-    for name in ("lcrec", "popularity"):
+    for name in ("lcrec", "popularity") + (("lcrec_position",) if profile == "quick" else ()):
         res = json.loads((run_dir / "results" / f"{name}.json").read_text())
         assert res["num_examples"] == 5 and res["prompt_ids"] == [0, 1]
         for agg in ("mean", "min", "max"):
@@ -42,10 +43,14 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
     lcrec = json.loads((run_dir / "results" / "lcrec.json").read_text())
     assert isinstance(lcrec["cpu_bf16_autocast"], bool)  # how the CPU decoded is on record
     table = (run_dir / "results" / "table.md").read_text()
-    assert "| LC-Rec | 5 |" in table and "| Popularity | 5 |" in table
+    assert "| Popularity | 5 |" in table
+    lcrec_rows = (["LC-Rec, trie decoding", "LC-Rec, per-position decoding (original)"] if profile == "quick"
+                  else ["LC-Rec"])  # two decodings: one labelled row each
+    assert all(f"| {row} | 5 |" in table for row in lcrec_rows)
     assert ("| SASRec | 5 |" in table) == (profile == "cpu")
     paired = table.split("Difference from Popularity, paired over the same 5 test users")[1]
-    assert paired.count("| LC-Rec | ") == 1 and paired.count("| SASRec | ") == (profile == "cpu")
+    assert all(paired.count(f"| {row} | ") == 1 for row in lcrec_rows)
+    assert paired.count("| SASRec | ") == (profile == "cpu")
     assert "Step times:" in out.stdout and "fine-tuning" in out.stdout
     # a summary beside each results file, which --publish turns into rows of the README's table
     from results_table import TABLE_BEGIN, TABLE_END, publish, readme_table
@@ -91,6 +96,16 @@ def test_paper_profile_picks_fusionseqrec_samples_by_dataset(dataset, fusion):
     assert "--bn true" in settings["RQ_FLAGS"] and "--lr_scheduler_type linear" in settings["RQ_FLAGS"]
 
 
+def test_paper_profile_scores_the_trie_and_the_original_per_position_rule():
+    assert run_sh_settings(PROFILE="paper", DATASET="Instruments")[0]["DECODING"] == "trie,position"
+    assert run_sh_settings(PROFILE="quick")[0]["DECODING"] == "trie"
+    assert run_sh_settings(PROFILE="paper", DATASET="Instruments", DECODING="trie")[0]["DECODING"] == "trie"
+    for bad, message in (("trie,beam", "DECODING: unknown decoding 'beam'"), ("trie,trie", "'trie' is named twice")):
+        out = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**os.environ, "DRY_RUN": "1", "DECODING": bad},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and message in out.stderr
+
+
 def test_paper_profile_on_an_unknown_dataset_keeps_100000_and_says_so():
     settings, err = run_sh_settings(PROFILE="paper", DATASET="MyShop")
     assert settings["TRAIN_DATA_SAMPLE_NUM"] == "0,0,0,100000,0,0"
@@ -101,9 +116,42 @@ def test_paper_profile_on_an_unknown_dataset_keeps_100000_and_says_so():
 
 def test_paper_profile_writes_profiles_with_an_instruction_model_only():
     settings, _ = run_sh_settings(PROFILE="paper", DATASET="Instruments")
-    assert settings["PROFILE_FLAGS"] == "--require_instruct --max_new_tokens 512 --temperature 0.4"
-    quick, _ = run_sh_settings(PROFILE="quick")
-    assert "--require_instruct" not in quick["PROFILE_FLAGS"]
+    # the original's sampling: temperature 0.4, top_p 1, no repetition penalty, answers of several sentences
+    assert settings["PROFILE_FLAGS"] == ("--require_instruct --max_new_tokens 512 --temperature 0.4 --top_p 1 "
+                                         "--repetition_penalty 1 --answer_style paragraph")
+    for profile in ("quick", "cpu"):  # the one-sentence answers and the hf defaults
+        assert run_sh_settings(PROFILE=profile)[0]["PROFILE_FLAGS"] == ""
+
+
+def _run_paper(tmp_path, model, **env):
+    """run.sh, PROFILE=paper on Instruments with ``model`` as BASE_MODEL, stopped at its first
+    real work by a PLM_CHECKPOINT that does not exist."""
+    drop = ("PROFILE_MODEL", "PROFILE_BACKEND", "PROFILE_FLAGS", "FORCE", "TASKS", "DATA_PATH", "PLM_NAME", "DRY_RUN",
+            "TRAIN_DATA_SAMPLE_NUM", "NPROC", "MODEL_NAME", "OPENAI_BASE_URL", "OPENAI_MODEL", "OPENAI_API_KEY")
+    clean = {k: v for k, v in os.environ.items() if k not in drop}
+    return subprocess.run(["bash", "run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**clean, "PROFILE": "paper", "DATASET": "Instruments", "BASE_MODEL": str(model),
+                               "RUN_DIR": str(tmp_path / "run"), "PLM_CHECKPOINT": str(tmp_path / "no-plm"), **env})
+
+
+def test_paper_profile_refuses_a_profile_writer_that_cannot_work_before_any_step(tmp_path, tiny_base_model):
+    from fixtures import make_dataset
+
+    out = _run_paper(tmp_path, tiny_base_model)  # a base model without a chat template, no PROFILE_MODEL
+    errors = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: --model_path")
+    assert "no chat template" in errors[0] and "PROFILE_MODEL" in errors[0]
+    assert "== " not in out.stdout and not (tmp_path / "run").exists()  # no step ran, nothing was written
+
+    # a ready user.json: said, and the run goes on to its steps
+    make_dataset(tmp_path / "run" / "data", name="Instruments")
+    user = tmp_path / "run" / "data" / "Instruments" / "Instruments.user.json"
+    out = _run_paper(tmp_path, tiny_base_model)
+    assert f"user profiles: {user} exists and will be used" in out.stdout
+    assert "== dataset: skipped" in out.stdout and "== text embeddings" in out.stdout  # stopped by the missing PLM
+    # FORCE=1 would write it again, with the refused model: refused before any step
+    out = _run_paper(tmp_path, tiny_base_model, FORCE="1")
+    assert out.returncode == 2 and "no chat template" in out.stderr and "== " not in out.stdout
 
 
 def test_precision_is_bf16_only_where_the_cpu_has_it():

@@ -72,6 +72,36 @@ def test_ddp_equals_single_device(ckpt_and_data):
     assert all(len(r["items"]) == 20 and set(r["items"]) <= set(indices) for r in rows)
 
 
+def test_two_decodings_share_one_load_and_write_two_labelled_tables(ckpt_and_data, tmp_path, capsys, monkeypatch):
+    """--decoding trie,position: one model load, the trie's results in --results_file and the original
+    rule's in <stem>_position.json, each table printed under its label; a non-item beam is a miss."""
+    import modeling
+    from evaluation import DECODING_LABELS
+
+    root, data_path = ckpt_and_data
+    loads = []
+    real_load = modeling.load_for_inference
+    monkeypatch.setattr(modeling, "load_for_inference", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    extra = ("--test_prompt_ids", "0,3", "--save_predictions")
+    both = evaluate_checkpoint(parse_args("test", _args(root / "ckpt", data_path, tmp_path / "lcrec.json", *extra,
+                                                        "--decoding", "trie,position")))
+    assert len(loads) == 1
+    out = capsys.readouterr().out
+    trie_file, position_file = tmp_path / "lcrec.json", tmp_path / "lcrec_position.json"
+    marks = [DECODING_LABELS["trie"], f"results: {trie_file}", DECODING_LABELS["position"], f"results: {position_file}"]
+    assert all(m in out for m in marks) and [out.index(m) for m in marks] == sorted(out.index(m) for m in marks)
+    trie, position = json.loads(trie_file.read_text()), json.loads(position_file.read_text())
+    assert both == trie and (trie["decoding"], position["decoding"]) == ("trie", "position")
+    assert trie["num_examples"] == position["num_examples"] == N_USERS and position["per_user"]["users"]
+
+    alone = evaluate_checkpoint(parse_args("test", _args(root / "ckpt", data_path, tmp_path / "alone.json", *extra)))
+    assert alone["per_prompt"] == trie["per_prompt"]  # scoring two decodings does not change the first
+    rows = [json.loads(line) for line in predictions_path(position_file).read_text().splitlines()]
+    assert sum(None in r["items"] for r in rows) > 0  # the random model spells non-items under the original rule
+    for r in rows:  # each keeps its place and never hits
+        assert r["rank"] == (r["items"].index(r["target_item"]) + 1 if r["target_item"] in r["items"] else 0)
+
+
 def _fails(argv, match, results):
     with pytest.raises(DataError, match=match):
         evaluate_checkpoint(parse_args("test", argv))

@@ -471,3 +471,160 @@ def test_generation_flags_reach_the_endpoint(tiny_data, tiny_base_model, monkeyp
     header = json.loads(dataset_file(data_path, name, ".user.journal.jsonl").read_text().splitlines()[0])
     assert header["meta"]["max_new_tokens"] == 512 and header["meta"]["temperature"] == 0.4
     assert "max_new_tokens 512, temperature 0.4" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the original's sampling and answer style
+def test_paragraph_style_asks_for_several_sentences_and_sentence_style_is_unchanged(tiny_data):
+    data_path, name = tiny_data
+    inters, items = _load(data_path, name)
+    seq = inters["0"]
+    one = up.user_requests("0", seq, items, {}, "movies", 20, 5)
+    few = up.user_requests("0", seq, items, {}, "movies", 20, 5, prompts.ANSWER_STYLES["paragraph"])
+    assert len(one) == len(few) == len(prompts.FIELDS)
+    assert all(r.messages[0]["content"] == "Answer with one short sentence." for r in one)
+    assert all("one sentence" in r.messages[1]["content"] or "one first-person sentence" in r.messages[1]["content"]
+               for r in one)
+    for r in few:
+        system, user = r.messages[0]["content"], r.messages[1]["content"]
+        assert "one" not in system.lower().split() and "sentences" in system
+        assert "one sentence" not in user and "one first-person sentence" not in user
+        assert "a few sentences" in user or "a few first-person sentences" in user
+
+
+@pytest.mark.parametrize("raw", [
+    "Sure! Here is the user's profile:\n\nThe user loves gritty crime dramas. They also enjoy slow, moody mysteries "
+    "with morally grey leads.\n\nOverall, dark stories appeal to them.",
+    "1. The user loves gritty crime dramas.\n2. They also enjoy slow, moody mysteries.\n3. Dark stories appeal.",
+])
+def test_clean_answer_keeps_every_sentence_of_a_longer_answer(raw):
+    text = prompts.clean_answer(raw)
+    assert text.startswith("The user loves gritty crime dramas.") and text.count(".") >= 3 and "\n" not in text
+
+
+@pytest.mark.parametrize("raw", ["", "   ", "**", "Answer:", '""', "...", "<|im_end|>", "1.\n2.\n", "- \n* ",
+                                 "Heat.", "The movie Heat (1995).", "Sure! Here is the answer:", "\u200b",
+                                 "Summary:\n\n"])
+def test_clean_answer_never_returns_an_empty_string(raw):
+    text = prompts.clean_answer(raw, hidden_titles=("Heat (1995)", "Heat"))
+    assert text is None or (text.strip(" .") and len(text.split()) >= 3)
+
+
+def _generation_config_of(backend, monkeypatch):
+    """The GenerationConfig and stopping criteria the backend's next generate call passes to the model."""
+    seen = {}
+    real = backend.model.generate
+
+    def spy(*a, generation_config=None, stopping_criteria=None, **k):
+        seen["config"], seen["stop"] = generation_config, list(stopping_criteria or [])
+        return real(*a, generation_config=generation_config, stopping_criteria=stopping_criteria, **k)
+
+    monkeypatch.setattr(backend.model, "generate", spy)
+    backend.generate([[{"role": "user", "content": "red night"}]])
+    return seen["config"], seen["stop"]
+
+
+def test_hf_backend_samples_with_the_original_settings_when_asked(tiny_base_model, monkeypatch):
+    default = backends.HFBackend(tiny_base_model, max_new_tokens=4, temperature=0.4)
+    config, stop = _generation_config_of(default, monkeypatch)
+    assert (config.top_p, config.repetition_penalty, len(stop)) == (0.95, 1.1, 1)  # unchanged defaults
+    original = backends.HFBackend(tiny_base_model, max_new_tokens=4, temperature=0.4, repetition_penalty=1.0,
+                                  top_p=1.0, stop_at_sentence=False)
+    config, stop = _generation_config_of(original, monkeypatch)
+    assert config.do_sample and (config.temperature, config.top_p, config.repetition_penalty) == (0.4, 1.0, 1.0)
+    assert stop == []  # answers of several sentences run to their end
+
+
+def test_original_settings_reach_the_endpoint_and_the_journal(tiny_data, tiny_base_model, capsys):
+    args = up.parse_args(["--dataset", "Tiny"])
+    assert (args.top_p, args.repetition_penalty, args.answer_style) == (None, 1.1, "sentence")
+    for bad in (["--top_p", "0"], ["--top_p", "1.5"], ["--repetition_penalty", "0"], ["--answer_style", "essay"]):
+        with pytest.raises(SystemExit):
+            up.parse_args(["--dataset", "Tiny", *bad])
+    data_path, name = tiny_data
+    with TinyChatServer(tiny_base_model) as server:
+        up.main(["--dataset", name, "--data_path", str(data_path), "--backend", "openai", "--api_base", server.url,
+                 "--model_name", "tiny", "--max_users", "1", "--retries", "0", "--restart"])
+        default = server.requests[:7]
+        up.main(["--dataset", name, "--data_path", str(data_path), "--backend", "openai", "--api_base", server.url,
+                 "--model_name", "tiny", "--max_users", "1", "--retries", "0", "--restart", "--temperature", "0.4",
+                 "--top_p", "1", "--answer_style", "paragraph"])
+        original = server.requests[7:14]
+    assert all("top_p" not in r for r in default)  # the server's own default, as before
+    assert all(r["top_p"] == 1.0 and r["temperature"] == 0.4 for r in original)
+    assert all(r["messages"][0]["content"] == prompts.ANSWER_STYLES["paragraph"].system for r in original)
+    header = json.loads(dataset_file(data_path, name, ".user.journal.jsonl").read_text().splitlines()[0])["meta"]
+    assert (header["top_p"], header["answer_style"]) == (1.0, "paragraph")
+    # a journal written with other answers is not resumed silently
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        up.main(["--dataset", name, "--data_path", str(data_path), "--backend", "openai", "--api_base", server.url,
+                 "--model_name", "tiny", "--max_users", "1", "--temperature", "0.4", "--top_p", "1"])
+    assert "answer_style 'paragraph' (journal) vs 'sentence' (now)" in _one_error_line(capsys)
+
+
+# --------------------------------------------------------------------------- who writes the profiles (run.sh's check)
+from data_process import profile_writer as pw  # noqa: E402
+
+
+def _writer(argv, capsys):
+    """profile_writer.main(argv): (exit status, stdout, stderr lines)."""
+    code = 0
+    try:
+        pw.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.splitlines() if line.strip()]
+
+
+def test_profile_writer_refuses_a_base_model_under_require_instruct_from_its_files(tiny_base_model, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from transformers import AutoTokenizer
+
+    user = tmp_path / "D.user.json"
+    assert pw.chat_template_in(tiny_base_model) is False and pw.chat_template_in("org/some-hub-model") is None
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: pytest.fail("the check loads no tokenizer"))
+    code, out, err = _writer(["--user_file", str(user), "--model_path", str(tiny_base_model), "--require_instruct",
+                              "--max_new_tokens", "512"], capsys)
+    assert code == 2 and out == "" and len(err) == 1 and err[0].startswith("error: ")
+    assert "no chat template" in err[0] and "PROFILE_MODEL" in err[0] and str(user) in err[0]
+    with pytest.raises(DataError, match="no chat template"):  # user_profiles.py's own check reads the same files
+        up.check_instruct_model(tiny_base_model)
+    # without --require_instruct it is said, not refused; a ready user.json is used whatever the model
+    code, out, _ = _writer(["--user_file", str(user), "--model_path", str(tiny_base_model)], capsys)
+    assert code == 0 and "no chat template" in out
+    user.write_text("{}")
+    code, out, _ = _writer(["--user_file", str(user), "--model_path", str(tiny_base_model), "--require_instruct"],
+                           capsys)
+    assert code == 0 and out.strip() == f"user profiles: {user} exists and will be used (FORCE=1 writes it again)"
+    assert _writer(["--user_file", str(user), "--model_path", str(tiny_base_model), "--require_instruct", "--force"],
+                   capsys)[0] == 2
+
+
+@pytest.mark.parametrize("template_file", ["chat_template.jinja", "tokenizer_config.json"])
+def test_profile_writer_finds_a_chat_template_where_a_tokenizer_keeps_it(tmp_path, template_file, capsys):
+    folder = tmp_path / "instruct"
+    folder.mkdir()
+    if template_file == "chat_template.jinja":
+        (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+        (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    else:
+        (folder / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    assert pw.chat_template_in(folder) is True
+    code, out, _ = _writer(["--user_file", str(tmp_path / "u.json"), "--model_path", str(folder),
+                            "--require_instruct"], capsys)
+    assert code == 0 and out.strip() == f"user profiles: written by the hf model {folder} (has a chat template)"
+
+
+def test_profile_writer_needs_the_openai_variables(tmp_path, capsys, monkeypatch):
+    for var in pw.OPENAI_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OPENAI_MODEL", "some-instruct")
+    argv = ["--user_file", str(tmp_path / "u.json"), "--backend", "openai"]
+    code, out, err = _writer(argv, capsys)
+    assert code == 2 and len(err) == 1
+    assert "$OPENAI_BASE_URL, $OPENAI_API_KEY" in err[0] and "OPENAI_MODEL" not in err[0]
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")
+    code, out, _ = _writer(argv, capsys)
+    assert code == 0 and "http://127.0.0.1:9/v1, model some-instruct" in out
