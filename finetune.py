@@ -21,9 +21,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import data
 from arguments import parse_args
+from checkpoint_record import RECORD_KEY, check_resume, training_record
 from collator import TrainCollator
 from dataset_files import index_tokens
-from checkpoint_record import RECORD_KEY, check_resume, training_record
 from modeling import load_for_training
 from prompt import prompt_set
 from utils import check_writable, exit_on_data_error, set_seed

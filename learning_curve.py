@@ -1,7 +1,8 @@
 """The learning curve: validation HR@10 and NDCG@10 while fine-tuning, every ``--curve_steps`` steps.
 
 A fixed, seeded subset of ``--curve_users`` validation users (target ``s[-2]``, history
-``s[:-2]``, the first item-output seqrec template of the run's templates) is ranked with the same trie-constrained beam search as test.py.
+``s[:-2]``, the first item-output seqrec template of the run's templates, 0 for this repository's
+and the original's) is ranked with the same trie-constrained beam search as test.py.
 Each point records the step, the examples seen, the training seconds so far (scoring time left
 out) and how many distinct items are ranked first, so that a model that recommends the same
 item to everyone shows at a glance. Popularity on the same users is stored beside the curve.
@@ -34,7 +35,7 @@ def curve_examples(args: argparse.Namespace) -> list[dict]:
     import data
     from prompt import prompt_set
 
-    first = prompt_set(args).item_output_ids("seqrec")[0]  # template 0 of this repository's and the original's
+    first = prompt_set(args).item_output_ids("seqrec")[0]
     valid = data.SeqRecDataset(args, "valid", prompt_id=first, sample_num=args.curve_users)
     return [{"prompt": valid[i]["prompt"], "target": valid[i]["response"], "user": ex["user"], "item": str(ex["item"])}
             for i, ex in enumerate(valid.examples)]

@@ -76,7 +76,8 @@ def test_permuted_index_is_refused_by_test_ddp(trained, tmp_path, monkeypatch, c
     data_path, out = trained
     res = tmp_path / "r.json"
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(sys, "argv", ["test_ddp.py", *eval_argv(out, data_path, res, "--index_file", ".perm.index.json")])
+    argv = eval_argv(out, data_path, res, "--index_file", ".perm.index.json")
+    monkeypatch.setattr(sys, "argv", ["test_ddp.py", *argv])
     with pytest.raises(SystemExit) as e:
         test_ddp.main()
     assert e.value.code == 1
