@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from arguments import PROMPT_SETTINGS, parse_list, training_default
 from dataset_files import dataset_file
+from prompt import BUILTIN
 from utils import DataError
 
 RECORD_KEY = "training_record"  # the config.json field
@@ -37,7 +38,8 @@ def index_sha256(indices: dict[str, list[str]]) -> str:
 
 
 def index_path(args: argparse.Namespace) -> str:
-    return str(dataset_file(args.data_path, args.dataset, args.index_file))
+    """The index file as an absolute path (a recorded relative one would depend on the folder run from)."""
+    return str(dataset_file(args.data_path, args.dataset, args.index_file).resolve())
 
 
 def training_record(args: argparse.Namespace, indices: dict[str, list[str]], prompts) -> dict[str, Any]:
@@ -48,7 +50,8 @@ def training_record(args: argparse.Namespace, indices: dict[str, list[str]], pro
         "tasks": [t.lower() for t in parse_list(args.tasks, str, "--tasks")],
         "train_prompt_sample_num": parse_list(args.train_prompt_sample_num, int, "--train_prompt_sample_num"),
         "train_data_sample_num": parse_list(args.train_data_sample_num, int, "--train_data_sample_num"),
-        "prompt_templates": prompts.source, "prompt_templates_sha256": prompts.sha256,
+        "prompt_templates": prompts.source if prompts is BUILTIN else str(Path(prompts.source).resolve()),
+        "prompt_templates_sha256": prompts.sha256,
     }
 
 
