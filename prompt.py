@@ -251,7 +251,10 @@ class PromptSet:
         return [i for i, t in enumerate(self.task(task)) if t["response"].strip() == ITEM_RESPONSE]
 
     def template_id(self, task: str, fields: set[str]) -> int | None:
-        """The first item-output template of ``task`` that uses exactly ``fields`` (besides the item)."""
+        """The first item-output template of ``task`` that uses exactly ``fields`` (besides the item);
+        None when there is none (or the file has no such task)."""
+        if task not in self.templates:
+            return None
         for i in self.item_output_ids(task):
             if template_fields(self.task(task)[i]) == fields | {"item"}:
                 return i

@@ -90,9 +90,9 @@ def test_converter_reads_the_original_shape_without_running_it(converted):
     assert prompts.item_output_ids("fusionseqrec") == [0] and prompts.sha256 != prompt.BUILTIN.sha256
 
 
-def test_test_py_uses_the_converted_templates(converted, tmp_path, monkeypatch, caplog):
-    """The prompts the model is given: the file's wrapper, its instruction, the history as this
-    repository formats it, and nothing (no newline) after the response header."""
+def save_checkpoint(tmp_path):
+    """(data_path, tokenizer) of 6 users / 24 items and a tiny checkpoint in tmp_path/ckpt that records
+    this repository's templates."""
     data_path = make_dataset(tmp_path / "data", n_users=6, n_items=24)
     indices = load_indices(data_path / "Tiny" / "Tiny.index.json")
     tok = train_tokenizer()
@@ -102,6 +102,13 @@ def test_test_py_uses_the_converted_templates(converted, tmp_path, monkeypatch, 
     setattr(model.config, RECORD_KEY, training_record(train_args, indices, prompt.BUILTIN))  # trained with ours
     model.save_pretrained(tmp_path / "ckpt")
     tok.save_pretrained(tmp_path / "ckpt")
+    return data_path, tok
+
+
+def test_test_py_uses_the_converted_templates(converted, tmp_path, monkeypatch, caplog):
+    """The prompts the model is given: the file's wrapper, its instruction, the history as this
+    repository formats it, and nothing (no newline) after the response header."""
+    data_path, tok = save_checkpoint(tmp_path)
     seen = []
     encode = collator.TestCollator.encode
     monkeypatch.setattr(collator.TestCollator, "encode", lambda self, text: (seen.append(text), encode(self, text))[1])
@@ -124,6 +131,20 @@ def test_test_py_uses_the_converted_templates(converted, tmp_path, monkeypatch, 
     # the model sees the header's last token right before the index, as the original trained it
     ids = collator.encode_prompt(tok, seen[0])
     assert tok.decode(ids[-2:]).endswith("Response:")
+
+
+def test_recommend_uses_the_converted_templates(converted, tmp_path):
+    from recommender import Recommender, RequestError
+
+    data_path, _ = save_checkpoint(tmp_path)
+    args = parse_args("recommend", ["--ckpt_path", str(tmp_path / "ckpt"), "--dataset", "Tiny", "--data_path",
+                                    str(data_path), "--num_beams", "5", "--prompt_templates", str(converted)])
+    rec = Recommender(args)
+    text = rec.build_prompt(["1", "2"], None)
+    assert text.startswith("A synthetic preamble") and text.endswith("next one?\n\n### Response:")
+    assert len(rec.answer(user="1", k=3)["items"]) == 3
+    with pytest.raises(RequestError, match="no itemsearch template"):  # the file has no itemsearch task
+        rec.answer(query="something to watch", k=3)
 
 
 def test_training_prompts_use_the_file(converted, tmp_path):
