@@ -4,6 +4,7 @@ and recommend.py, the task names it accepts, and the checks of its training flag
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
 from utils import DataError
@@ -11,6 +12,9 @@ from utils import DataError
 ALL_TASKS = ("seqrec", "item2index", "index2item", "fusionseqrec", "itemsearch", "preferenceobtain")
 TEST_TASKS = ("seqrec", "itemsearch", "fusionseqrec")
 DEFAULT_METRICS = "hit@1,hit@5,hit@10,ndcg@5,ndcg@10"
+# Prompt settings a fine-tuned checkpoint records (checkpoint_record.py). The evaluation parsers leave
+# them None, so that a flag given by hand can be told from one the checkpoint should fill in.
+PROMPT_SETTINGS = ("max_his_len", "his_sep", "add_prefix", "model_max_length")
 
 
 def parse_list(value: str, cast: type = str, flag: str = "") -> list:
@@ -65,6 +69,11 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tasks", type=str, default=",".join(ALL_TASKS), help="comma-separated training tasks")
     g.add_argument("--max_his_len", type=int, default=20, help="history length kept (last items)")
     g.add_argument("--add_prefix", action="store_true", help="number the history items: '1. <a_..>'")
+    g.add_argument("--no_add_prefix", dest="add_prefix", action="store_false",
+                   help="do not number them (overrides a checkpoint trained with --add_prefix)")
+    g.add_argument("--prompt_templates", type=str, default=None,
+                   help="JSON file of the instruction wrapper and every task's templates (e.g. written by "
+                        "convert/original_prompts.py); default: this repository's templates (prompt.py)")
     g.add_argument("--his_sep", type=str, default=", ", help="separator between history items")
     g.add_argument("--only_train_response", action="store_true", help="loss on the response tokens only")
     g.add_argument("--train_prompt_sample_num", type=str, default="1,1,1,1,1,1", help="templates per example, per task")
@@ -96,6 +105,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_and_eval_steps", type=int, default=1000)
     g.add_argument("--save_total_limit", type=int, default=None)
     g.add_argument("--resume_from_checkpoint", type=str, default=None)
+    g.add_argument("--force_resume", action="store_true",
+                   help="resume even when the checkpoint was trained on other tasks, sample numbers, prompt "
+                        "settings, index or templates than this run's")
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--deepspeed", type=str, default=None, help="DeepSpeed config JSON")
@@ -192,6 +204,8 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score_prior", type=str, default="auto", choices=["auto", "none", "popularity"],
                    help="add the popularity prior to the beam scores (popularity) or not (none); auto: what the "
                         "checkpoint's config.json records (finetune.py --index_prior); needs the trie softmax")
+    g.add_argument("--allow_index_mismatch", action="store_true",
+                   help="evaluate with an index file other than the one the checkpoint was trained with")
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
 
 
@@ -219,7 +233,15 @@ def build_parser(stage: str, description: str | None = None) -> argparse.Argumen
     (_add_train_args if stage == "train" else _add_test_args)(p)
     if stage == "recommend":
         _add_recommend_args(p)
+    if stage != "train":  # filled from the checkpoint, else the training default (checkpoint_record.py)
+        p.set_defaults(**dict.fromkeys(PROMPT_SETTINGS))
     return p
+
+
+@functools.lru_cache(maxsize=None)
+def training_default(name: str):
+    """The training parser's default of flag ``name`` (what an evaluation uses when nothing says otherwise)."""
+    return build_parser("train").get_default(name)
 
 
 def check_task_args(args: argparse.Namespace) -> None:

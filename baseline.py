@@ -18,6 +18,7 @@ from dataset_files import train_part
 from arguments import parse_args
 from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, per_user_values,
                      personalisation, standard_errors, target_rank)
+from prompt import prompt_set
 from utils import DataError, check_writable, exit_on_data_error, write_results
 
 
@@ -65,7 +66,7 @@ def evaluate_popularity(args: argparse.Namespace) -> dict:
     stderr: dict[str, dict[str, float]] = {}
     personal: dict[str, dict[str, float]] = {}
     n_examples, users, rank_lists = 0, None, []
-    for pid in data.resolve_prompt_ids(args.test_prompt_ids, args.test_task):
+    for pid in data.resolve_prompt_ids(args.test_prompt_ids, args.test_task, prompt_set(args)):
         dataset = data.load_test_dataset(args, args.test_task, pid)
         if len(dataset) == 0:
             raise DataError(f"{args.test_task} prompt {pid}: the test set of {args.dataset} is empty")

@@ -25,7 +25,7 @@ from typing import Any
 from torch.utils.data import ConcatDataset, Dataset
 
 import prompt
-from arguments import check_task_args, parse_list
+from arguments import check_task_args, parse_list, training_default
 from dataset_files import (dataset_file, held_out, intention_target, load_indices, load_inters, load_items,
                            load_user_profiles, train_part)
 from utils import DataError
@@ -129,14 +129,18 @@ class TaskDataset(Dataset):
         self.args = args
         self.mode = mode
         self.seed = int(args.seed)
-        self.max_his_len = int(args.max_his_len)
-        self.add_prefix = bool(args.add_prefix)
-        self.his_sep = args.his_sep
+        # an evaluation parser leaves these None until a checkpoint's record fills them (checkpoint_record.py)
+        setting = {name: training_default(name) if getattr(args, name, None) is None else getattr(args, name)
+                   for name in ("max_his_len", "add_prefix", "his_sep")}
+        self.max_his_len = int(setting["max_his_len"])
+        self.add_prefix = bool(setting["add_prefix"])
+        self.his_sep = setting["his_sep"]
         self.prompt_sample_num = int(prompt_sample_num)
         self.prompt_id = prompt_id
         self.epoch = 0
         self.files = load_files(args)
-        self.templates = prompt.TEMPLATES[self.task]
+        self.prompts = prompt.prompt_set(args)  # --prompt_templates, or this repository's templates
+        self.templates = self.prompts.task(self.task)
         self.template_needs = [prompt.template_fields(t) for t in self.templates]
         self.examples: list[dict[str, Any]] = self.build_examples()
         if sample_num and 0 < sample_num < len(self.examples):
@@ -256,7 +260,7 @@ class TaskDataset(Dataset):
     def render(self, idx: int) -> tuple[str, str, dict[str, Any]]:
         ex_idx, tid, rng = self.template_of(idx)
         ex = self.examples[ex_idx]
-        p, r = prompt.render(self.templates[tid], self.fields(ex, rng))
+        p, r = self.prompts.render(self.templates[tid], self.fields(ex, rng))
         return p, r, ex
 
     def __getitem__(self, idx: int) -> dict[str, str]:
@@ -452,14 +456,14 @@ def normalize_test_task(task: str) -> str:
     return name
 
 
-def test_prompt_ids(task: str) -> list[int]:
+def test_prompt_ids(task: str, prompts: prompt.PromptSet = prompt.BUILTIN) -> list[int]:
     """Template ids of ``task`` whose response is an item index (fusionseqrec: the index-output ones)."""
-    return prompt.item_output_ids(normalize_test_task(task))
+    return prompts.item_output_ids(normalize_test_task(task))
 
 
-def resolve_prompt_ids(spec: str, task: str) -> list[int]:
+def resolve_prompt_ids(spec: str, task: str, prompts: prompt.PromptSet = prompt.BUILTIN) -> list[int]:
     """``all`` -> every item-output template of ``task``; else the listed ids, checked."""
-    valid = test_prompt_ids(task)
+    valid = test_prompt_ids(task, prompts)
     if str(spec).strip().lower() == "all":
         return list(valid)
     ids = parse_list(spec, int, "--test_prompt_ids")
@@ -476,7 +480,7 @@ def load_test_dataset(args: argparse.Namespace, task: str, prompt_id: int) -> Ta
     ``args.sample_num`` (-1 = all) keeps a seeded random subset of users, the same for every id.
     """
     task = normalize_test_task(task)
-    ids = test_prompt_ids(task)
+    ids = test_prompt_ids(task, prompt.prompt_set(args))
     if prompt_id not in ids:
         raise DataError(f"--test_prompt_ids: {prompt_id} is not an item-output template of {task}; valid ids: {ids}")
     sample_num = int(args.sample_num)

@@ -17,10 +17,12 @@ from transformers import GenerationConfig
 
 import data
 from arguments import TEST_TASKS
+from checkpoint_record import check_checkpoint
 from dataset_files import dataset_file
 from generation import Decoder, rank_batch_with_backoff, scoring_softmax
 from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, per_user_values,
                      personalisation, standard_errors, target_rank)
+from prompt import prompt_set
 from utils import (DataError, check_writable, cpu_autocast_bf16, default_dtype, get_device, set_seed,
                    write_jsonl_atomic, write_results)
 
@@ -144,8 +146,11 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         for path in files.values():
             check_writable(path, "--results_file")
     metrics = parse_metrics(args.metrics)
-    prompt_ids = data.resolve_prompt_ids(args.test_prompt_ids, args.test_task)
+    prompts = prompt_set(args)
+    prompt_ids = data.resolve_prompt_ids(args.test_prompt_ids, args.test_task, prompts)
     indices = data.load_item_indices(args)
+    # before the weights load: prompt settings from the checkpoint, its index and templates checked
+    check_checkpoint(args, indices, prompts, log.warning if rank == 0 else (lambda _: None))
     if args.num_beams > len(indices):
         raise DataError(f"--num_beams {args.num_beams} is larger than the number of items ({len(indices)} in "
                         f"{dataset_file(args.data_path, args.dataset, args.index_file)}); beam search "
@@ -234,6 +239,8 @@ def evaluate_decoding(args: argparse.Namespace, model, tokenizer, decoder: Decod
     results = {
         "dataset": args.dataset, "test_task": args.test_task, "ckpt_path": str(args.ckpt_path),
         "lora": bool(args.lora), "base_model": args.base_model, "index_file": args.index_file,
+        "prompt_templates": prompts.source, "prompt_templates_sha256": prompts.sha256,
+        **{name: getattr(args, name) for name in ("max_his_len", "his_sep", "add_prefix")},
         "decoding": decoder.mode, "beam_search": decoder.search, "filter_items": bool(args.filter_items), "num_beams": args.num_beams,
         "test_batch_size": args.test_batch_size, "sample_num": args.sample_num, "world_size": world_size,
         "cpu_bf16_autocast": autocast,

@@ -21,9 +21,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import data
 from arguments import parse_args
+from checkpoint_record import RECORD_KEY, check_resume, training_record
 from collator import TrainCollator
 from dataset_files import index_tokens
 from modeling import load_for_training
+from prompt import prompt_set
 from utils import check_writable, exit_on_data_error, set_seed
 
 
@@ -345,6 +347,10 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
     training_args = training_arguments(args)
 
     indices = data.load_item_indices(args)
+    record = training_record(args, indices, prompt_set(args))  # saved in config.json (checkpoint_record.py)
+    checkpoint = resume_arg(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint:  # before any work: the checkpoint must have trained on what this run trains on
+        check_resume(checkpoint, record, args.force_resume, log)
     train_set, valid_set = data.load_datasets(args)
     log(f"train examples per task: {dict(zip(train_set.tasks, (len(d) for d in train_set.datasets)))}; "
         f"validation: {len(valid_set)}")
@@ -360,6 +366,8 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
         model.config.index_softmax = args.index_softmax
     if args.index_prior != "none":  # test.py then adds the same prior (from the dataset's training counts)
         model.config.index_prior = args.index_prior
+    # index hash, prompt settings, tasks, templates: test.py, recommend.py and a resume check them
+    setattr(model.config, RECORD_KEY, record)
     if adapt_model is not None:
         model = adapt_model(model, args)
     if args.gradient_checkpointing:
@@ -376,7 +384,6 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
 
             per_step = args.per_device_batch_size * args.gradient_accumulation_steps * world_size()
             trainer.add_callback(LearningCurve(args, tokenizer, args.output_dir, per_step))
-    checkpoint = resume_arg(args.resume_from_checkpoint, args.output_dir)
     done = checkpoint_step(Path(checkpoint)) if checkpoint else None
     if done is not None and 0 < args.max_steps <= done:
         log(f"resume: {checkpoint} already reached step {done} of --max_steps {args.max_steps}; nothing to train")

@@ -1,7 +1,8 @@
 """The learning curve: validation HR@10 and NDCG@10 while fine-tuning, every ``--curve_steps`` steps.
 
 A fixed, seeded subset of ``--curve_users`` validation users (target ``s[-2]``, history
-``s[:-2]``, seqrec template 0) is ranked with the same trie-constrained beam search as test.py.
+``s[:-2]``, the first item-output seqrec template of the run's templates, 0 for this repository's
+and the original's) is ranked with the same trie-constrained beam search as test.py.
 Each point records the step, the examples seen, the training seconds so far (scoring time left
 out), each metric's standard error over the users (``stderr``; the plot draws it as a band) and
 how many distinct items are ranked first, so that a model that recommends the same item to
@@ -33,8 +34,10 @@ CURVE_FILE = "learning_curve.json"
 def curve_examples(args: argparse.Namespace) -> list[dict]:
     """The fixed validation users as test items: {"prompt", "target", "user", "item"}."""
     import data
+    from prompt import prompt_set
 
-    valid = data.SeqRecDataset(args, "valid", prompt_id=0, sample_num=args.curve_users)
+    first = prompt_set(args).item_output_ids("seqrec")[0]
+    valid = data.SeqRecDataset(args, "valid", prompt_id=first, sample_num=args.curve_users)
     return [{"prompt": valid[i]["prompt"], "target": valid[i]["response"], "user": ex["user"], "item": str(ex["item"])}
             for i, ex in enumerate(valid.examples)]
 

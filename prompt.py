@@ -14,10 +14,23 @@ The templates are plain data: one list of ``{"instruction": ..., "response": ...
 task in ``TEMPLATES``. To add a template, append a dict to a list; placeholders are filled with
 ``str.format`` from the fields a dataset provides (see ``FIELDS``). A template id is its position
 in its task's list, so append new templates at the end to keep existing ids stable.
+
+``--prompt_templates FILE.json`` replaces the wrapper and the templates with a file's
+(``{"wrapper": "...{instruction}...{response}", "templates": {task: [...]}}``, checked on load by
+``check_prompt_set``); convert/original_prompts.py writes such a file from the original LC-Rec
+``prompt.py``. Every script reaches the templates through ``prompt_set(args)``.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from utils import DataError
 
 PREAMBLE = (
     "Below is an instruction that describes a task. "
@@ -82,6 +95,7 @@ TEMPLATES: dict[str, list[dict[str, str]]] = {
         _t("Analyse the user's history {history} and forecast the item they will select next."),
     ],
     # ------------------------------------------------------------------ text -> index
+    # 0-5: title, 6-11: description, 12-18: both (the original's 6 / 6 / 7 split).
     "item2index": [
         _t('Which item has the title "{title}"?'),
         _t('What is the index of the item titled "{title}"?'),
@@ -89,7 +103,6 @@ TEMPLATES: dict[str, list[dict[str, str]]] = {
         _t('An item is named "{title}". Output its index.'),
         _t('Find the item whose title is "{title}".'),
         _t('Map the title "{title}" to the corresponding item index.'),
-        _t('Title: "{title}". Which item does this title belong to?'),
         _t('An item is described as follows: "{description}". Which item is it?'),
         _t('Identify the item that matches this description: "{description}".'),
         _t('Here is an item\'s description: "{description}". Output the item\'s index.'),
@@ -102,6 +115,7 @@ TEMPLATES: dict[str, list[dict[str, str]]] = {
         _t('Which item is called "{title}" and described by "{description}"?'),
         _t('Using both the title "{title}" and the description "{description}", find the item\'s index.'),
         _t('An item named "{title}" has the following description: "{description}". Give its index.'),
+        _t('Both the title, "{title}", and the description, "{description}", belong to one item. Name it.'),
     ],
     # ------------------------------------------------------------------ index -> text
     "index2item": [
@@ -188,9 +202,8 @@ TEMPLATES: dict[str, list[dict[str, str]]] = {
 }
 
 
-def wrap(instruction: str) -> str:
-    """The full prompt for an instruction: everything up to and including the response separator."""
-    return f"{PREAMBLE}\n\n{INSTRUCTION_HEADER}\n{instruction}\n\n{RESPONSE_HEADER}\n"
+WRAPPER = f"{PREAMBLE}\n\n{INSTRUCTION_HEADER}\n{{instruction}}\n\n{RESPONSE_HEADER}\n{{response}}"
+TEST_TASKS = ("seqrec", "itemsearch", "fusionseqrec")  # the tasks test.py scores (item-output templates)
 
 
 def placeholders(text: str) -> set[str]:
@@ -202,11 +215,141 @@ def template_fields(template: dict[str, str]) -> set[str]:
     return placeholders(template["instruction"]) | placeholders(template["response"])
 
 
+@dataclass(frozen=True)
+class PromptSet:
+    """An instruction wrapper and each task's templates: this repository's (``BUILTIN``) or those of a
+    ``--prompt_templates`` file (``load_prompt_set``). ``source`` names where they came from."""
+
+    wrapper: str
+    templates: dict[str, list[dict[str, str]]]
+    source: str = "built-in"
+
+    @property
+    def sha256(self) -> str:
+        """A content hash of the wrapper and the templates (what a checkpoint records it was trained with)."""
+        text = json.dumps({"wrapper": self.wrapper, "templates": self.templates}, sort_keys=True,
+                          ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def task(self, name: str) -> list[dict[str, str]]:
+        """The templates of task ``name``; a file without them is refused with its name."""
+        if name not in self.templates:
+            raise DataError(f"{self.source}: templates: no templates for task {name!r} (the file has "
+                            f"{sorted(self.templates)})")
+        return self.templates[name]
+
+    def wrap(self, instruction: str) -> str:
+        """The full prompt for an instruction: the wrapper up to where the response starts."""
+        return self.wrapper[: self.wrapper.index("{response}")].format(instruction=instruction)
+
+    def render(self, template: dict[str, str], fields: dict[str, str]) -> tuple[str, str]:
+        """(prompt, response) of one example. The prompt ends where the response starts."""
+        return self.wrap(template["instruction"].format(**fields)), template["response"].format(**fields)
+
+    def item_output_ids(self, task: str) -> list[int]:
+        """Ids of the templates of ``task`` whose response is the item index (the testable ones)."""
+        return [i for i, t in enumerate(self.task(task)) if t["response"].strip() == ITEM_RESPONSE]
+
+    def template_id(self, task: str, fields: set[str]) -> int | None:
+        """The first item-output template of ``task`` that uses exactly ``fields`` (besides the item);
+        None when there is none (or the file has no such task)."""
+        if task not in self.templates:
+            return None
+        for i in self.item_output_ids(task):
+            if template_fields(self.task(task)[i]) == fields | {"item"}:
+                return i
+        return None
+
+
+BUILTIN = PromptSet(WRAPPER, TEMPLATES)
+
+
+def wrap(instruction: str) -> str:
+    """The full prompt of this repository's wrapper for an instruction (up to the response)."""
+    return BUILTIN.wrap(instruction)
+
+
 def render(template: dict[str, str], fields: dict[str, str]) -> tuple[str, str]:
-    """(prompt, response) of one example. The prompt ends where the response starts."""
-    return wrap(template["instruction"].format(**fields)), template["response"].format(**fields)
+    return BUILTIN.render(template, fields)
 
 
 def item_output_ids(task: str) -> list[int]:
-    """Ids of the templates of ``task`` whose response is the item index (the testable ones)."""
-    return [i for i, t in enumerate(TEMPLATES[task]) if t["response"].strip() == ITEM_RESPONSE]
+    return BUILTIN.item_output_ids(task)
+
+
+# --------------------------------------------------------------------------- templates from a file
+def check_prompt_set(obj: Any, source: str) -> PromptSet:
+    """``{"wrapper": str, "templates": {task: [{"instruction", "response"}, ...]}}`` checked field by
+    field; a problem raises DataError naming ``source`` and the field."""
+    def fail(field: str, msg: str) -> None:
+        raise DataError(f"{source}: {field}: {msg}")
+
+    def names(text: str, field: str) -> set[str]:
+        try:
+            return placeholders(text)
+        except ValueError as e:
+            fail(field, f"not a format string ({e}); write a literal brace as {{{{ or }}}}")
+
+    if not isinstance(obj, dict):
+        fail("(top level)", 'expected an object {"wrapper": ..., "templates": ...}')
+    unknown = set(obj) - {"wrapper", "templates", "source"}
+    if unknown:
+        fail(sorted(unknown)[0], 'unknown key; expected "wrapper", "templates" (and an optional "source")')
+    wrapper = obj.get("wrapper")
+    if not isinstance(wrapper, str):
+        fail("wrapper", "expected a string with {instruction} and {response}")
+    if names(wrapper, "wrapper") != {"instruction", "response"}:
+        fail("wrapper", f"expected the placeholders {{instruction}} and {{response}} only, got "
+                        f"{sorted(names(wrapper, 'wrapper'))}")
+    if not wrapper.endswith("{response}"):
+        fail("wrapper", "must end with {response}: the model writes the response after the prompt")
+    templates = obj.get("templates")
+    if not isinstance(templates, dict) or not templates:
+        fail("templates", "expected an object of task name -> list of templates")
+    for task, entries in templates.items():
+        where = f"templates.{task}"
+        if task not in FIELDS:
+            fail(where, f"unknown task; expected names from {list(FIELDS)}")
+        if not isinstance(entries, list) or not entries:
+            fail(where, "expected a non-empty list of templates")
+        for i, t in enumerate(entries):
+            if not isinstance(t, dict) or set(t) != {"instruction", "response"} or not all(
+                    isinstance(v, str) and v.strip() for v in t.values()):
+                fail(f"{where}[{i}]", 'expected {"instruction": "...", "response": "..."} with non-empty strings')
+            for part in ("instruction", "response"):
+                bad = names(t[part], f"{where}[{i}].{part}") - set(FIELDS[task])
+                if bad:
+                    fail(f"{where}[{i}].{part}", f"unknown placeholder {{{sorted(bad)[0]}}}; {task} fills "
+                                                 f"{list(FIELDS[task])}")
+            if "item" in placeholders(t["response"]) and t["response"].strip() != ITEM_RESPONSE:
+                fail(f"{where}[{i}].response", f"an answer with the item must be exactly {ITEM_RESPONSE} "
+                                               f"(what the evaluation decodes), got {t['response']!r}")
+            if t["response"].strip() == ITEM_RESPONSE and "item" in placeholders(t["instruction"]):
+                fail(f"{where}[{i}].instruction", "shows {item}, the answer of this template")
+        if task in TEST_TASKS and not any(t["response"].strip() == ITEM_RESPONSE for t in entries):
+            fail(where, f"no template answers with {ITEM_RESPONSE}; test.py scores only those")
+    return PromptSet(wrapper, {task: [dict(t) for t in entries] for task, entries in templates.items()}, source)
+
+
+@functools.lru_cache(maxsize=8)
+def load_prompt_set(path: str | None = None) -> PromptSet:
+    """The templates of a ``--prompt_templates`` JSON file, checked; this repository's without one."""
+    if not path:
+        return BUILTIN
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DataError(f"--prompt_templates {path}: cannot be read ({e.strerror or e})") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"--prompt_templates {path}: not a JSON file ({e})") from e
+    return check_prompt_set(obj, str(path))
+
+
+def prompt_set(args: Any) -> PromptSet:
+    """The templates a script's arguments choose (``--prompt_templates``, absent = this repository's)."""
+    return load_prompt_set(getattr(args, "prompt_templates", None) or None)
+
+
+def to_json(prompts: PromptSet) -> dict[str, Any]:
+    """The file form of a prompt set (what ``--prompt_templates`` reads)."""
+    return {"wrapper": prompts.wrapper, "templates": prompts.templates}

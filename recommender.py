@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 
 import prompt
+from checkpoint_record import check_checkpoint
 from dataset_files import held_out
 from utils import DataError
 
@@ -29,14 +31,6 @@ class Recommendation:
     index: str
     score: float  # the beam's mean log-probability per generated token (higher is better)
     in_history: bool
-
-
-def template_id(task: str, fields: set[str]) -> int:
-    """The first item-output template of ``task`` that uses exactly ``fields`` (besides the item)."""
-    for i in prompt.item_output_ids(task):
-        if prompt.template_fields(prompt.TEMPLATES[task][i]) == fields | {"item"}:
-            return i
-    raise ValueError(f"no {task} template uses exactly {sorted(fields)}")
 
 
 def match_title(text: str, titles: dict[str, str]) -> tuple[str, str | None]:
@@ -78,7 +72,16 @@ class Recommender:
             raise DataError(f"--num_beams must be at least 1, got {self.num_beams}")
         self.files = data.load_files(args)
         self.indices = self.files.indices
-        self.seqrec = data.SeqRecDataset(args, "test", prompt_id=0)  # formats histories as training did
+        self.prompts = prompt.prompt_set(args)
+        # before the weights load: prompt settings from the checkpoint, its index and templates checked
+        check_checkpoint(args, self.indices, self.prompts, lambda msg: print(f"note: {msg}", file=sys.stderr))
+        self.history_template = self.prompts.template_id("seqrec", {"history"})
+        if self.history_template is None:
+            raise DataError(f"{self.prompts.source}: templates.seqrec: no template asks for the next item from "
+                            "{history} alone; recommend.py needs one")
+        self.query_template = self.prompts.template_id("itemsearch", {"query"})
+        self.history_query_template = self.prompts.template_id("itemsearch", {"history", "query"})
+        self.seqrec = data.SeqRecDataset(args, "test", prompt_id=self.history_template)  # histories as in training
         self.max_his_len = self.seqrec.max_his_len
         self.titles = {item: self.seqrec.title_of(item) for item in self.indices if item in self.files.items}
         self.searchable = {item: title for item, title in self.titles.items() if title}  # what typed titles match
@@ -133,14 +136,16 @@ class Recommender:
         if query is None:
             if not history:
                 raise RequestError("the history is empty; give at least one item")
-            fields = {"history": self.seqrec.format_history(history)}
-            return prompt.wrap(prompt.TEMPLATES["seqrec"][0]["instruction"].format(**fields))
+            template = self.prompts.task("seqrec")[self.history_template]
+            return self.prompts.wrap(template["instruction"].format(history=self.seqrec.format_history(history)))
         query = " ".join(query.split())
-        if not history:
-            task = prompt.TEMPLATES["itemsearch"][template_id("itemsearch", {"query"})]
-            return prompt.wrap(task["instruction"].format(query=query))
-        task = prompt.TEMPLATES["itemsearch"][template_id("itemsearch", {"history", "query"})]
-        return prompt.wrap(task["instruction"].format(history=self.seqrec.format_history(history), query=query))
+        tid = self.history_query_template if history else self.query_template
+        if tid is None:
+            what = "a history and a request" if history else "a request alone"
+            raise RequestError(f"the prompt templates ({self.prompts.source}) have no itemsearch template for {what}")
+        template = self.prompts.task("itemsearch")[tid]
+        fields = {"query": query, "history": self.seqrec.format_history(history) if history else ""}
+        return self.prompts.wrap(template["instruction"].format(**fields))
 
     def recommend(self, history: list[str], query: str | None = None, k: int = 10) -> dict:
         """Top-``k`` items for a history (oldest first) and/or a request text."""

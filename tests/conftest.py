@@ -26,11 +26,13 @@ def isolated_state():
     import torch
 
     import data
+    import prompt
     from utils import set_seed
 
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     data._load_files.cache_clear()
     data._load_user_file.cache_clear()
+    prompt.load_prompt_set.cache_clear()
     set_seed(0)
     yield
     torch.set_num_threads(threads)

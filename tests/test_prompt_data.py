@@ -37,6 +37,9 @@ def test_template_counts_and_fields(tiny_data):
             p, r = prompt.render(template, fields)
             assert "{" not in p + r and r, (task, tid)
             assert p.startswith(prompt.PREAMBLE) and p.endswith(f"{prompt.RESPONSE_HEADER}\n")
+    # item2index: 6 from the title, 6 from the description, then 7 from both (the original's split)
+    uses = [prompt.template_fields(t) - {"item"} for t in prompt.TEMPLATES["item2index"]]
+    assert uses == [{"title"}] * 6 + [{"description"}] * 6 + [{"title", "description"}] * 7
     # fusionseqrec: 4 title, 4 description, then 4 index outputs (the testable ones)
     responses = [t["response"] for t in prompt.TEMPLATES["fusionseqrec"]]
     assert responses == ["{title}"] * 4 + ["{description}"] * 4 + ["{item}"] * 4
