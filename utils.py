@@ -98,6 +98,11 @@ def save_npy_atomic(array: np.ndarray, path: str | os.PathLike) -> None:
         np.save(tmp, array)
 
 
+def refuse_existing(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> None:
+    if Path(path).exists() and not overwrite:
+        raise DataError(f"{path}: output folder already exists; pass {flag} to replace it")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--overwrite") -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; it becomes ``path`` only on success.
@@ -108,8 +113,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--
     import shutil
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise DataError(f"{path}: output folder already exists; pass {flag} to replace it")
+    refuse_existing(path, overwrite, flag)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
