@@ -205,7 +205,7 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
         results["per_user"] = per_user_values(users, rank_lists, metrics)
     write_results(results, args.results_file, format_table(per_prompt, summary, metrics, stderr, personal))
     if args.save_predictions:
-        write_jsonl_atomic(predictions, predictions_path(args.results_file))
+        write_jsonl_atomic(predictions, predictions_path(args.results_file), what="the predictions")
     return results
 
 

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (target_dir / "config.json").is_file():
         raise DataError(f"--target-model-path: {target_dir} has no config.json")
     max_shard_bytes = parse_size(args.max_shard_size)
-    with atomic_dir(args.delta_path, args.overwrite) as tmp:
+    with atomic_dir(args.delta_path, args.overwrite, what="the delta") as tmp:
         copy_tokenizer(target_dir, tmp)  # first: a target without a tokenizer is refused before any work
         info = make_delta(base_dir, target_dir, tmp, args.delta_dtype, max_shard_bytes)
         copy_files(target_dir, tmp, ["config.json", "generation_config.json"])

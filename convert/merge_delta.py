@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
 
     refuse_existing(args.target_model_path, args.overwrite)  # before the base is read and hashed
     check_base(base_dir, delta_dir, args.skip_base_check)
-    with atomic_dir(args.target_model_path, args.overwrite) as tmp:
+    with atomic_dir(args.target_model_path, args.overwrite, what="the merged model") as tmp:
         copy_tokenizer(delta_dir, tmp)  # first: a delta without a tokenizer is refused before any work
         vocab = tokenizer_size(tmp)  # loads, with its added tokens; then freed
         delta = WeightReader(delta_dir)
