@@ -138,3 +138,17 @@ def test_a_failed_write_is_told_by_its_os_reason(tmp_path):
     with pytest.raises(SaveError, match=r"could not write the results to .*b\.json: File exists; .*fix that, then "):
         write_json_atomic({}, tmp_path / "a" / "b.json", what="the results")
     assert issubclass(SaveError, DataError)  # every script prints it as one line, exit status 1
+
+
+# --------------------------------------------------------------------------- flags that train nothing
+@pytest.mark.parametrize("script", [finetune, lora_finetune], ids=["finetune", "lora"])
+@pytest.mark.parametrize("flags,blamed", [(["--max_steps", "0"], "--max_steps: 0 trains nothing"),
+                                          (["--max_steps", "-5"], "--max_steps: -5 trains nothing"),
+                                          (["--epochs", "0"], r"--epochs: 0 trains nothing \(--max_steps is -1\)")])
+def test_settings_that_train_nothing_are_refused_before_the_model_loads(tiny_data, tiny_base_model, tmp_path,
+                                                                       monkeypatch, capsys, script, flags, blamed):
+    monkeypatch.setattr(finetune, "load_for_training", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        script.main(train_cli(tiny_base_model, tiny_data[0], tmp_path / "out", *flags))
+    assert e.value.code == 2 and re.search(blamed, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
