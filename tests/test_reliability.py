@@ -152,3 +152,75 @@ def test_settings_that_train_nothing_are_refused_before_the_model_loads(tiny_dat
         script.main(train_cli(tiny_base_model, tiny_data[0], tmp_path / "out", *flags))
     assert e.value.code == 2 and re.search(blamed, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- unreadable inputs
+def test_a_data_file_that_is_not_utf8_is_named(tiny_data, tiny_base_model, capsys):
+    """The one JSON loader of the dataset files (test.py, recommend.py and text_emb.py read through it)."""
+    from data_process import text_emb
+    from dataset_files import dataset_file, load_inters
+
+    data_path, name = tiny_data
+    items = dataset_file(data_path, name, ".item.json")
+    items.write_bytes(items.read_bytes().replace(b"The ", b"The \xe9", 1))  # a Latin-1 byte
+    with pytest.raises(SystemExit) as e:
+        text_emb.main(["--data_path", str(data_path), "--dataset", name, "--plm_checkpoint", str(tiny_base_model)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1
+    assert re.fullmatch(rf"error: {re.escape(str(items))}: item file is not UTF-8 text \(byte 0xe9 at offset \d+\); "
+                        r"expected JSON in UTF-8 .*", err[0])
+    inters = dataset_file(data_path, name, ".inter.json")
+    inters.write_bytes(b"\xff\xfe" + inters.read_bytes())  # a UTF-16 byte-order mark
+    with pytest.raises(DataError, match=rf"{re.escape(str(inters))}: interaction file is not UTF-8 text \(byte 0xff"):
+        load_inters(inters)
+
+
+def test_a_base_model_that_is_a_file_or_has_a_broken_config_is_named(tiny_data, tiny_base_model, tmp_path):
+    as_file = tmp_path / "model.safetensors"
+    as_file.write_bytes((tiny_base_model / "model.safetensors").read_bytes())
+    with pytest.raises(DataError, match=rf"^--base_model: {re.escape(str(as_file))} is a file; expected a model folder"):
+        finetune.main(train_cli(as_file, tiny_data[0], tmp_path / "out", "--max_steps", "1"))
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_base_model, broken)
+    (broken / "config.json").write_text('{"model_type": "llama",')  # cut short
+    with pytest.raises(DataError, match=rf"^--base_model: {re.escape(str(broken / 'config.json'))} is not valid JSON"):
+        finetune.main(train_cli(broken, tiny_data[0], tmp_path / "out", "--max_steps", "1"))
+
+
+def test_a_checkpoint_folder_without_weights_is_named(tiny_data, tiny_base_model, tmp_path):
+    from arguments import parse_args
+    from evaluation import evaluate_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_base_model, ckpt)
+    (ckpt / "model.safetensors").unlink()
+    args = parse_args("test", ["--ckpt_path", str(ckpt), "--data_path", str(tiny_data[0]), "--dataset", "Tiny",
+                               "--results_file", str(tmp_path / "r.json")])
+    with pytest.raises(DataError, match=rf"^--ckpt_path: {re.escape(str(ckpt))} has config.json but no weights "
+                                        r"\(expected model.safetensors or .*\); was the save cut short"):
+        evaluate_checkpoint(args)
+    (ckpt / "global_step4").mkdir()  # a DeepSpeed checkpoint
+    with pytest.raises(DataError, match="holds DeepSpeed ZeRO shards: consolidate them with convert/convert.sh"):
+        evaluate_checkpoint(args)
+
+
+def test_run_sh_puts_the_repository_on_the_module_path(tmp_path):
+    """Without `pip install -e .` the scripts run.sh starts still import data_process, index, utils:
+    the Python it starts has the repository first on PYTHONPATH."""
+    import sys
+
+    fake = tmp_path / "python"  # records the PYTHONPATH run.sh gives its Python, then runs it
+    fake.write_text(f'#!/bin/sh\nprintf "%s" "$PYTHONPATH" > "{tmp_path}/seen"\nexec "{sys.executable}" "$@"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PROFILE", "DATASET")}
+    out = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**env, "DRY_RUN": "1", "PYTHON": str(fake)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seen = (tmp_path / "seen").read_text()
+    assert seen.split(":")[0] == str(ROOT)
+    where = subprocess.run([sys.executable, "-c", "import data_process.common, index.codes, utils; "
+                            "print(data_process.common.__file__, index.codes.__file__, utils.__file__)"],
+                           cwd=tmp_path, env={**env, "PYTHONPATH": seen}, capture_output=True, text=True, timeout=120)
+    assert where.returncode == 0, where.stderr
+    assert all(Path(f).is_relative_to(ROOT) for f in where.stdout.split())
