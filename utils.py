@@ -66,12 +66,22 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
+def _names_elsewhere(error: OSError, where: Path) -> bool:
+    """Whether the OSError names only files outside the folder the output (and its temporary
+    sibling) is written in."""
+    names = [n for n in (error.filename, error.filename2) if n is not None]
+    folder = where.absolute().parent
+    return bool(names) and not any(Path(os.fsdecode(n)).absolute().is_relative_to(folder) for n in names)
+
+
 def write_failure(error: BaseException, where: str | os.PathLike) -> tuple[str, int | None] | None:
     """(the OS reason, its errno or None) when ``error`` is a failed write, else None. OSErrors
     carry an errno, safetensors names it as "(os error N)"; for torch's zip writer and numpy's
     short writes, which carry none, the disk is asked whether it is full."""
     for e in _causes(error):
         if isinstance(e, OSError) and e.errno:
+            if _names_elsewhere(e, Path(where)):
+                return None  # a read of an input (e.g. a base model's files), not this write
             return e.strerror or os.strerror(e.errno), e.errno
         code = re.search(r"\(os error (\d+)\)", str(e))
         if code:
@@ -84,7 +94,8 @@ def write_failure(error: BaseException, where: str | os.PathLike) -> tuple[str, 
     free = _free_bytes(Path(where))
     if free is not None and free < FULL_BELOW_BYTES:
         return os.strerror(errno.ENOSPC), errno.ENOSPC
-    return f"the write failed ({type(error).__name__}: {text.strip().splitlines()[0][:200] if text.strip() else ''})", None
+    first_line = text.strip().splitlines()[0][:200] if text.strip() else ""
+    return f"the write failed ({type(error).__name__}: {first_line})", None
 
 
 def rerun_command(**flags: str) -> str:

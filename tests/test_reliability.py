@@ -125,6 +125,9 @@ def test_a_failed_write_is_told_by_its_os_reason(tmp_path):
     reason, code = write_failure(torch_error, tmp_path)  # tmp_path's disk is not full
     assert code is None and "inline_container" in reason
     assert write_failure(ValueError("not a write"), tmp_path) is None
+    unreadable_input = PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/elsewhere/base/model.safetensors")
+    assert write_failure(unreadable_input, tmp_path / "out") is None  # a read, not the write
+    assert write_failure(PermissionError(errno.EACCES, "x", str(tmp_path / ".out.tmp")), tmp_path / "out")
 
     with pytest.raises(SaveError, match=r"could not write the index file to .*x\.json: Permission denied; .*; "
                                         r"make it writable, then rerun: python "):
@@ -178,7 +181,7 @@ def test_a_data_file_that_is_not_utf8_is_named(tiny_data, tiny_base_model, capsy
 def test_a_base_model_that_is_a_file_or_has_a_broken_config_is_named(tiny_data, tiny_base_model, tmp_path):
     as_file = tmp_path / "model.safetensors"
     as_file.write_bytes((tiny_base_model / "model.safetensors").read_bytes())
-    with pytest.raises(DataError, match=rf"^--base_model: {re.escape(str(as_file))} is a file; expected a model folder"):
+    with pytest.raises(DataError, match=rf"^--base_model: {re.escape(str(as_file))} is a file; expected a model"):
         finetune.main(train_cli(as_file, tiny_data[0], tmp_path / "out", "--max_steps", "1"))
 
     broken = tmp_path / "broken"
