@@ -271,6 +271,11 @@ def check_task_args(args: argparse.Namespace) -> None:
     if args.index_prior != "none" and args.index_softmax != "trie":
         raise DataError(f"--index_prior {args.index_prior} needs --index_softmax trie (the prior is over the trie's "
                         f"codes), got --index_softmax {args.index_softmax}")
+    if args.max_steps == 0 or args.max_steps < -1:  # the Trainer would still take one step and save it
+        raise DataError(f"--max_steps: {args.max_steps} trains nothing; expected a number of optimizer steps >= 1, "
+                        "or -1 to train for --epochs")
+    if args.max_steps == -1 and args.epochs < 1:
+        raise DataError(f"--epochs: {args.epochs} trains nothing (--max_steps is -1); expected at least 1")
     if args.valid_sample_num < 0:
         raise DataError(f"--valid_sample_num: {args.valid_sample_num} is negative; expected a count >= 0 (0 = all)")
     if not (len(tasks) == len(prompt_nums) == len(data_nums)):

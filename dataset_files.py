@@ -36,6 +36,9 @@ def load_json(path: str | os.PathLike, what: str) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: {what} file is not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {what} file is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        "expected JSON in UTF-8 (re-save it as UTF-8)") from e
 
 
 def load_inters(path: str | os.PathLike) -> dict[str, list[int]]:

@@ -253,7 +253,7 @@ def evaluate_decoding(args: argparse.Namespace, model, tokenizer, decoder: Decod
     table = format_table(per_prompt, summary, metrics, stderr, personal)
     write_results(results, results_file, f"{label}\n{table}" if label else table)
     if args.save_predictions:
-        write_jsonl_atomic(predictions, predictions_path(results_file))
+        write_jsonl_atomic(predictions, predictions_path(results_file), what="the predictions")
     return results
 
 

@@ -26,6 +26,7 @@ from collator import TrainCollator
 from dataset_files import index_tokens
 from modeling import load_for_training
 from prompt import prompt_set
+from training_saves import final_save_errors, with_save_errors
 from utils import check_writable, exit_on_data_error, set_seed
 
 
@@ -211,6 +212,7 @@ def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -
         first_index_row = min(tokenizer.convert_tokens_to_ids(index_tokens(indices)))
         trainer_class = with_index_lr(trainer_class)
         extra.update(index_lr=args.index_lr, first_index_row=first_index_row)
+    trainer_class = with_save_errors(trainer_class)  # a failed checkpoint save says how to resume
     trainer = trainer_class(
         model=model,
         args=training_args,
@@ -288,6 +290,7 @@ def publish_folder(tmp: Path, output_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+@final_save_errors  # a failed write says so in one line, with the command that resumes
 def save_final(trainer: Trainer, output_dir: str, state_dict: dict | None = None) -> None:
     """Model + tokenizer into output_dir, through a temporary folder published at the end (a kill
     never leaves a folder that looks finished). Under ZeRO-3 without 16-bit gathering the Trainer

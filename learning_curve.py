@@ -119,7 +119,7 @@ class LearningCurve(TrainerCallback):
                  "stderr": {m: round(se, 6) for m, se in standard_errors(ranks, CURVE_METRICS).items()},
                  "distinct_top1": personalisation([r["items"] for r in records])["distinct_top1"]}
         self.curve["points"].append(point)
-        write_json_atomic(self.curve, self.path, indent=2)
+        write_json_atomic(self.curve, self.path, indent=2, what="the learning curve")
         print(f"learning curve: step {state.global_step}: HR@10 {values['hit@10']:.4f}, NDCG@10 "
               f"{values['ndcg@10']:.4f}, {point['distinct_top1']} distinct top-1 items over {len(records)} users "
               f"(popularity: HR@10 {self.curve['popularity']['hit@10']:.4f})", flush=True)

@@ -31,6 +31,35 @@ def check_tokenizer_files(folder: str | os.PathLike) -> None:
         )
 
 
+def check_model_folder(path: str | os.PathLike, flag: str) -> None:
+    """A local model path must be a folder with a readable config.json and weights (a path that
+    does not exist is left to transformers as a hub id): otherwise from_pretrained fails with an
+    OSError that names neither the flag nor what is missing."""
+    import json
+
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    folder = Path(path)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise DataError(f"{flag}: {folder} is a file; expected a model folder (config.json, weights, tokenizer) "
+                        "or a hub model id")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise DataError(f"{flag}: {folder} has no config.json; expected a model folder saved by save_pretrained")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise DataError(f"{flag}: {config} is not valid JSON ({e}); expected the model's config") from e
+    weights = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    if not any((folder / name).is_file() for name in weights):
+        zero = (folder / "latest").is_file() or any(folder.glob("global_step*"))
+        hint = ("; it holds DeepSpeed ZeRO shards: consolidate them with convert/convert.sh" if zero else
+                "; was the save cut short, or is this the folder of an unfinished run?")
+        raise DataError(f"{flag}: {folder} has config.json but no weights (expected {' or '.join(weights)}){hint}")
+
+
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     """Copy the tokenizer files of folder ``src`` that exist into ``dst``; returns their names."""
     check_tokenizer_files(src)  # a clear error when the folder has none
@@ -145,6 +174,7 @@ def load_for_training(base_model: str, indices: dict[str, list[str]], dtype=None
 
     if not base_model:
         raise DataError("--base_model: a model folder or hub id is required")
+    check_model_folder(base_model, "--base_model")
     if titles is not None and inters is not None:
         raise ValueError("load_for_training: titles and inters are two starts of the index rows; give one")
     tokenizer = load_tokenizer(base_model)
@@ -173,6 +203,10 @@ def load_for_inference(ckpt_path: str, indices: dict[str, list[str]], dtype=None
     """
     from transformers import AutoModelForCausalLM
 
+    if lora and base_model:
+        check_model_folder(base_model, "--base_model")
+    elif not lora:
+        check_model_folder(ckpt_path, "--ckpt_path")
     tokenizer = load_tokenizer(ckpt_path)
     index_token_ids(tokenizer, indices, where=str(ckpt_path))
     kwargs = {"dtype": dtype} if dtype is not None else {}

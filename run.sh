@@ -10,6 +10,8 @@
 # are skipped; FORCE=1 redoes them. Everything goes under $RUN_DIR (one folder per dataset and model).
 set -euo pipefail
 cd "$(dirname "$0")"
+# the repository's modules (data_process, index, utils, ...) importable without `pip install -e .`
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 PROFILE=${PROFILE:-quick}
 DATASET=${DATASET:-ml-100k}

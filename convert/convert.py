@@ -89,7 +89,7 @@ def convert(src: Path, dst: Path, dtype: str | None, max_shard_size: str, overwr
     if not (src / "config.json").is_file():
         raise DataError(f"-s: {src} has no config.json")
     max_shard_bytes = parse_size(max_shard_size)
-    with atomic_dir(dst, overwrite) as tmp:
+    with atomic_dir(dst, overwrite, what="the converted model") as tmp:
         copy_tokenizer(src, tmp)  # first: a checkpoint without its tokenizer is refused before any work
         if has_zero_shards(src):
             consolidate_zero(src, tmp, DTYPES[dtype or "float32"], max_shard_bytes)
@@ -102,7 +102,7 @@ def convert(src: Path, dst: Path, dtype: str | None, max_shard_size: str, overwr
 def link_copy(src: Path, dst: Path, overwrite: bool) -> None:
     """The folder unchanged, as hard links (no extra disk), or copied where links are impossible."""
     check_tokenizer_files(src)
-    with atomic_dir(dst, overwrite) as tmp:
+    with atomic_dir(dst, overwrite, what="the checkpoint copy") as tmp:
         try:
             shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=os.link)
         except OSError:

@@ -5,8 +5,9 @@
 
 Tensors of equal shape are stored as target - base. Tensors whose shape differs (the embeddings
 and output head resized for the index tokens) are stored whole, as are tensors the base lacks;
-delta_info.json lists them. The target's config, generation config and tokenizer go with the
-delta. The target is read one shard at a time.
+delta_info.json lists them, with a sha256 of the base tensors the differences are added to
+(merge_delta.py checks it before merging). The target's config, generation config and tokenizer go
+with the delta. The target is read one shard at a time.
 
 ``--delta-dtype exact`` (default) stores each difference in the narrowest float type whose round
 trip (base + delta, in float64, rounded to the target's type) gives back the target bit for bit:
@@ -26,8 +27,8 @@ from tqdm import tqdm
 from modeling import copy_tokenizer
 from utils import DataError, atomic_dir, copy_files, exit_on_data_error
 from weights import (
-    DELTA_INFO, DTYPES, ShardWriter, WeightReader, add_delta, is_vocab_tensor,
-    parse_size, resolve_model_path, sub_base,
+    BASE_HASH, DELTA_INFO, DTYPES, ShardWriter, WeightReader, add_delta, is_vocab_tensor,
+    parse_size, records_hash, resolve_model_path, sub_base, tensor_record,
 )
 
 WIDER = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -52,6 +53,7 @@ def make_delta(base_dir: Path, target_dir: Path, out_dir: Path, delta_dtype: str
     whole: list[str] = []
     dtypes: dict[str, int] = {}
     inexact_elements = 0
+    base_records: dict[str, str] = {}  # the base tensors the delta is added to, for merge_delta's check
     bar = tqdm(total=len(target.names()), desc="delta tensors", unit="tensor")
     for file in target.files:
         for name in target.names_in(file):
@@ -74,6 +76,8 @@ def make_delta(base_dir: Path, target_dir: Path, out_dir: Path, delta_dtype: str
             if delta is None:  # resized, absent from the base, or not a float: the target's own tensor
                 whole.append(name)
                 delta = t
+            else:  # hashed while its pages are fresh from base.get
+                base_records[base_name] = tensor_record(base, base_name)
             kind = str(delta.dtype).replace("torch.", "")
             dtypes[kind] = dtypes.get(kind, 0) + 1
             writer.add(name, delta)
@@ -87,7 +91,7 @@ def make_delta(base_dir: Path, target_dir: Path, out_dir: Path, delta_dtype: str
     if delta_dtype != "exact":
         print(f"{inexact_elements} elements will not be rebuilt bit-exactly from a {delta_dtype} delta")
     return {"format": "lc-rec-delta", "version": 1, "base_model": str(base_dir), "delta_dtype": delta_dtype,
-            "whole_tensors": whole}
+            "whole_tensors": whole, BASE_HASH: records_hash(base_records)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (target_dir / "config.json").is_file():
         raise DataError(f"--target-model-path: {target_dir} has no config.json")
     max_shard_bytes = parse_size(args.max_shard_size)
-    with atomic_dir(args.delta_path, args.overwrite) as tmp:
+    with atomic_dir(args.delta_path, args.overwrite, what="the delta") as tmp:
         copy_tokenizer(target_dir, tmp)  # first: a target without a tokenizer is refused before any work
         info = make_delta(base_dir, target_dir, tmp, args.delta_dtype, max_shard_bytes)
         copy_files(target_dir, tmp, ["config.json", "generation_config.json"])

@@ -10,6 +10,12 @@ it, resized embeddings and output head, are taken whole from the delta. The outp
 delta's tokenizer (with its added tokens), generation config and a config whose vocab_size is the
 merged embedding size. It is built in a temporary folder and renamed only when complete.
 
+Before anything is written, the base tensors the delta is added to are hashed (streamed, one
+tensor at a time) and compared with the hash make_delta.py recorded in delta_info.json: the wrong
+base (same shapes, other weights) is refused; --skip_base_check merges onto it anyway. A delta
+without the hash (made before it was recorded, or released without delta_info.json) merges with
+a note that the base could not be checked.
+
 --low-cpu-mem processes one delta shard at a time: it reads only the base tensors that shard
 needs and writes one output shard for it, so peak memory stays near the largest shard. Without
 it every tensor of base and delta is loaded first.
@@ -17,16 +23,17 @@ it every tensor of base and delta is loaded first.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from modeling import copy_tokenizer, tokenizer_size
-from utils import DataError, atomic_dir, copy_files, exit_on_data_error
+from utils import DataError, atomic_dir, copy_files, exit_on_data_error, refuse_existing
 from weights import (
-    DTYPES, ShardWriter, WeightReader, add_delta, is_vocab_tensor, parse_size,
-    read_delta_info, resolve_model_path,
+    BASE_HASH, DELTA_INFO, DTYPES, ShardWriter, WeightReader, add_delta, is_vocab_tensor, parse_size,
+    read_delta_info, resolve_model_path, weights_hash,
 )
 
 
@@ -52,6 +59,29 @@ def plan(base: WeightReader, delta: WeightReader, whole: set[str] | None) -> dic
                             "(is --base-model-path the model the delta was made from?)")
         sources[name] = base_name
     return sources
+
+
+def check_base(base_dir: Path, delta_dir: Path, skip: bool) -> None:
+    """Refuse a base whose tensors are not those the delta was made from (the hash make_delta.py
+    recorded); the shapes are checked by ``plan`` first. Reads the base; writes nothing."""
+    info = read_delta_info(delta_dir)
+    base, delta = WeightReader(base_dir), WeightReader(delta_dir)
+    sources = plan(base, delta, set(info["whole_tensors"]) if info else None)
+    expected = (info or {}).get(BASE_HASH)
+    if expected is None:
+        print(f"note: {delta_dir / DELTA_INFO} records no hash of its base (a delta made before hashes were "
+              f"recorded, or released without it); {base_dir} could not be checked", file=sys.stderr)
+        return
+    if skip:
+        print(f"note: --skip_base_check: {base_dir} is not checked against the base {delta_dir} was made from",
+              file=sys.stderr)
+        return
+    found = weights_hash(base, (source for source in sources.values() if source))
+    if found != expected:
+        made_from = info.get("base_model", "?")
+        raise DataError(f"--base-model-path: {base_dir} is not the base {delta_dir} was made from (made from "
+                        f"{made_from}; its weights hash {found[:12]}, the delta expects {expected[:12]}); "
+                        "merging would give other weights. Pass --skip_base_check to merge onto it anyway")
 
 
 def merged_tensor(delta: torch.Tensor, base: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -111,6 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float16", choices=list(DTYPES), help="dtype of the merged weights")
     p.add_argument("--max-shard-size", default="5GB", help="output shard size without --low-cpu-mem")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --target-model-path")
+    p.add_argument("--skip_base_check", "--skip-base-check", action="store_true",
+                   help="merge even when the base's weights are not those the delta was made from")
     return p.parse_args(argv)
 
 
@@ -124,7 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         raise DataError(f"--delta-path: {delta_dir} has no config.json")
     from transformers import AutoConfig
 
-    with atomic_dir(args.target_model_path, args.overwrite) as tmp:
+    refuse_existing(args.target_model_path, args.overwrite)  # before the base is read and hashed
+    check_base(base_dir, delta_dir, args.skip_base_check)
+    with atomic_dir(args.target_model_path, args.overwrite, what="the merged model") as tmp:
         copy_tokenizer(delta_dir, tmp)  # first: a delta without a tokenizer is refused before any work
         vocab = tokenizer_size(tmp)  # loads, with its added tokens; then freed
         delta = WeightReader(delta_dir)

@@ -4,6 +4,7 @@ safetensors shards with their index, and the delta arithmetic both delta scripts
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,7 +18,9 @@ from utils import DataError
 
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-DELTA_INFO = "delta_info.json"  # written by make_delta.py: which tensors are stored whole
+DELTA_INFO = "delta_info.json"  # written by make_delta.py: which tensors are stored whole, the base's hash
+BASE_HASH = "base_weights_sha256"  # its key in delta_info.json: weights_hash of the base tensors used
+HASH_CHUNK = 1 << 24  # bytes read per step when hashing a stored tensor
 # A tied model saves no output head: its weight is the input embedding.
 TIED_ALIASES = {"lm_head.weight": "model.embed_tokens.weight"}
 # The tensors whose first dimension is the vocabulary (resized when index tokens are added).
@@ -144,6 +147,29 @@ class WeightReader:
             return handle[name].clone()  # a private copy, not a view of the mapped file
         return handle.get_tensor(name)
 
+    def digest(self, name: str) -> str:
+        """sha256 of the tensor's bytes as stored (little-endian, row-major). A safetensors tensor is
+        streamed from its file in 16 MB reads, never loaded whole; a .bin tensor is hashed from its
+        memory map. Both give the same digest for the same values, whatever the file layout."""
+        file = self.location[name]
+        h = hashlib.sha256()
+        if file.suffix != ".safetensors":
+            h.update(self.get(name).contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            return h.hexdigest()
+        with open(file, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            start, end = json.loads(f.read(header_len))[name]["data_offsets"]
+            f.seek(8 + header_len + start)
+            buf, left = bytearray(min(HASH_CHUNK, end - start)), end - start
+            view = memoryview(buf)
+            while left:
+                n = f.readinto(view[:min(left, len(buf))])
+                if not n:
+                    raise DataError(f"{file}: ends inside tensor {name!r} (a truncated file?)")
+                h.update(view[:n])
+                left -= n
+        return h.hexdigest()
+
     def resolve(self, name: str) -> str | None:
         """The name under which this folder holds ``name`` (a tied head is its embedding), or None."""
         if name in self.location:
@@ -259,6 +285,35 @@ def add_delta(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> to
     for s in _chunks(o.numel()):
         o[s] = (b[s].double() + d[s].double()).to(dtype)
     return out
+
+
+def tensor_record(reader: WeightReader, name: str) -> str:
+    """One line of a weights hash: the tensor's name, dtype, shape and the digest of its bytes."""
+    dtype = reader.dtype(name)
+    return f"{name}\t{SAFETENSORS_DTYPES.get(dtype, dtype)}\t{list(reader.shape(name))}\t{reader.digest(name)}\n"
+
+
+def records_hash(records: dict[str, str]) -> str:
+    """sha256 over the records in name order: independent of how the tensors are sharded and of
+    whether they are in safetensors or .bin files."""
+    return hashlib.sha256("".join(records[n] for n in sorted(records)).encode()).hexdigest()
+
+
+def weights_hash(reader: WeightReader, names: Iterable[str]) -> str:
+    """The hash make_delta.py records of the base tensors a delta is added to (``names``), read one
+    tensor at a time and each file dropped after its tensors."""
+    from tqdm import tqdm
+
+    wanted = set(names)
+    records: dict[str, str] = {}
+    with tqdm(total=len(wanted), desc="hashing the base", unit="tensor") as bar:
+        for file in reader.files:
+            for name in reader.names_in(file):
+                if name in wanted:
+                    records[name] = tensor_record(reader, name)
+                    bar.update()
+            reader.close()
+    return records_hash(records)
 
 
 def read_delta_info(folder: Path) -> dict | None:

@@ -127,7 +127,7 @@ def write_dataset(data_path: str | Path, dataset: str, inters: dict[str, list[in
     paths = []
     for suffix, obj in outputs.items():
         path = dataset_file(data_path, dataset, suffix)
-        write_json_atomic(obj, path)
+        write_json_atomic(obj, path, what="the dataset file")
         paths.append(path)
     return paths
 

@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> None:
               f"with {model.config.hidden_size}-d hidden states", flush=True)
         start = time.time()
         emb = embed_items(texts, tokenizer, model, args.batch_size, args.max_length)
-    out_path = dataset_file(args.data_path, args.dataset, f".emb-{args.plm_name}-td.npy")
-    save_npy_atomic(emb, out_path)
+        out_path = dataset_file(args.data_path, args.dataset, f".emb-{args.plm_name}-td.npy")
+        save_npy_atomic(emb, out_path, what="the item embeddings")
     print(f"Wrote {out_path} {tuple(emb.shape)} {emb.dtype} in {time.time() - start:.1f}s")
 
 

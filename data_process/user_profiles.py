@@ -285,7 +285,7 @@ def build_profiles(backend: Any, inters: dict[str, list[int]], items: dict[str, 
     stats.seconds = time.time() - t0
     profiles = assemble(records, users)
     validate_user_profiles(profiles, inters, source=str(output_file))
-    write_json_atomic(profiles, output_file)
+    write_json_atomic(profiles, output_file, what="the user profiles")
     return stats
 
 

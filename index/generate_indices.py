@@ -151,7 +151,7 @@ def plot_usage(codes: np.ndarray, num_emb_list: list[int], path: str | os.PathLi
         ax.set_ylabel("items")
     axes[-1, 0].set_xlabel("code")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, what="the code-usage plot") as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     num_emb_list = model.rq.num_emb_list
     codes, report = generate_codes(model, torch.from_numpy(embeddings).to(device), args.max_rounds)
 
-    write_json_atomic(code_tokens(codes), args.output_file)
+    write_json_atomic(code_tokens(codes), args.output_file, what="the index file")
     plot = None if args.no_plot else Path(args.plot) if args.plot else default_plot_path(args.output_file)
     if plot is not None:
         plot_usage(codes, num_emb_list, plot)

@@ -63,7 +63,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, 
 
 def save_checkpoint(path: str | os.PathLike, model: RQVAE, args: dict, **info) -> None:
     state = {"args": args, "in_dim": model.in_dim, "state_dict": model.state_dict(), **info}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, what="the RQ-VAE checkpoint") as tmp:
         torch.save(state, tmp)
 
 

@@ -165,6 +165,50 @@ def test_merge_and_make_errors_leave_nothing(tmp_path):
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
 
 
+def test_merge_refuses_a_base_with_other_weights(tmp_path, capsys):
+    """Same shapes, other weights: the recorded base hash refuses it before anything is written;
+    --skip_base_check merges anyway; the hash does not depend on the base's file format."""
+    base, target, target_sd, _ = save_pair(tmp_path, tie=True, shard=None)
+    delta = tmp_path / "delta"
+    run_make(base, target, delta)
+    info = json.loads((delta / "delta_info.json").read_text())
+    assert len(info["base_weights_sha256"]) == 64
+
+    other = tmp_path / "other-base"
+    shutil.copytree(base, other)
+    weights = load_file(str(other / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.weight"][0, 0] += 0.01  # one weight in one tensor
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    for mode in ([], ["--low-cpu-mem"]):
+        before = set(tmp_path.iterdir())
+        with pytest.raises(DataError, match=rf"{other} is not the base {delta} was made from .*--skip_base_check"):
+            run_merge(other, delta, tmp_path / "out", *mode)
+        assert set(tmp_path.iterdir()) == before  # nothing written, no temporary folder
+
+    run_merge(other, delta, tmp_path / "forced", "--dtype", "float32", "--skip_base_check")
+    forced = load_file(str(tmp_path / "forced" / "model.safetensors"))
+    assert not torch.equal(forced["model.layers.0.self_attn.q_proj.weight"],
+                           target_sd["model.layers.0.self_attn.q_proj.weight"])
+
+    # the right base as pytorch_model.bin: the same hash, the exact target
+    bin_base = tmp_path / "bin-base"
+    shutil.copytree(base, bin_base)
+    torch.save(load_file(str(bin_base / "model.safetensors")), bin_base / "pytorch_model.bin")
+    (bin_base / "model.safetensors").unlink()
+    run_merge(bin_base, delta, tmp_path / "from-bin", "--dtype", "float32", "--low-cpu-mem")
+    merged = load_file(str(tmp_path / "from-bin" / "model.safetensors"))
+    assert all(torch.equal(merged[name], target_sd[name]) for name in merged)
+
+    # a delta made before the hash was recorded still merges, with a note
+    old = tmp_path / "old-delta"
+    shutil.copytree(delta, old)
+    del info["base_weights_sha256"]
+    (old / "delta_info.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    run_merge(other, old, tmp_path / "from-old", "--dtype", "float32")
+    assert "records no hash of its base" in capsys.readouterr().err
+
+
 def test_convert_passthrough_and_resave(tmp_path, tiny_base_model):
     run = tmp_path / "run"
     shutil.copytree(tiny_base_model, run / "checkpoint-5")
