@@ -79,8 +79,11 @@ case "$PROFILE" in
     : "${CURVE_STEPS:=100}" "${CURVE_USERS:=200}" "${CURVE_BEAMS:=20}" "${BASELINES:=sasrec,gru4rec,tiger}" ;;
   paper)  # the paper's settings (section 6 of the README); meant for 8 GPUs
     : "${RQ_EPOCHS:=10000}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=1024}" "${RQ_LAYERS:=2048 1024 512 256 128 64}"
-    # what the published indices were trained with: BatchNorm on (see the README), linear decay
-    : "${RQ_FLAGS:=--bn true --warmup_epochs 50 --lr_scheduler_type linear --learner AdamW --loss_type mse --dropout_prob 0.0}"
+    # what the published indices were trained with: BatchNorm on (see the README), linear decay, the
+    # original's fixed seed (its random streams still differ: docs/differences.md)
+    : "${RQ_FLAGS:=--bn true --warmup_epochs 50 --lr_scheduler_type linear --learner AdamW --loss_type mse --dropout_prob 0.0 --seed 2024}"
+    # the original embedded up to 2048 tokens a field (text_emb.py keeps 512 unless told)
+    : "${TEXT_EMB_FLAGS:=--max_length 2048}"
     : "${PROFILE_USERS:=0}"
     # the original's profiles came from an instruction model sampled with temperature 0.4, top_p 1, no
     # repetition penalty, answers of several sentences up to 512 tokens: never from a base model without
@@ -155,6 +158,7 @@ case "$PROFILE:$PRECISION" in
     : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity --index_token_init title $GLOBAL_TOKEN_LOSS}" ;;
 esac
 PROFILE_FLAGS=${PROFILE_FLAGS-}
+TEXT_EMB_FLAGS=${TEXT_EMB_FLAGS-}   # extra data_process/text_emb.py flags (tokens kept per field, ...)
 RQ_FLAGS=${RQ_FLAGS-}               # extra index/main.py flags (BatchNorm, schedule, ...)
 FINETUNE_FLAGS=${FINETUNE_FLAGS-}   # extra finetune.py flags, e.g. --history_loss --index_token_init title
 CURVE_STEPS=${CURVE_STEPS:-0} CURVE_USERS=${CURVE_USERS:-100} CURVE_BEAMS=${CURVE_BEAMS:-20}
@@ -184,7 +188,7 @@ RQ_CODES=${RQ_CODES:-256 256 256 256}   # codes per level of the RQ-VAE
 SK_EPSILONS=${SK_EPSILONS:-$(for _ in $(seq 2 "$(wc -w <<< "$RQ_CODES")"); do printf '0.0 '; done; echo 0.003)}
 
 if [ "${DRY_RUN:-0}" = 1 ]; then  # print the settings this profile resolves to, run nothing
-  for name in PROFILE DATASET NPROC TRAIN_THREADS DEEPSPEED PRECISION RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS RQ_FLAGS PROFILE_USERS \
+  for name in PROFILE DATASET NPROC TRAIN_THREADS DEEPSPEED PRECISION TEXT_EMB_FLAGS RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS RQ_FLAGS PROFILE_USERS \
               PROFILE_FLAGS FINETUNE_FLAGS CURVE_STEPS CURVE_USERS CURVE_BEAMS BASELINES TIGER_MINUTES EPOCHS MAX_STEPS BATCH GRAD_ACC LR MAX_HIS_LEN TASKS TRAIN_PROMPT_SAMPLE_NUM TRAIN_DATA_SAMPLE_NUM \
               TEST_SAMPLE_NUM TEST_PROMPT_IDS TEST_BATCH NUM_BEAMS DECODING; do
     printf '%s=%s\n' "$name" "${!name}"
@@ -323,7 +327,7 @@ fi
 step "dataset"          "$D.inter.json"  build_data
 PROFILES_REDO=$REDO   # the profiles read the dataset only: a new embedding or index keeps them
 step "text embeddings"  "$EMB_FILE" "$PYTHON" data_process/text_emb.py --dataset "$DATASET" \
-  --data_path "$DATA_PATH" --plm_checkpoint "$PLM_CHECKPOINT" --plm_name "$PLM_NAME"
+  --data_path "$DATA_PATH" --plm_checkpoint "$PLM_CHECKPOINT" --plm_name "$PLM_NAME" $TEXT_EMB_FLAGS
 step "RQ-VAE"           "$RUN_DIR/index/best_collision_model.pth" "$PYTHON" index/main.py \
   --data_path "$EMB_FILE" --ckpt_dir "$RUN_DIR/index" --num_emb_list $RQ_CODES --e_dim 32 \
   --layers $RQ_LAYERS --sk_epsilons $SK_EPSILONS --sk_iters 50 --lr 1e-3 \

@@ -246,3 +246,20 @@ def test_paper_profile_spells_out_the_original_training_settings(precision):
                      "--optim": "adamw_torch"}
     args = parse_args("train", ["--base_model", "m", *flags])
     assert (args.loss_normalization, args.torch_dtype, args.index_token_init, args.optim) == tuple(given.values())
+
+
+def test_paper_profile_embeds_and_indexes_as_the_original(tmp_path, capsys):
+    """The original's RQ-VAE seed and its 2048 tokens a field for the text embeddings, each accepted by the
+    script it goes to; the other profiles keep text_emb.py's defaults."""
+    from data_process import text_emb
+    from index.main import build_parser
+
+    settings = run_sh_settings(PROFILE="paper", DATASET="Instruments")[0]
+    rq_flags = settings["RQ_FLAGS"].split()
+    assert build_parser().parse_args(["--data_path", "e.npy", *rq_flags]).seed == 2024
+    assert settings["TEXT_EMB_FLAGS"] == "--max_length 2048"
+    with pytest.raises(SystemExit) as stop:  # parsed, then stopped at the missing item file (not exit 2)
+        text_emb.main(["--plm_checkpoint", "m", "--data_path", str(tmp_path), *settings["TEXT_EMB_FLAGS"].split()])
+    assert stop.value.code == 1 and ".item.json" in capsys.readouterr().err
+    for profile in ("quick", "cpu", "gpu"):
+        assert run_sh_settings(PROFILE=profile)[0]["TEXT_EMB_FLAGS"] == ""
