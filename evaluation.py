@@ -22,7 +22,7 @@ from dataset_files import dataset_file
 from generation import Decoder, rank_batch_with_backoff, scoring_softmax
 from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, per_user_values,
                      personalisation, standard_errors, target_rank)
-from prompt import prompt_set
+from prompt import PromptSet, prompt_set
 from utils import (DataError, check_writable, cpu_autocast_bf16, default_dtype, get_device, set_seed,
                    write_jsonl_atomic, write_results)
 
@@ -177,14 +177,14 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     autocast = cpu_autocast_bf16(device, args.cpu_bf16)
     if autocast and rank == 0:
         log.info("decoding under bf16 autocast on the CPU (--cpu_bf16 %s); beam scores stay fp32", args.cpu_bf16)
-    results = [evaluate_decoding(args, model, tokenizer, decoder, prompt_ids, files[decoder.mode], autocast, rank,
-                                 world_size, gather, label=DECODING_LABELS[decoder.mode] if len(modes) > 1 else "")
+    results = [evaluate_decoding(args, model, tokenizer, decoder, prompts, prompt_ids, files[decoder.mode], autocast,
+                                 rank, world_size, gather, label=DECODING_LABELS[decoder.mode] if len(modes) > 1 else "")
                for decoder in decoders]
     return results[0]
 
 
-def evaluate_decoding(args: argparse.Namespace, model, tokenizer, decoder: Decoder, prompt_ids: list[int],
-                      results_file: Path, autocast: bool, rank: int = 0, world_size: int = 1,
+def evaluate_decoding(args: argparse.Namespace, model, tokenizer, decoder: Decoder, prompts: PromptSet,
+                      prompt_ids: list[int], results_file: Path, autocast: bool, rank: int = 0, world_size: int = 1,
                       gather: Callable[[list], list[list]] | None = None, label: str = "") -> dict | None:
     """Every prompt id decoded with ``decoder`` and scored; rank 0 writes ``results_file`` (and the
     predictions beside it), printing its table under ``label``, and returns the results."""
