@@ -485,13 +485,14 @@ class Decoder:
 
 
 def rank_batch_with_backoff(decoder: Decoder, model, encodings, num_beams: int, oom_backoff: bool,
-                            on_backoff: Callable[[int, int], None] | None = None):
+                            on_backoff: Callable[[int, int], None] | None = None,
+                            exclude: Sequence[Iterable[str]] | None = None):
     """``decoder.rank`` that, with ``oom_backoff``, retries the batch on CUDA out-of-memory with
     half the beams (down to 1). Returns (ranked, beams used)."""
     beams = num_beams
     while True:
         try:
-            return decoder.rank(model, encodings, beams), beams
+            return decoder.rank(model, encodings, beams, exclude), beams
         except torch.cuda.OutOfMemoryError:
             if not oom_backoff or beams == 1:
                 raise
