@@ -492,7 +492,7 @@ def rank_batch_with_backoff(decoder: Decoder, model, encodings, num_beams: int, 
     beams = num_beams
     while True:
         try:
-            return decoder.rank(model, encodings, beams, exclude), beams
+            return decoder.rank(model, encodings, beams, exclude=exclude), beams
         except torch.cuda.OutOfMemoryError:
             if not oom_backoff or beams == 1:
                 raise

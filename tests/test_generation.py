@@ -155,11 +155,11 @@ def test_oom_backoff_halves_beams(tiny_indexed):
     decoder = Decoder.build(tok, indices)
     real_rank, tried = decoder.rank, []
 
-    def rank_or_oom(model, enc, beams):  # pretend anything above 5 beams runs out of memory
+    def rank_or_oom(model, enc, beams, exclude=None):  # pretend anything above 5 beams runs out of memory
         tried.append(beams)
         if beams > 5:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_rank(model, enc, beams)
+        return real_rank(model, enc, beams, exclude=exclude)
 
     decoder.rank = rank_or_oom
     enc = _encode(tok, ["The red king", "star"])
