@@ -209,6 +209,13 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
 
 
+def _add_evaluation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("test.py only")
+    g.add_argument("--exclude_history", action="store_true",
+                   help="NOT the paper's protocol: leave each user's test-time history out of the ranking (as "
+                        "recommend.py does); off by default, so that the metrics compare with the paper's")
+
+
 def _add_recommend_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recommend")
     g.add_argument("--user", type=str, default=None, help="a user of <D>.inter.json: their test-time history")
@@ -216,10 +223,19 @@ def _add_recommend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--history_ids", type=str, default=None, help="typed history as item ids: 12,40,7")
     g.add_argument("--query", type=str, default=None, help="a request in plain words (alone or with a history)")
     g.add_argument("--k", type=int, default=10, help="items to return")
-    g.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    g.add_argument("--keep_history", action="store_true",
+                   help="let items already in the history be recommended (by default the search leaves them out "
+                        "and returns K other items)")
+    g.add_argument("--json", action="store_true", help="print JSON instead of a table (titles kept whole)")
+    g.add_argument("--title_width", type=positive_int, default=60,
+                   help="the table cuts longer titles (and the request) to this many characters")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads of the model (default: every core, or OMP_NUM_THREADS where set)")
     g.add_argument("--serve", action="store_true", help="serve the web page and its JSON API instead")
     g.add_argument("--host", type=str, default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--max_body_kb", type=positive_int, default=64,
+                   help="--serve: requests with a larger body are refused (HTTP 413) before they are read")
 
 
 def build_parser(stage: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -231,6 +247,8 @@ def build_parser(stage: str, description: str | None = None) -> argparse.Argumen
     _add_global_args(p)
     _add_dataset_args(p)
     (_add_train_args if stage == "train" else _add_test_args)(p)
+    if stage == "test":
+        _add_evaluation_args(p)
     if stage == "recommend":
         _add_recommend_args(p)
     if stage != "train":  # filled from the checkpoint, else the training default (checkpoint_record.py)

@@ -18,7 +18,7 @@ from transformers import GenerationConfig
 import data
 from arguments import TEST_TASKS
 from checkpoint_record import check_checkpoint
-from dataset_files import dataset_file
+from dataset_files import dataset_file, held_out
 from generation import Decoder, rank_batch_with_backoff, scoring_softmax
 from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, per_user_values,
                      personalisation, standard_errors, target_rank)
@@ -84,10 +84,11 @@ def shard_range(n: int, rank: int, world_size: int) -> range:
 
 def evaluate_prompt(model, tokenizer, dataset, decoder: Decoder, metrics: list[str], positions: Sequence[int], *,
                     batch_size: int, num_beams: int, oom_backoff: bool = False, desc: str = "", show: bool = True,
-                    max_prompt_length: int | None = None) -> list[dict]:
+                    max_prompt_length: int | None = None, exclude: dict[str, list[str]] | None = None) -> list[dict]:
     """Score ``dataset[i]`` for i in ``positions``, ``batch_size`` prompts at a time with
     ``num_beams`` beams; one record per example (its position, the target item, its rank, the
-    ranked items and scores, whether its prompt was cut to ``max_prompt_length`` tokens)."""
+    ranked items and scores, whether its prompt was cut to ``max_prompt_length`` tokens).
+    ``exclude``: user -> items the search leaves out of that user's ranking (--exclude_history)."""
     from collator import TestCollator
 
     collate = TestCollator(tokenizer, max_prompt_length)
@@ -103,7 +104,9 @@ def evaluate_prompt(model, tokenizer, dataset, decoder: Decoder, metrics: list[s
         encodings, targets = collate(batch)
         encodings = {k: v.to(device) for k, v in encodings.items()}
         ranked, beams = rank_batch_with_backoff(decoder, model, encodings, num_beams, oom_backoff,
-                                                on_backoff=lambda old, new: backoffs.append((old, new)))
+                                                on_backoff=lambda old, new: backoffs.append((old, new)),
+                                                exclude=None if exclude is None else
+                                                [exclude.get(str(ex.get("user")), []) for ex in batch])
         for pos, example, target, items, cut in zip(chunk, batch, targets, ranked, collate.last_cut):
             target_item = decoder.item_of_string(target)
             names = [i for i, _ in items]
@@ -190,6 +193,13 @@ def evaluate_decoding(args: argparse.Namespace, model, tokenizer, decoder: Decod
     predictions beside it), printing its table under ``label``, and returns the results."""
     metrics = parse_metrics(args.metrics)
     max_prompt_length = prompt_budget(args.model_max_length, decoder.trie.index_len)
+    exclude = None
+    if getattr(args, "exclude_history", False):  # test.py's option; the paper ranks every item
+        inters = data.load_files(args).inters
+        exclude = {user: [str(i) for i in held_out(seq, "test")[0]] for user, seq in inters.items()}
+        if rank == 0:
+            log.warning("--exclude_history: each user's history is left out of the ranking; NOT the paper's "
+                        "protocol, so the metrics do not compare with its tables")
     per_prompt: dict[str, dict[str, float]] = {}
     stderr: dict[str, dict[str, float]] = {}
     personal: dict[str, dict[str, float]] = {}
@@ -208,7 +218,7 @@ def evaluate_decoding(args: argparse.Namespace, model, tokenizer, decoder: Decod
                                       batch_size=args.test_batch_size, num_beams=args.num_beams,
                                       oom_backoff=args.oom_backoff,
                                       desc=f"{args.test_task} prompt {pid} ({decoder.mode})",
-                                      show=rank == 0, max_prompt_length=max_prompt_length)
+                                      show=rank == 0, max_prompt_length=max_prompt_length, exclude=exclude)
         if world_size > 1:
             records = [r for part in gather(records) for r in part]
         if rank != 0:
@@ -242,6 +252,7 @@ def evaluate_decoding(args: argparse.Namespace, model, tokenizer, decoder: Decod
         "prompt_templates": prompts.source, "prompt_templates_sha256": prompts.sha256,
         **{name: getattr(args, name) for name in ("max_his_len", "his_sep", "add_prefix")},
         "decoding": decoder.mode, "beam_search": decoder.search, "filter_items": bool(args.filter_items), "num_beams": args.num_beams,
+        "exclude_history": exclude is not None,
         "test_batch_size": args.test_batch_size, "sample_num": args.sample_num, "world_size": world_size,
         "cpu_bf16_autocast": autocast,
         "metrics": metrics, "prompt_ids": prompt_ids, "num_examples": n_examples,

@@ -14,6 +14,10 @@ tensors.
 Each prompt is run once, not once per beam: ``shared_prefill`` caches the prompt's keys/values
 and repeats the cache for the beams before ``generate`` (switch off with ``--no_share_prefill``).
 
+Items can be left out per example (``Decoder.rank(..., exclude=...)``, e.g. what a user has
+already seen): ``IndexTrie.excluded_states`` marks the trie states with no other item below them,
+and both searches never step into those, so the beams still end at K real items that are left.
+
 ``position_allowed_tokens_fn`` is the paper's looser rule (any token seen at that position in
 any index), kept as a baseline for bench/bench_decode.py; it can produce indices of no item.
 """
@@ -22,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -45,6 +49,8 @@ class IndexTrie:
     ``log_prior``  [num_states, max_children] log p(child | state) from item ``weights`` (the
                    children's summed weights over their parent's), or None: the popularity prior
                    of ``--index_prior`` (see ``prior_table``)
+    ``items_below`` [num_states] how many items each state leads to (1 at a leaf, 0 when dead or
+                   done): what ``excluded_states`` compares against
     """
 
     DEAD, DONE, ROOT = 0, 1, 2
@@ -60,6 +66,7 @@ class IndexTrie:
         end_tokens = [eos_token_id] + ([pad_token_id] if pad_token_id not in (None, eos_token_id) else [])
 
         children: list[dict[int, int]] = [{}, {}, {}]  # per state: token id -> next state
+        items_below = [0, 0, len(sequences)]
         for seq in sequences:
             state = self.ROOT
             for tok in seq:
@@ -70,7 +77,9 @@ class IndexTrie:
                     nxt = len(children)
                     children[state][tok] = nxt
                     children.append({})
+                    items_below.append(0)
                 state = nxt
+                items_below[state] += 1
             if children[state]:
                 raise DataError(f"two items share the index token ids {list(seq)}; indices must be distinct")
             children[state][eos_token_id] = self.DONE  # a full index: only EOS follows
@@ -92,6 +101,7 @@ class IndexTrie:
         self.num_children = torch.tensor([len(ch) for ch in children])  # [num_states]
         self.child_state = torch.tensor([list(ch.values()) + [0] * (max_children - len(ch)) for ch in children])
         self.num_items = len(sequences)
+        self.items_below = torch.tensor(items_below)
         # the token ids each level uses, for scoring with the level softmax (see --index_softmax)
         self.level_tokens = [torch.tensor(sorted({seq[t] for seq in sequences})) for t in range(self.index_len)]
         self.log_prior = None if weights is None else self.prior_table(sequences, weights)
@@ -125,22 +135,48 @@ class IndexTrie:
         return prior.float()
 
     def to(self, device: torch.device) -> "IndexTrie":
-        self.symbols, self.next_state, self.allowed, self.num_children, self.child_state = (
-            t.to(device) for t in (self.symbols, self.next_state, self.allowed, self.num_children, self.child_state))
+        self.symbols, self.next_state, self.allowed, self.num_children, self.child_state, self.items_below = (
+            t.to(device) for t in (self.symbols, self.next_state, self.allowed, self.num_children, self.child_state,
+                                   self.items_below))
         self.level_tokens = [t.to(device) for t in self.level_tokens]  # once here, not at every decoding step
         if self.log_prior is not None:
             self.log_prior = self.log_prior.to(device)
         return self
 
+    def step(self, state: torch.LongTensor, tok: torch.LongTensor) -> torch.LongTensor:
+        """The state [rows] reached from ``state`` [rows] by token ids ``tok`` [rows] (DEAD if not allowed)."""
+        tok = tok.contiguous()
+        sym = torch.searchsorted(self.symbols, tok).clamp_(max=len(self.symbols) - 1)
+        known = self.symbols[sym] == tok
+        return torch.where(known, self.next_state[state, sym], self.DEAD)
+
     def states(self, generated: torch.LongTensor) -> torch.LongTensor:
         """generated [rows, t] token ids after the prompt -> trie state [rows]."""
         state = torch.full((generated.shape[0],), self.ROOT, dtype=torch.long, device=generated.device)
         for j in range(generated.shape[1]):  # t <= index length + 1 steps, each over all rows at once
-            tok = generated[:, j].contiguous()
-            sym = torch.searchsorted(self.symbols, tok).clamp_(max=len(self.symbols) - 1)
-            known = self.symbols[sym] == tok
-            state = torch.where(known, self.next_state[state, sym], self.DEAD)
+            state = self.step(state, generated[:, j])
         return state
+
+    def excluded_states(self, excluded: Sequence[Sequence[Sequence[int]]]) -> torch.BoolTensor:
+        """Per row, the token sequences of items to leave out -> [rows, num_states], True at the
+        states all of whose items are left out: a beam entering one could reach no other item, so
+        the searches never enter them. Sequences that are not items are ignored (nothing to leave out)."""
+        device = self.items_below.device
+        out = torch.zeros(len(excluded), len(self.items_below), dtype=torch.bool, device=device)
+        for row, seqs in enumerate(excluded):
+            seqs = sorted({tuple(s) for s in seqs if len(s) == self.index_len})
+            if not seqs:
+                continue
+            toks = torch.tensor(seqs, dtype=torch.long, device=device)  # [n, L]
+            path = [torch.full((len(seqs),), self.ROOT, dtype=torch.long, device=device)]
+            for j in range(self.index_len):
+                path.append(self.step(path[-1], toks[:, j]))
+            path = torch.stack(path[1:], 1)  # [n, L] the states along each path
+            path = path[path[:, -1] != self.DEAD]  # real items only: a dead end counts nowhere
+            left_out = torch.zeros(len(self.items_below), dtype=torch.long, device=device)
+            left_out.index_add_(0, path.flatten(), torch.ones(path.numel(), dtype=torch.long, device=device))
+            out[row] = (left_out == self.items_below) & (self.items_below > 0)
+        return out
 
     def allowed_tokens(self, generated: torch.LongTensor) -> torch.LongTensor:
         """[rows, max_children] allowed next token ids (with repeats) for each row."""
@@ -155,14 +191,24 @@ class TrieLogitsProcessor(LogitsProcessor):
     ``inplace`` overwrites ``scores`` instead of allocating a new [rows, vocab] tensor each step;
     right for beam search, whose scores are a fresh log-softmax, but not for greedy search,
     which keeps the very tensor it passes in as the raw logits.
+    ``excluded``: [batch, num_states] from ``IndexTrie.excluded_states``, or None; the rows of
+    example b (b * rows / batch ...) never step into its excluded states.
     """
 
-    def __init__(self, trie: IndexTrie, prompt_len: int, inplace: bool = False):
-        self.trie, self.prompt_len, self.inplace = trie, prompt_len, inplace
+    def __init__(self, trie: IndexTrie, prompt_len: int, inplace: bool = False,
+                 excluded: torch.BoolTensor | None = None):
+        self.trie, self.prompt_len, self.inplace, self.excluded = trie, prompt_len, inplace, excluded
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        allowed = self.trie.allowed_tokens(input_ids[:, self.prompt_len:])  # [rows, max_children]
+        state = self.trie.states(input_ids[:, self.prompt_len:])  # [rows]
+        allowed = self.trie.allowed[state]  # [rows, max_children]
         kept = scores.gather(1, allowed)
+        if self.excluded is not None:
+            example = torch.arange(len(state), device=state.device) // (len(state) // self.excluded.shape[0])
+            gone = self.excluded[example[:, None], self.trie.child_state[state]]  # [rows, max_children]
+            real = torch.arange(allowed.shape[1], device=state.device) < self.trie.num_children[state][:, None]
+            gone = torch.where(real, gone, gone[:, :1])  # padding repeats the first child: the same verdict
+            kept = kept.masked_fill(gone, -math.inf)
         out = scores.fill_(-math.inf) if self.inplace else torch.full_like(scores, -math.inf)
         return out.scatter_(1, allowed, kept)
 
@@ -231,8 +277,8 @@ def shared_prefill(model, input_ids: torch.LongTensor, attention_mask: torch.Lon
 # --------------------------------------------------------------------------- trie-native beam search
 @torch.no_grad()
 def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attention_mask: torch.LongTensor,
-                     num_beams: int, eos_token_id: int,
-                     softmax: str = "full") -> tuple[torch.LongTensor, torch.FloatTensor]:
+                     num_beams: int, eos_token_id: int, softmax: str = "full",
+                     excluded: torch.BoolTensor | None = None) -> tuple[torch.LongTensor, torch.FloatTensor]:
     """Beam search over the trie's items only -> (index tokens [batch, beams, L], scores [batch, beams]).
 
     The same search and scores as ``generate``'s beam search with ``TrieLogitsProcessor`` (length
@@ -253,6 +299,11 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
     prefix and blur the ranking). EOS keeps the full softmax, as in that training. A trie with a
     ``log_prior`` (a model trained with ``--index_prior``) adds it to the logits before the trie
     softmax, as that training did.
+
+    ``excluded``: [batch, num_states] from ``IndexTrie.excluded_states`` (e.g. the items of each
+    user's history), or None. A beam never steps into a state whose items are all excluded, so the
+    beams hold the best items that are left, not the best items less the excluded ones; the kept
+    items score exactly as without the exclusion (a trie softmax still normalises over all children).
     """
     def full_logprobs(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [batch, 1 or beams, vocab]
         # normalised over the FULL vocabulary, in float32, as generate does
@@ -290,6 +341,8 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
         else:
             logprobs = level_logprobs(logits, t) if softmax == "level" else full_logprobs(logits)
             cand = logprobs.expand(batch, num_beams, -1).gather(2, allowed)
+        if excluded is not None:  # children whose every item is excluded for this example
+            real = real & ~excluded.gather(1, trie.child_state[state].flatten(1)).view_as(real)
         cand = (cand + scores[..., None]).masked_fill_(~real, -math.inf)
         scores, flat = cand.view(batch, -1).topk(num_beams, dim=1)  # [batch, beams]
         beam, slot = flat // children, flat % children
@@ -368,19 +421,30 @@ class Decoder:
         ends = [i for i, t in enumerate(generated) if t in (self.eos_token_id, self.pad_token_id)]
         return self.item_of.get(tuple(generated[: ends[0]] if ends else generated))
 
+    def excluded_states(self, exclude: Sequence[Iterable[str]]) -> torch.BoolTensor:
+        """Per example, item ids to leave out -> the trie's ``excluded_states`` (ids of no item are ignored)."""
+        if self.mode != "trie":
+            raise DataError(f"leaving items out needs the trie decoding (--decoding trie), got {self.mode!r}")
+        tokens_of = {item: ids for ids, item in self.item_of.items()}
+        return self.trie.excluded_states([[tokens_of[i] for i in items if i in tokens_of] for items in exclude])
+
     @torch.no_grad()
-    def rank(self, model, encodings: dict[str, torch.Tensor], num_beams: int) -> list[list[tuple[str | None, float]]]:
-        """Beam-search one left-padded batch; per example, (item or None, score) best first."""
+    def rank(self, model, encodings: dict[str, torch.Tensor], num_beams: int,
+             exclude: Sequence[Iterable[str]] | None = None) -> list[list[tuple[str | None, float]]]:
+        """Beam-search one left-padded batch; per example, (item or None, score) best first.
+        ``exclude``: per example, item ids that must not be returned (the search ranks the others)."""
         input_ids, attention_mask = encodings["input_ids"], encodings["attention_mask"]
+        excluded = None if exclude is None else self.excluded_states(exclude)
         if self.mode == "trie" and self.search == "trie" and takes_cache(model):
             tokens, scores = trie_beam_search(model, self.trie, input_ids, attention_mask, num_beams, self.eos_token_id,
-                                              self.softmax)
+                                              self.softmax, excluded)
             return self.ranked(tokens.flatten(0, 1).tolist(), scores.flatten().tolist(), num_beams)
         prompt_len = input_ids.shape[1]
         kwargs = {}
         if self.mode == "trie":
             kwargs["logits_processor"] = LogitsProcessorList([TrieLogitsProcessor(self.trie, prompt_len,
-                                                                                  inplace=num_beams > 1)])
+                                                                                  inplace=num_beams > 1,
+                                                                                  excluded=excluded)])
         elif self.mode == "position":
             seqs = [list(k) for k in self.item_of]
             kwargs["prefix_allowed_tokens_fn"] = position_allowed_tokens_fn(seqs, prompt_len, self.eos_token_id,
@@ -407,7 +471,7 @@ class Decoder:
             beams = sorted(range(b * num_beams, (b + 1) * num_beams), key=lambda r: -scores[r])
             seen, items = set(), []
             for r in beams:
-                if scores[r] == -math.inf:
+                if not scores[r] > -math.inf:  # also NaN: generate's beams with nothing left to reach
                     continue
                 item = self.item_for(generated[r])
                 if item is None and self.filter_items:
@@ -421,13 +485,14 @@ class Decoder:
 
 
 def rank_batch_with_backoff(decoder: Decoder, model, encodings, num_beams: int, oom_backoff: bool,
-                            on_backoff: Callable[[int, int], None] | None = None):
+                            on_backoff: Callable[[int, int], None] | None = None,
+                            exclude: Sequence[Iterable[str]] | None = None):
     """``decoder.rank`` that, with ``oom_backoff``, retries the batch on CUDA out-of-memory with
     half the beams (down to 1). Returns (ranked, beams used)."""
     beams = num_beams
     while True:
         try:
-            return decoder.rank(model, encodings, beams), beams
+            return decoder.rank(model, encodings, beams, exclude=exclude), beams
         except torch.cuda.OutOfMemoryError:
             if not oom_backoff or beams == 1:
                 raise

@@ -6,40 +6,46 @@
     python recommend.py ... --query "a funny animated film for children"
     python recommend.py ... --serve --port 8000      # the web page at http://127.0.0.1:8000/
 
-Every returned item is a real item (trie-constrained beam search, as in test.py); items already
-in the history are marked. The logic lives in recommender.py, the server in recommend_server.py.
+Every returned item is a real item (trie-constrained beam search, as in test.py). Items already
+in the history are left out by the search, which returns K other items (--keep_history keeps
+them, marked). The model uses every core unless --threads says otherwise. The logic lives in
+recommender.py, the server in recommend_server.py.
 """
 import json
-import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # steadier on small CPU machines
-
-from arguments import parse_args  # noqa: E402
-from recommender import Recommender  # noqa: E402
-from utils import DataError, exit_on_data_error  # noqa: E402
+from arguments import parse_args
+from recommender import Recommender, shorten
+from utils import DataError, exit_on_data_error
 
 
-def format_table(out: dict) -> str:
+def format_table(out: dict, title_width: int = 60) -> str:
+    """The answer as text; titles (and the request) longer than ``title_width`` are cut."""
+    def cut(title: str) -> str:
+        return title if len(title) <= title_width else title[:max(title_width - 1, 0)] + "…"
+
     lines = []
     if out["history"]:
-        shown = ", ".join(f'"{h["title"]}"' if h["title"] else h["item"] for h in out["history"][-5:])
+        shown = ", ".join(f'"{cut(h["title"])}"' if h["title"] else h["item"] for h in out["history"][-5:])
         more = f"{len(out['history']) - 5} earlier items, then " if len(out["history"]) > 5 else ""
         lines.append(f"history ({len(out['history'])} items): {more}{shown}")
     if out["query"]:
-        lines.append(f'request: "{out["query"]}"')
+        lines.append(f'request: "{shorten(out["query"], max(title_width, 200))}"')
     lines += [f"note: {n}" for n in out["notes"]]
-    width = max([len(r["title"]) for r in out["items"]] + [5])
+    if not out.get("keep_history", True) and out["history"]:
+        lines.append("items of the history are left out (--keep_history keeps them)")
+    titles = [cut(r["title"]) for r in out["items"]]
+    width = max([len(t) for t in titles] + [5])
     iw = max([len(r["index"]) for r in out["items"]] + [5])
     lines.append(f"{'rank':>4}  {'item':>6}  {'title':<{width}}  {'index':<{iw}}  {'score':>8}")
-    for r in out["items"]:
+    for r, title in zip(out["items"], titles):
         mark = "  (in history)" if r["in_history"] else ""
         if out.get("held_out") and r["item"] == out["held_out"]["item"]:
             mark = "  (held-out next item)"
-        lines.append(f"{r['rank']:>4}  {r['item']:>6}  {r['title']:<{width}}  {r['index']:<{iw}}  {r['score']:>8.4f}{mark}")
+        lines.append(f"{r['rank']:>4}  {r['item']:>6}  {title:<{width}}  {r['index']:<{iw}}  {r['score']:>8.4f}{mark}")
     if out.get("held_out"):
         h = out["held_out"]
         where = f"rank {h['rank']}" if h["rank"] else "not in the top K"
-        lines.append(f'held-out next item: {h["item"]} "{h["title"]}" ({where})')
+        lines.append(f'held-out next item: {h["item"]} "{cut(h["title"])}" ({where})')
     lines.append(f"{len(out['items'])} items in {out['latency_ms']} ms ({out['num_beams']} beams)")
     return "\n".join(lines)
 
@@ -48,14 +54,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args("recommend", argv, description=__doc__.split("\n")[0])
     if not args.serve and not any(v is not None for v in (args.user, args.history, args.history_ids, args.query)):
         raise DataError("give --user, --history, --history_ids or --query (or --serve for the web page)")
-    recommender = Recommender(args)
-    if args.serve:
-        from recommend_server import serve
+    if args.threads:
+        import torch
 
-        serve(recommender, args.host, args.port)
+        torch.set_num_threads(args.threads)
+    if args.serve:
+        from recommend_server import listen, serve
+
+        sock = listen(args.host, args.port)  # before the model loads: a port in use fails at once
+        serve(Recommender(args), sock, args.host, args.max_body_kb * 1024)
         return
-    out = recommender.answer(args.user, args.history, args.history_ids, args.query, args.k)
-    print(json.dumps(out, indent=1, ensure_ascii=False) if args.json else format_table(out))
+    out = Recommender(args).answer(args.user, args.history, args.history_ids, args.query, args.k, args.keep_history)
+    print(json.dumps(out, indent=1, ensure_ascii=False) if args.json else format_table(out, args.title_width))
 
 
 if __name__ == "__main__":

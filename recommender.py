@@ -3,7 +3,9 @@
 The model loads once (:class:`Recommender`); each request renders the same prompt templates
 training used (seqrec template 0 for histories, an itemsearch template for requests) and
 decodes with the trie-constrained beam search of test.py, so every returned item is a real
-item. Bad input raises :class:`RequestError` with a message meant for the person who typed it.
+item. Items of the history are left out by the search itself (``keep_history`` keeps them), so K
+new items come back. Bad input raises :class:`RequestError` with a message meant for the person
+who typed it, quoting at most ``QUOTE`` characters of what was typed.
 """
 from __future__ import annotations
 
@@ -19,8 +21,17 @@ from checkpoint_record import check_checkpoint
 from dataset_files import held_out
 from utils import DataError
 
+QUOTE = 200  # characters of a request's text that an error message repeats
+
+
 class RequestError(DataError):
     """A request that cannot be answered as asked (unknown user or title, empty history, bad K)."""
+
+
+def shorten(text: str, width: int = QUOTE) -> str:
+    """``text`` cut to ``width`` characters, the cut marked with an ellipsis (and the full length)."""
+    text = str(text)
+    return text if len(text) <= width else f"{text[:max(width - 1, 0)]}… ({len(text)} characters)"
 
 
 @dataclass
@@ -47,10 +58,10 @@ def match_title(text: str, titles: dict[str, str]) -> tuple[str, str | None]:
     close = difflib.get_close_matches(text.casefold(), list(by_title), n=5, cutoff=0.75)
     if close:
         item = by_title[close[0]]
-        return item, f'"{text}" matched to "{titles[item]}"'
+        return item, f'"{shorten(text)}" matched to "{titles[item]}"'
     near = difflib.get_close_matches(text.casefold(), list(by_title), n=5, cutoff=0.3)
     hint = "; closest titles: " + "; ".join(f'"{titles[by_title[t]]}"' for t in near) if near else ""
-    raise RequestError(f'unknown title "{text}"{hint}')
+    raise RequestError(f'unknown title "{shorten(text)}"{hint}')
 
 
 class Recommender:
@@ -106,7 +117,8 @@ class Recommender:
         seq = self.files.inters.get(str(user).strip())
         if seq is None:
             users = list(self.files.inters)
-            raise RequestError(f"unknown user {user!r}; users are {users[0]} ... {users[-1]} ({len(users)} in all)")
+            raise RequestError(f"unknown user {shorten(user)!r}; users are {users[0]} ... {users[-1]} "
+                               f"({len(users)} in all)")
         history, item = held_out(seq, "test")
         return [str(i) for i in history], str(item)
 
@@ -125,7 +137,8 @@ class Recommender:
         items = [str(p).strip() for p in parts if str(p).strip()]
         unknown = [i for i in items if i not in self.indices]
         if unknown:
-            raise RequestError(f"unknown item ids {unknown[:5]}; ids are the keys of the index file "
+            shown = [shorten(i, 40) for i in unknown[:5]]
+            raise RequestError(f"unknown item ids {shown}; ids are the keys of the index file "
                                f"({len(self.indices)} items)")
         return items
 
@@ -147,18 +160,24 @@ class Recommender:
         fields = {"query": query, "history": self.seqrec.format_history(history) if history else ""}
         return self.prompts.wrap(template["instruction"].format(**fields))
 
-    def recommend(self, history: list[str], query: str | None = None, k: int = 10) -> dict:
-        """Top-``k`` items for a history (oldest first) and/or a request text."""
+    def recommend(self, history: list[str], query: str | None = None, k: int = 10, keep_history: bool = False) -> dict:
+        """Top-``k`` items for a history (oldest first) and/or a request text; the history's own
+        items are left out unless ``keep_history``."""
         import torch
 
         if not 1 <= int(k) <= len(self.indices):
             raise RequestError(f"K must be between 1 and the number of items ({len(self.indices)}), got {k}")
         k = int(k)
+        seen = set(history)
+        left = len(self.indices) - len(seen & self.indices.keys())  # items the search may return
+        if not keep_history and k > left:
+            raise RequestError(f"K is {k} but only {left} items are not in the history; ask for fewer or keep "
+                               "the history's items (keep_history)")
         notes = []
         if len(history) > self.max_his_len > 0:
             notes.append(f"the history has {len(history)} items; the model sees the most recent {self.max_his_len}")
         text = self.build_prompt(history, query)
-        beams = max(self.num_beams, k)
+        beams = max(self.num_beams, k) if keep_history else min(max(self.num_beams, k), left)
         start = time.perf_counter()
         with self.lock:
             encodings, _ = self.collate([{"prompt": text, "target": ""}])
@@ -166,8 +185,7 @@ class Recommender:
                 notes.append("the prompt was longer than --model_max_length; its oldest tokens were cut")
             encodings = {name: t.to(self.device) for name, t in encodings.items()}
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16_autocast):
-                ranked = self.decoder.rank(self.model, encodings, beams)[0]
-        seen = set(history)
+                ranked = self.decoder.rank(self.model, encodings, beams, exclude=None if keep_history else [seen])[0]
         items = [Recommendation(rank, item, self.titles.get(item, ""), "".join(self.indices[item]), round(score, 4),
                                 item in seen)
                  for rank, (item, score) in enumerate(((i, s) for i, s in ranked if i is not None), start=1)][:k]
@@ -175,13 +193,14 @@ class Recommender:
         return {"items": [asdict(r) for r in items],
                 "history": [{"item": i, "title": self.titles.get(i, ""), "in_prompt": n >= first_used}
                             for n, i in enumerate(history)],
-                "query": query, "notes": notes, "num_beams": beams,
+                "query": query, "notes": notes, "num_beams": beams, "keep_history": bool(keep_history),
                 "latency_ms": round(1000 * (time.perf_counter() - start), 1)}
 
     def answer(self, user: str | None = None, history: str | None = None, history_ids: str | list | None = None,
-               query: str | None = None, k: int = 10) -> dict:
+               query: str | None = None, k: int = 10, keep_history: bool = False) -> dict:
         """One request from the command line or the web page: exactly one of user / history /
-        history_ids, or none of them with a query."""
+        history_ids, or none of them with a query. The history's items are left out of the answer
+        unless ``keep_history`` (the held-out item of a user is not in the history)."""
         given = [name for name, v in (("user", user), ("history", history), ("history_ids", history_ids))
                  if v not in (None, "", [])]
         if len(given) > 1:
@@ -199,7 +218,7 @@ class Recommender:
             items = self.history_from_ids(history_ids)
         else:
             items = []
-        out = self.recommend(items, query, k)
+        out = self.recommend(items, query, k, keep_history)
         out["notes"] = notes + out["notes"]
         if held_out is not None:
             ranks = [r["rank"] for r in out["items"] if r["item"] == held_out]

@@ -175,11 +175,11 @@ def test_oom_backoff_halves_beams(tiny_indexed):
     decoder = Decoder.build(tok, indices)
     real_rank, tried = decoder.rank, []
 
-    def rank_or_oom(model, enc, beams):  # pretend anything above 5 beams runs out of memory
+    def rank_or_oom(model, enc, beams, exclude=None):  # pretend anything above 5 beams runs out of memory
         tried.append(beams)
         if beams > 5:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_rank(model, enc, beams)
+        return real_rank(model, enc, beams, exclude=exclude)
 
     decoder.rank = rank_or_oom
     enc = _encode(tok, ["The red king", "star"])
@@ -476,3 +476,48 @@ def test_decoding_under_cpu_bf16_autocast_scores_real_items_close_to_fp32(tiny_i
         assert len(shared) >= 5  # mostly the same items
         assert max(abs(a - b) for a, b in shared) < 0.1  # mean log-probability per token
         assert rounded[0][1] >= rounded[-1][1]
+
+
+def test_excluded_states_are_the_prefixes_with_no_item_left():
+    seqs = [(10, 20, 30), (10, 20, 31), (10, 21, 30), (11, 20, 30)]
+    trie = IndexTrie(seqs, EOS, PAD)
+    state_of = {tuple(p): trie.states(torch.tensor([p])).item() for s in seqs for p in (s[:1], s[:2], s)}
+    ex = trie.excluded_states([[(10, 20, 30), (10, 20, 31)],  # both items below (10, 20)
+                               [(10, 20, 30), (99, 98, 97), (10, 20)],  # one item; a non-item and a prefix count nowhere
+                               [(11, 20, 30)],  # the only item below 11: the whole first-level branch goes
+                               []])
+    gone = [{p for p, s in state_of.items() if ex[row, s]} for row in range(4)]
+    assert gone[0] == {(10, 20), (10, 20, 30), (10, 20, 31)}
+    assert gone[1] == {(10, 20, 30)}
+    assert gone[2] == {(11,), (11, 20), (11, 20, 30)}
+    assert gone[3] == set() and not ex[:, trie.ROOT].any()
+
+
+@pytest.mark.parametrize("search,softmax", [("trie", "full"), ("trie", "trie"), ("hf", "full")])
+def test_excluded_items_are_never_returned_and_the_others_keep_their_scores(tiny_indexed, tie_free_model, search,
+                                                                            softmax):
+    """With as many beams as items the search is exhaustive: leaving items out must give exactly the
+    full ranking less those items, same scores. With 5 beams, excluding the top 5 must still give 5
+    real items (the search goes past them), none of them excluded."""
+    tok, _, indices = tiny_indexed
+    decoder = Decoder.build(tok, indices, search=search, softmax=softmax)
+    enc = _encode(tok, TEXTS)
+    full = decoder.rank(tie_free_model, enc, len(indices))
+    exclude = [[i for i, _ in r[:: 3]] for r in full]  # every third item of each example's ranking
+    exclude[1] += ["not an item"]  # ignored
+    masked = decoder.rank(tie_free_model, enc, len(indices), exclude=exclude)
+    for f, m, ex in zip(full, masked, exclude):
+        kept = [(i, s) for i, s in f if i not in ex]
+        assert [i for i, _ in m] == [i for i, _ in kept] and len(kept) == len(indices) - 8
+        assert torch.allclose(torch.tensor([s for _, s in m]), torch.tensor([s for _, s in kept]), atol=1e-5, rtol=0)
+    top5 = [[i for i, _ in r[:5]] for r in decoder.rank(tie_free_model, enc, 5)]
+    for items, ex in zip(decoder.rank(tie_free_model, enc, 5, exclude=top5), top5):
+        names = [i for i, _ in items]
+        assert len(names) == 5 == len(set(names)) and all(n in indices and n not in ex for n in names)
+
+
+def test_leaving_items_out_needs_the_trie_decoding(tiny_indexed):
+    tok, model, indices = tiny_indexed
+    decoder = Decoder.build(tok, indices, mode="position")
+    with pytest.raises(DataError, match="--decoding trie"):
+        decoder.rank(model, _encode(tok, ["star"]), 3, exclude=[["1"]])

@@ -1,6 +1,7 @@
 """recommend.py: the three kinds of request on a tiny checkpoint, from the command line, over
 HTTP, and in a real headless browser."""
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -142,6 +143,68 @@ def test_cli_bad_input_gives_clear_errors(ckpt_and_data, capsys, tmp_path):
     assert any("the model sees the most recent 5" in n for n in out["notes"])
 
 
+def test_history_items_are_left_out_by_the_search_unless_kept(ckpt_and_data, capsys):
+    """K = every item not in the history: the search must return exactly those (more than
+    --num_beams 10), so leaving the history out cannot be a filter on the top K. --keep_history
+    brings the history's items back, marked."""
+    ckpt, data_path, titles, inters = ckpt_and_data
+    history = {str(i) for i in inters["3"][:-1]}
+    left = N_ITEMS - len(history)
+    assert left > 10  # more than the beams
+    out = run_json(ckpt, data_path, capsys, "--user", "3", "--k", str(left))
+    assert_real_distinct(out, left, titles)
+    assert {r["item"] for r in out["items"]} == set(titles) - history and not any(r["in_history"] for r in out["items"])
+    assert out["keep_history"] is False
+
+    out = run_json(ckpt, data_path, capsys, "--history_ids", ",".join(sorted(history)), "--k", "5")
+    assert_real_distinct(out, 5, titles)
+    assert not {r["item"] for r in out["items"]} & history
+
+    out = run_json(ckpt, data_path, capsys, "--user", "3", "--k", str(N_ITEMS), "--keep_history")
+    assert_real_distinct(out, N_ITEMS, titles)
+    assert {r["item"] for r in out["items"] if r["in_history"]} == history and out["keep_history"] is True
+
+    with pytest.raises(RequestError, match=f"K is {left + 1} but only {left} items are not in the history"):
+        recommend.main(base_args(ckpt, data_path, "--user", "3", "--k", str(left + 1)))
+
+
+def test_table_cuts_long_titles_and_json_keeps_them(ckpt_and_data, capsys, tmp_path):
+    ckpt, data_path, _, _ = ckpt_and_data
+    long_data = tmp_path / "data"
+    shutil.copytree(data_path, long_data)
+    item_file = long_data / "Tiny" / "Tiny.item.json"
+    items = json.loads(item_file.read_text())
+    for i, fields in items.items():
+        fields["title"] = f"A very long title {i} " + "x" * 100_000
+    item_file.write_text(json.dumps(items))
+    recommend.main(base_args(ckpt, long_data, "--user", "3", "--k", "5", "--title_width", "40"))
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if "<a_" in line]
+    assert len(rows) == 5 and max(len(r) for r in rows) < 40 + 80 and "…" in rows[0], table
+    assert max(len(line) for line in table.splitlines()) < 5 * 45 + 60  # the history line: 5 cut titles
+    recommend.main(base_args(ckpt, long_data, "--user", "3", "--k", "5"))  # the default width, 60
+    rows = [line for line in capsys.readouterr().out.splitlines() if "<a_" in line]
+    assert len(rows) == 5 and max(len(r) for r in rows) < 60 + 80
+    out = run_json(ckpt, long_data, capsys, "--user", "3", "--k", "5", "--title_width", "40")
+    assert all(len(r["title"]) > 100_000 for r in out["items"])
+
+
+def test_every_core_by_default_and_threads_flag(ckpt_and_data, capsys, monkeypatch):
+    from generation import Decoder
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    probe = "import os, recommend; print(os.environ.get('OMP_NUM_THREADS'))"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "None", proc.stderr[-2000:]  # nothing pins one thread
+
+    ckpt, data_path, _, _ = ckpt_and_data
+    seen, real = [], Decoder.rank
+    monkeypatch.setattr(Decoder, "rank", lambda self, *a, **kw: seen.append(torch.get_num_threads()) or real(self, *a, **kw))
+    torch.set_num_threads(2)
+    run_json(ckpt, data_path, capsys, "--user", "3", "--k", "3", "--threads", "1")
+    assert seen == [1]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -219,3 +282,94 @@ def test_page_in_a_headless_browser(server, tmp_path):
     assert body.count("<tr") == 5 and "held-out next item" in dom
     bad = subprocess.run(cmd[:-1] + [server + "/?user=nobody"], capture_output=True, text=True, timeout=120).stdout
     assert "unknown user" in bad and "Traceback" not in bad
+
+
+def post_raw(url, data, content_type="application/json", path="/api/recommend"):
+    """POST bytes (or an iterable of bytes: sent chunked, without Content-Length); (status, answer, seconds)."""
+    headers = {"Content-Type": content_type} if content_type is not None else {}
+    req = urllib.request.Request(url + path, data=data, headers=headers, method="POST")
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read()), time.perf_counter() - start
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), time.perf_counter() - start
+
+
+BAD_BODIES = {  # name: (body, Content-Type, status, start of the error)
+    "1 MB body": (json.dumps({"query": "x" * 2**20}).encode(), "application/json", 413,
+                  "body: over the limit of 64 KB"),
+    "1 MB of bad JSON, refused before parsing": (b"{" * 2**20, "application/json", 413, "body: over the limit"),
+    "1 MB chunked, no length": ((b"x" * 2**16 for _ in range(16)), "application/json", 413, "body: over the limit"),
+    "wrong content type": (b'{"user": "2"}', "text/plain", 400,
+                           "Content-Type: expected application/json, got 'text/plain'"),
+    "no content type": (b'{"user": "2"}', None, 400, "Content-Type: expected application/json"),
+    "malformed JSON": (b'{"user": "2",', "application/json", 400, "body: not valid JSON"),
+    "empty body": (b"", "application/json", 400, "body: empty"),
+    "JSON nested too deeply": (b"[" * 50_000, "application/json", 400, "body: not valid JSON"),
+    "not an object": (b'["2"]', "application/json", 400, "body: expected a JSON object"),
+    "unknown field": (b'{"usr": "2"}', "application/json", 400, "usr: Extra inputs are not permitted"),
+    "wrong type": (b'{"user": "2", "keep_history": "maybe"}', "application/json", 400, "keep_history:"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_server_refuses_a_bad_body_with_400_or_413_and_its_own_error(server, case):
+    data, content_type, status, message = BAD_BODIES[case]
+    code, out, seconds = post_raw(server, data, content_type)
+    assert code == status and set(out) == {"error"} and out["error"].startswith(message), (code, out)
+    assert seconds < 10
+    with pytest.raises(urllib.error.HTTPError) as e:  # a wrong route answers in the same shape
+        urllib.request.urlopen(server + "/api/nothing", timeout=30)
+    assert e.value.code == 404 and "error" in json.loads(e.value.read())
+
+
+@pytest.mark.parametrize("body,message", [({"user": "u" * 50_000}, "unknown user"),
+                                          ({"history": "Zz" * 25_000}, "unknown title"),
+                                          ({"history_ids": ["9" * 50_000]}, "unknown item ids")])
+def test_server_errors_quote_at_most_200_characters(server, body, message):
+    code, out, _ = post_raw(server, json.dumps(body).encode())
+    assert code == 400 and message in out["error"] and len(out["error"]) < 400, out["error"][:500]
+
+
+def test_server_leaves_the_history_out_unless_asked_to_keep_it(server, ckpt_and_data):
+    _, _, titles, inters = ckpt_and_data
+    history = {str(i) for i in inters["2"][:-1]}
+    k = N_ITEMS - len(history)
+    code, out, _ = post_raw(server, json.dumps({"user": "2", "k": k}).encode())
+    assert code == 200 and out["keep_history"] is False
+    assert_real_distinct(out, k, titles)
+    assert {r["item"] for r in out["items"]} == set(titles) - history
+    code, out, _ = post_raw(server, json.dumps({"user": "2", "k": N_ITEMS, "keep_history": True}).encode())
+    assert code == 200 and {r["item"] for r in out["items"] if r["in_history"]} == history
+
+
+def start_serve(ckpt, data_path, port):
+    cmd = [sys.executable, str(ROOT / "recommend.py"), *base_args(ckpt, data_path, "--serve", "--port", str(port))]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_serve_on_a_port_in_use_exits_1_with_the_reason(ckpt_and_data):
+    ckpt, data_path, _, _ = ckpt_and_data
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = start_serve(ckpt, data_path, port)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "serving on" not in out, (out, err)
+    assert f"--port {port}: cannot listen there: Address already in use" in err and "Traceback" not in err, err
+
+
+def test_serve_says_serving_on_only_once_the_port_is_bound(ckpt_and_data):
+    ckpt, data_path, _, _ = ckpt_and_data
+    proc = start_serve(ckpt, data_path, 0)  # any free port: the line must name the one bound
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
+        url = line.split()[2].rstrip("/")
+        with urllib.request.urlopen(url + "/api/catalogue", timeout=30) as r:  # answering at once
+            assert r.status == 200 and json.loads(r.read())["num_items"] == N_ITEMS
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -217,3 +217,21 @@ def test_test_collator_keeps_the_newest_prompt_tokens():
     enc, _ = collate([{"prompt": prompt, "target": "x"}, {"prompt": "red", "target": "y"}])
     assert collate.last_cut == [True, len(encode_prompt(tok, "red")) > 5]
     assert enc["input_ids"][0].tolist() == ids[-5:]
+
+
+def test_exclude_history_is_an_option_and_off_by_default(ckpt_and_data):
+    """By default (the paper's protocol) the ranking may hold the user's history; --exclude_history
+    leaves it out and still ranks --num_beams real items."""
+    root, data_path = ckpt_and_data
+    inters = json.loads((data_path / "Tiny" / "Tiny.inter.json").read_text())
+    history = {u: {str(i) for i in seq[:-1]} for u, seq in inters.items()}
+    runs = {}
+    for name, extra in (("paper", ()), ("masked", ("--exclude_history",))):
+        results = root / f"{name}.json"
+        runs[name] = evaluate_checkpoint(parse_args("test", _args(root / "ckpt", data_path, results, "--num_beams",
+                                                                  "10", "--save_predictions", *extra)))
+        runs[name]["rows"] = [json.loads(line) for line in predictions_path(results).read_text().splitlines()]
+    assert runs["paper"]["exclude_history"] is False and runs["masked"]["exclude_history"] is True
+    assert sum(len(set(r["items"]) & history[r["user"]]) for r in runs["paper"]["rows"]) > 0
+    for r in runs["masked"]["rows"]:
+        assert len(r["items"]) == 10 == len(set(r["items"])) and not set(r["items"]) & history[r["user"]]

@@ -1,0 +1,187 @@
+"""Latency of recommend.py's answers: p50 and p90 over --users users of a dataset (10 items from 20
+beams by default), in the process or over HTTP (--http, the server of ``recommend.py --serve``).
+
+    python bench/bench_recommend.py --data_path data --dataset ml-100k [--ckpt_path CKPT]
+        [--users 50] [--k 10] [--num_beams 20] [--max_his_len 20] [--threads 2] [--http]
+
+Without --ckpt_path a stand-in checkpoint is built once in --work_dir: the embedded
+SmolLM2-135M-Instruct with the dataset's index tokens added (untrained rows: a request costs the
+same whatever the weights). A dataset without an index file gets random 4-level indices of 256
+codes (bench_decode.make_index) in --work_dir as well; the trie then has the shape of a trained
+RQ-VAE's. Each user is asked once, after --warmup requests; the figures are one per line: the CPU,
+threads, the load average before and after, then p50 / p90 / min / max in ms.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from arguments import parse_args
+from dataset_files import dataset_file, load_indices, load_inters
+from utils import exit_on_data_error
+
+SMOLLM2 = Path("~/.cache/lcrec/SmolLM2-135M-Instruct").expanduser()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (lscpu's 'Model name'), and whether it has native bf16."""
+    name, flags = platform.processor() or "unknown CPU", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", "unknown CPU", platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
+    return f"{name} ({os.cpu_count()} logical CPUs; native bf16: {', '.join(native) or 'no'})"
+
+
+def stand_in_data(data_path: Path, dataset: str, index_file: str, work_dir: Path) -> Path:
+    """``data_path`` itself when it has an index file; else a copy of its interaction and item files
+    with random indices, under ``work_dir``."""
+    if dataset_file(data_path, dataset, index_file).exists():
+        return data_path
+    from bench_decode import make_index
+
+    out = work_dir / "data"
+    folder = out / dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix in (".inter.json", ".item.json"):
+        shutil.copy(dataset_file(data_path, dataset, suffix), folder / f"{dataset}{suffix}")
+    n_items = 1 + max(int(i) for seq in load_inters(folder / f"{dataset}.inter.json").values() for i in seq)
+    target = dataset_file(out, dataset, index_file)
+    if not target.exists():
+        target.write_text(json.dumps(make_index(n_items)))
+    return out
+
+
+def stand_in_checkpoint(base: Path, indices: dict[str, list[str]], work_dir: Path) -> Path:
+    """``base`` with the index tokens added, saved once under ``work_dir`` (renamed into place when whole)."""
+    from transformers import AutoModelForCausalLM
+
+    from modeling import add_index_tokens, load_tokenizer
+
+    ckpt = work_dir / "ckpt"
+    if (ckpt / "config.json").exists():
+        return ckpt
+    tokenizer = load_tokenizer(str(base))
+    add_index_tokens(tokenizer, indices)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tokenizer))
+    tmp = work_dir / "ckpt.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(ckpt)
+    return ckpt
+
+
+def http_answer(port: int):
+    """A function request body -> answer, over HTTP to the server on 127.0.0.1:``port``."""
+    def ask(body: dict) -> dict:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/recommend", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+    return ask
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data_path", required=True)
+    p.add_argument("--dataset", default="ml-100k")
+    p.add_argument("--index_file", default=".index.json")
+    p.add_argument("--ckpt_path", default=None, help="a fine-tuned checkpoint; default: a stand-in (see above)")
+    p.add_argument("--base_model", default=str(SMOLLM2), help="what the stand-in checkpoint is built from")
+    p.add_argument("--work_dir", default="bench_recommend_work", help="where the stand-in checkpoint and data go")
+    p.add_argument("--users", type=int, default=50)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--num_beams", type=int, default=20)
+    p.add_argument("--max_his_len", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None, help="default: every core (recommend.py's default)")
+    p.add_argument("--cpu_bf16", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--keep_history", action="store_true", help="do not leave the history's items out")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--http", action="store_true", help="ask over HTTP (recommend_server on 127.0.0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    from recommender import Recommender
+
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    data_path = stand_in_data(Path(args.data_path), args.dataset, args.index_file, work_dir)
+    ckpt = args.ckpt_path or stand_in_checkpoint(
+        Path(args.base_model), load_indices(dataset_file(data_path, args.dataset, args.index_file)), work_dir)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rec = Recommender(parse_args("recommend", [
+        "--ckpt_path", str(ckpt), "--dataset", args.dataset, "--data_path", str(data_path), "--index_file",
+        args.index_file, "--num_beams", str(args.num_beams), "--max_his_len", str(args.max_his_len),
+        "--cpu_bf16", args.cpu_bf16]))
+    users = sorted(rec.files.inters, key=lambda u: (len(u), u))
+    users = random.Random(args.seed).sample(users, min(args.users + args.warmup, len(users)))
+
+    if args.http:
+        import socket
+
+        import uvicorn
+
+        from recommend_server import create_app
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(create_app(rec), host="127.0.0.1", port=port, log_level="warning"))
+        threading.Thread(target=server.run, daemon=True).start()
+        while not server.started:
+            time.sleep(0.05)
+        ask = http_answer(port)
+    else:
+        def ask(body: dict) -> dict:
+            return rec.answer(body["user"], k=body["k"], keep_history=body["keep_history"])
+
+    load_before = os.getloadavg()
+    wall, cpu, inside, prompt_items = [], [], [], []
+    for n, user in enumerate(tqdm(users, desc="requests", dynamic_ncols=True)):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        out = ask({"user": user, "k": args.k, "keep_history": args.keep_history})
+        if n >= args.warmup:
+            wall.append(1000 * (time.perf_counter() - start))
+            cpu.append(1000 * (time.process_time() - start_cpu))
+            inside.append(out["latency_ms"])
+            prompt_items.append(sum(h["in_prompt"] for h in out["history"]))
+    load_after = os.getloadavg()
+
+    def pct(xs: list[float], q: int) -> float:
+        return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
+
+    print(f"cpu: {cpu_model()}")
+    print(f"threads: {torch.get_num_threads()}; bf16 autocast: {rec.bf16_autocast}; torch {torch.__version__}")
+    print(f"load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}; "
+          f"after: {' '.join(f'{x:.2f}' for x in load_after)}")
+    print(f"asked: {len(wall)} users of {args.dataset}, {args.k} items from {rec.num_beams} beams, "
+          f"history items in the prompt: median {statistics.median(prompt_items):.0f}, "
+          f"{'history kept' if args.keep_history else 'history left out'}, {'HTTP' if args.http else 'in process'}")
+    # CPU time of the process (all its threads): what the answer costs whatever else runs on the machine
+    for name, xs in (("answer", wall), ("model (latency_ms)", inside), ("CPU time", cpu)):
+        print(f"{name} ms: p50 {pct(xs, 50):.0f}  p90 {pct(xs, 90):.0f}  min {min(xs):.0f}  max {max(xs):.0f}")
+
+
+if __name__ == "__main__":
+    with exit_on_data_error():
+        main()
