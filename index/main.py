@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="collaborative item embeddings .npy [items, c], row i = item i (zero rows: no signal)")
     collab.add_argument("--align_weight", type=float, default=0.01,
                         help="weight of the InfoNCE alignment of quantised latents with --collab_emb (LETTER: 0.01)")
+    collab.add_argument("--align_similarity", default="dot", choices=["dot", "cosine"],
+                        help="scores of the alignment: inner products (LETTER) or cosines")
+    collab.add_argument("--align_temperature", type=float, default=1.0,
+                        help="softmax temperature of the alignment (LETTER: 1)")
     collab.add_argument("--diversity_weight", type=float, default=1e-4,
                         help="weight of the code-diversity loss (LETTER: 1e-4)")
     collab.add_argument("--diversity_clusters", type=int, default=DIVERSITY_CLUSTERS,
@@ -114,8 +118,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--{flag} must be >= 0")
     if args.lr <= 0 or args.weight_decay < 0:
         p.error("--lr must be > 0 and --weight_decay >= 0")
-    if args.align_weight < 0 or args.diversity_weight < 0 or args.diversity_clusters < 1:
-        p.error("--align_weight and --diversity_weight must be >= 0 and --diversity_clusters at least 1")
+    if args.align_weight < 0 or args.diversity_weight < 0 or args.diversity_clusters < 1 or args.align_temperature <= 0:
+        p.error("--align_weight and --diversity_weight must be >= 0, --align_temperature > 0 and "
+                "--diversity_clusters at least 1")
 
 
 def build_regularisers(args: argparse.Namespace, n_items: int) -> CollabRegularisers | None:
@@ -127,7 +132,8 @@ def build_regularisers(args: argparse.Namespace, n_items: int) -> CollabRegulari
         raise DataError(f"--collab_emb {args.collab_emb}: {len(collab)} rows, expected one per item ({n_items}) "
                         "in item-id order, as the rows of --data_path")
     return CollabRegularisers(torch.from_numpy(collab), args.e_dim, args.align_weight, args.diversity_weight,
-                              args.diversity_clusters, seed=args.seed)
+                              args.diversity_clusters, args.align_temperature, args.align_similarity == "cosine",
+                              seed=args.seed)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,9 +21,13 @@ from index.models.rq import ResidualQuantizer
 DIVERSITY_CLUSTERS = 10  # LETTER's clusters per codebook
 
 
-def alignment_loss(z_q: torch.Tensor, collab: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def alignment_loss(z_q: torch.Tensor, collab: torch.Tensor, temperature: float = 1.0,
+                   cosine: bool = False) -> torch.Tensor:
     """InfoNCE: z_q (B, e), collab (B, e) -> (); row i's positive is collab[i], the other rows of the
-    batch are its negatives; scores are inner products (LETTER: no normalisation, temperature 1)."""
+    batch are its negatives. Scores are inner products (LETTER: no normalisation, temperature 1) or,
+    with ``cosine``, cosines: then the loss cannot be lowered by scaling the latents up."""
+    if cosine:
+        z_q, collab = F.normalize(z_q, dim=1), F.normalize(collab, dim=1)
     logits = z_q @ collab.t() / temperature  # (B, B)
     return F.cross_entropy(logits, torch.arange(len(z_q), device=z_q.device))
 
@@ -68,10 +72,10 @@ class CollabRegularisers(nn.Module):
     embeddings to it (LETTER's 32-d SASRec embeddings match its 32-d codes and need none)."""
 
     def __init__(self, collab: torch.Tensor, e_dim: int, align_weight: float, diversity_weight: float,
-                 n_clusters: int = DIVERSITY_CLUSTERS, temperature: float = 1.0, seed: int = 0):
+                 n_clusters: int = DIVERSITY_CLUSTERS, temperature: float = 1.0, cosine: bool = False, seed: int = 0):
         super().__init__()
         self.align_weight, self.diversity_weight = align_weight, diversity_weight
-        self.n_clusters, self.temperature, self.seed = n_clusters, temperature, seed
+        self.n_clusters, self.temperature, self.cosine, self.seed = n_clusters, temperature, cosine, seed
         self.register_buffer("collab", collab.float())  # (N, c)
         self.register_buffer("has_collab", collab.abs().sum(dim=1) > 0)  # (N,)
         c_dim = collab.shape[1]
@@ -93,7 +97,8 @@ class CollabRegularisers(nn.Module):
         if self.align_weight > 0:
             keep = self.has_collab[items]  # (B,)
             if keep.sum() >= 2:
-                align = alignment_loss(z_q[keep], self.project(self.collab[items[keep]]), self.temperature)
+                align = alignment_loss(z_q[keep], self.project(self.collab[items[keep]]), self.temperature,
+                                       self.cosine)
                 total = total + self.align_weight * align
                 parts["align"] = align.item()
         if self.diversity_weight > 0:
