@@ -48,7 +48,7 @@ from scipy import sparse
 import data
 from dataset_files import load_indices, parse_index_token, test_item, train_part
 from item_vectors import COLLAB_RANK, code_vectors, collab_vectors, follow_counts, title_vectors
-from metrics import compute_metrics, standard_errors, target_rank
+from metrics import compute_metrics, mean_and_stderr, metric_value, standard_errors, target_rank
 from utils import DataError, exit_on_data_error
 
 METRICS = ["hit@10", "ndcg@10"]
@@ -57,8 +57,8 @@ RECENT = 5  # items of the history the co-occurrence and era scorers read, and t
 Scorer = Callable[[list[int]], np.ndarray]  # history (item numbers) -> [N] scores
 
 
-def evaluate(score: Scorer, histories: list[list[int]], targets: list[int], remove_history: bool = False) -> dict:
-    """HR@10, NDCG@10 and their standard errors of ``score`` over the test users."""
+def user_ranks(score: Scorer, histories: list[list[int]], targets: list[int], remove_history: bool = False) -> list[int]:
+    """Each test user's target rank in the top 10 of ``score`` (0: not in it)."""
     ranks = []
     for history, target in zip(histories, targets):
         scores = score(history).astype(np.float64, copy=True)  # [N]
@@ -66,8 +66,20 @@ def evaluate(score: Scorer, histories: list[list[int]], targets: list[int], remo
             scores[history] = -np.inf
         top = np.argpartition(-scores, 10)[:10]
         ranks.append(target_rank(top[np.argsort(-scores[top])].tolist(), target))
+    return ranks
+
+
+def evaluate(score: Scorer, histories: list[list[int]], targets: list[int], remove_history: bool = False) -> dict:
+    """HR@10, NDCG@10 and their standard errors of ``score`` over the test users."""
+    ranks = user_ranks(score, histories, targets, remove_history)
     values, errors = compute_metrics(ranks, METRICS), standard_errors(ranks, METRICS)
     return {m: (values[m], errors[m]) for m in METRICS}
+
+
+def paired(ranks_a: list[int], ranks_b: list[int]) -> dict:
+    """Mean of a - b over the same users, and its standard error, per metric."""
+    return {m: mean_and_stderr([metric_value(m, a) - metric_value(m, b) for a, b in zip(ranks_a, ranks_b)])
+            for m in METRICS}
 
 
 def random_windows(seqs: Sequence[Sequence[int]], count: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -211,9 +223,20 @@ def main() -> None:
 
     print(f"{args.dataset}: {n} items, {len(targets)} test users, history {args.max_his_len}; "
           f"codes per level in use: {[len(np.unique(codes[:, lv])) for lv in range(codes.shape[1])]}")
+    level_ranks: dict[str, list[int]] = {}  # the code co-occurrence rows of --index_files, for the paired lines
     for name, score, remove in rows:
-        result = evaluate(score, histories, targets, remove)
-        print(f"{name:38s} " + "  ".join(f"{m} {v:.4f} ± {e:.4f}" for m, (v, e) in result.items()))
+        ranks = user_ranks(score, histories, targets, remove)
+        if name.startswith("code co-occurrence") and name.endswith("]"):
+            level_ranks[name] = ranks
+        values, errors = compute_metrics(ranks, METRICS), standard_errors(ranks, METRICS)
+        print(f"{name:38s} " + "  ".join(f"{m} {values[m]:.4f} ± {errors[m]:.4f}" for m in METRICS))
+    for path in args.index_files[1:]:  # each further index against the first, paired over the same users
+        for level in range(codes.shape[1]):
+            first, other = (level_ranks.get(f"code co-occurrence, level {level} [{p}]") for p in (args.index_files[0], path))
+            if first is not None and other is not None:
+                diff = paired(other, first)
+                print(f"level {level}: {path} minus {args.index_files[0]}, paired: "
+                      + "  ".join(f"{m} {v:+.4f} ± {e:.4f}" for m, (v, e) in diff.items()))
 
 
 if __name__ == "__main__":
