@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         raise DataError(f"{item_file}: item ids must be the strings '0'..'{len(items) - 1}' (one row per item)")
     vectors = collab_vectors(inters, items, args.dim, args.window, rank=min(COLLAB_RANK, args.dim), seed=args.seed)
     if not vectors:
-        raise DataError(f"{args.data_path}/{args.dataset}: no two items co-occur in the training parts; nothing to save")
+        raise DataError(f"{args.data_path}/{args.dataset}: no two items co-occur in the training parts; "
+                        "nothing to save")
     save_item_matrix(args.output, item_matrix(vectors, len(items)))
     print(f"{len(vectors)} of {len(items)} items have a vector ({args.dim}-d) -> {args.output}")
 

@@ -194,7 +194,8 @@ def main() -> None:
     for path in args.index_files:
         other = load_indices(path, files.indices)
         if set(other) != set(files.indices):
-            raise DataError(f"--index_files {path}: indexes {len(other)} items, expected the dataset's {len(files.indices)}")
+            raise DataError(f"--index_files {path}: indexes {len(other)} items, "
+                            f"expected the dataset's {len(files.indices)}")
         rows += cooccurrence_rows(item_codes(other, n), train, counts, log_pop, f" [{path}]")
     for name, seqs in (("item co-occurrence, all training", train),
                        (f"item co-occurrence, {args.windows} windows",
@@ -232,7 +233,8 @@ def main() -> None:
         print(f"{name:38s} " + "  ".join(f"{m} {values[m]:.4f} ± {errors[m]:.4f}" for m in METRICS))
     for path in args.index_files[1:]:  # each further index against the first, paired over the same users
         for level in range(codes.shape[1]):
-            first, other = (level_ranks.get(f"code co-occurrence, level {level} [{p}]") for p in (args.index_files[0], path))
+            first, other = (level_ranks.get(f"code co-occurrence, level {level} [{p}]")
+                            for p in (args.index_files[0], path))
             if first is not None and other is not None:
                 diff = paired(other, first)
                 print(f"level {level}: {path} minus {args.index_files[0]}, paired: "

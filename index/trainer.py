@@ -189,7 +189,8 @@ class Trainer:
                             **{name: f"{value:.4f}" for name, value in self.last_parts.items()})
             if (epoch + 1) % args.eval_step == 0 or epoch + 1 == args.epochs:
                 stats = self.evaluate(embeddings)
-                info = {"epoch": epoch + 1, "loss": loss, "recon_loss": recon, "collision_rate": stats["collision_rate"],
+                info = {"epoch": epoch + 1, "loss": loss, "recon_loss": recon,
+                        "collision_rate": stats["collision_rate"],
                         **{f"{name}_loss": value for name, value in self.last_parts.items()}}
                 self.history.append({**info, "used_codes": stats["used_codes"]})
                 if loss < self.best_loss:
