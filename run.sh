@@ -112,6 +112,18 @@ case "$PROFILE" in
     : "${DECODING:=trie,position}" ;;
   *) echo "error: PROFILE must be quick, cpu, gpu or paper, got '$PROFILE'" >&2; exit 2 ;;
 esac
+# Which index each profile trains on: text (the original's: the RQ-VAE reads item text only) or collab
+# (LETTER's regularisers also align the codes with COLLAB_VECTORS, which items are watched together:
+# ppmi = item_vectors.py's co-occurrence vectors, sasrec = a trained SASRec's item embeddings; docs/index.md)
+case "$PROFILE" in
+  quick|cpu|gpu) : "${INDEX:=text}" ;;
+  paper)         : "${INDEX:=text}" ;;   # the original's text index
+esac
+# align 0.1, not LETTER's 0.01: at the cpu profile's 300 RQ-VAE epochs 0.01 leaves the alignment at chance
+# and level 0 on 5 codes, 0.1 doubles the level-0 code co-occurrence probe on ml-100k (docs/index.md)
+: "${COLLAB_VECTORS:=ppmi}" "${COLLAB_FLAGS=--align_weight 0.1 --diversity_weight 1e-4}"
+case "$INDEX" in text|collab) ;; *) echo "error: INDEX must be text or collab, got '$INDEX'" >&2; exit 2 ;; esac
+case "$COLLAB_VECTORS" in ppmi|sasrec) ;; *) echo "error: COLLAB_VECTORS must be ppmi or sasrec, got '$COLLAB_VECTORS'" >&2; exit 2 ;; esac
 DEEPSPEED=${DEEPSPEED-config/ds_z3_bf16.json}   # used when NPROC > 1; empty = plain DDP
 # Training precision: auto = bf16 on GPUs, with DeepSpeed, and on CPUs with native bf16 (avx512_bf16,
 # AMX); fp32 on other CPUs, where emulated bf16 matmuls are slower than fp32 ones.
@@ -188,7 +200,7 @@ RQ_CODES=${RQ_CODES:-256 256 256 256}   # codes per level of the RQ-VAE
 SK_EPSILONS=${SK_EPSILONS:-$(for _ in $(seq 2 "$(wc -w <<< "$RQ_CODES")"); do printf '0.0 '; done; echo 0.003)}
 
 if [ "${DRY_RUN:-0}" = 1 ]; then  # print the settings this profile resolves to, run nothing
-  for name in PROFILE DATASET NPROC TRAIN_THREADS DEEPSPEED PRECISION TEXT_EMB_FLAGS RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS RQ_FLAGS PROFILE_USERS \
+  for name in PROFILE DATASET INDEX COLLAB_VECTORS COLLAB_FLAGS NPROC TRAIN_THREADS DEEPSPEED PRECISION TEXT_EMB_FLAGS RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS RQ_FLAGS PROFILE_USERS \
               PROFILE_FLAGS FINETUNE_FLAGS CURVE_STEPS CURVE_USERS CURVE_BEAMS BASELINES TIGER_MINUTES EPOCHS MAX_STEPS BATCH GRAD_ACC LR MAX_HIS_LEN TASKS TRAIN_PROMPT_SAMPLE_NUM TRAIN_DATA_SAMPLE_NUM \
               TEST_SAMPLE_NUM TEST_PROMPT_IDS TEST_BATCH NUM_BEAMS DECODING; do
     printf '%s=%s\n' "$name" "${!name}"
@@ -208,7 +220,7 @@ fi
 PLM_CHECKPOINT=${PLM_CHECKPOINT:-$BASE_MODEL}
 MODEL_NAME=${MODEL_NAME:-$(basename "$BASE_MODEL")}
 PLM_NAME=${PLM_NAME:-$(basename "$PLM_CHECKPOINT" | tr '[:upper:]' '[:lower:]')}
-RUN_DIR=${RUN_DIR:-./runs/$DATASET-$MODEL_NAME-$PROFILE}
+RUN_DIR=${RUN_DIR:-./runs/$DATASET-$MODEL_NAME-$PROFILE$([ "$INDEX" = text ] || echo "-$INDEX-$COLLAB_VECTORS")}
 DATA_PATH=${DATA_PATH:-$RUN_DIR/data}
 D=$DATA_PATH/$DATASET/$DATASET
 EMB_FILE=$D.emb-$PLM_NAME-td.npy
@@ -304,7 +316,7 @@ profiles() {
     ${cap[@]+"${cap[@]}"} $PROFILE_FLAGS
 }
 
-echo "LC-Rec run: PROFILE=$PROFILE DATASET=$DATASET BASE_MODEL=$BASE_MODEL NPROC=$NPROC -> $RUN_DIR"
+echo "LC-Rec run: PROFILE=$PROFILE DATASET=$DATASET BASE_MODEL=$BASE_MODEL NPROC=$NPROC INDEX=$INDEX -> $RUN_DIR"
 # Who writes the user profiles, said before any step runs, and a refusal at once where that cannot
 # work (a base model without a chat template under --require_instruct, the openai back-end without
 # its variables), unless a ready user.json will be used
@@ -328,10 +340,25 @@ step "dataset"          "$D.inter.json"  build_data
 PROFILES_REDO=$REDO   # the profiles read the dataset only: a new embedding or index keeps them
 step "text embeddings"  "$EMB_FILE" "$PYTHON" data_process/text_emb.py --dataset "$DATASET" \
   --data_path "$DATA_PATH" --plm_checkpoint "$PLM_CHECKPOINT" --plm_name "$PLM_NAME" $TEXT_EMB_FLAGS
+RQ_COLLAB=()   # a collaborative index needs its item vectors before the RQ-VAE
+if [ "$INDEX" = collab ]; then
+  COLLAB_FILE=$D.collab-$COLLAB_VECTORS.npy
+  if [ "$COLLAB_VECTORS" = ppmi ]; then
+    step "collab vectors"  "$COLLAB_FILE" "$PYTHON" item_vectors.py --data_path "$DATA_PATH" --dataset "$DATASET" \
+      --output "$COLLAB_FILE"
+  else  # SASRec on the same split; its scores go beside the run's results, not into its table
+    step "collab vectors"  "$COLLAB_FILE" "$PYTHON" -m baselines.sasrec --dataset "$DATASET" --data_path "$DATA_PATH" \
+      --results_file "$RESULTS_DIR/sasrec-collab-vectors.json" --max_his_len "$MAX_HIS_LEN" \
+      --save_item_emb "$COLLAB_FILE" --hidden_size 32 $BASELINE_FLAGS
+  fi
+  # shellcheck disable=SC2206
+  RQ_COLLAB=(--collab_emb "$COLLAB_FILE" $COLLAB_FLAGS)
+fi
 step "RQ-VAE"           "$RUN_DIR/index/best_collision_model.pth" "$PYTHON" index/main.py \
   --data_path "$EMB_FILE" --ckpt_dir "$RUN_DIR/index" --num_emb_list $RQ_CODES --e_dim 32 \
   --layers $RQ_LAYERS --sk_epsilons $SK_EPSILONS --sk_iters 50 --lr 1e-3 \
-  --batch_size "$RQ_BATCH" --weight_decay 1e-4 --epochs "$RQ_EPOCHS" --eval_step "$RQ_EVAL_STEP" $RQ_FLAGS
+  --batch_size "$RQ_BATCH" --weight_decay 1e-4 --epochs "$RQ_EPOCHS" --eval_step "$RQ_EVAL_STEP" $RQ_FLAGS \
+  ${RQ_COLLAB[@]+"${RQ_COLLAB[@]}"}
 step "item indices"     "$D.index.json" "$PYTHON" index/generate_indices.py \
   --ckpt_path "$RUN_DIR/index/best_collision_model.pth" --data_path "$EMB_FILE" \
   --output_file "$D.index.json" --plot "$RUN_DIR/code_usage.png"

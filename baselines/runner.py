@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from arguments import DEFAULT_METRICS
 from baselines.split import Split, load_split
+from item_vectors import save_item_matrix
 from metrics import (aggregate, format_table, mean_and_stderr, metric_value, parse_metrics, per_user_values,
                      personalisation)
 from utils import DataError, check_writable, exit_on_data_error, set_seed, write_results
@@ -44,6 +45,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--results_file", default="results/{model}.json", help="results JSON ({model} = family name)")
     g.add_argument("--metrics", default=DEFAULT_METRICS, help="comma-separated hit@K / ndcg@K")
+    g.add_argument("--save_item_emb", default=None, metavar="PATH",
+                   help="SASRec, GRU4Rec: save the first run's trained item embeddings as an .npy [items, hidden], "
+                        "row i = item i ({model} = family name), e.g. for index/main.py --collab_emb")
     g = p.add_argument_group("training")
     g.add_argument("--seed", type=int, default=42, help="first run's seed; also picks the --sample_num test users")
     g.add_argument("--seeds", type=int, default=1, help="runs with seeds seed, seed+1, ...; mean and std reported")
@@ -81,6 +85,8 @@ def resolve_args(args: argparse.Namespace, family: ModuleType) -> argparse.Names
     if args.train_stride == 0:  # 0 = non-overlapping windows
         args.train_stride = args.max_his_len
     args.results_file = args.results_file.replace("{model}", family.NAME)
+    if args.save_item_emb:
+        args.save_item_emb = args.save_item_emb.replace("{model}", family.NAME)
     for flag, low in (("max_his_len", 1), ("seeds", 1), ("epochs", 1), ("patience", 1), ("batch_size", 1),
                       ("eval_batch_size", 1), ("hidden_size", 1), ("num_layers", 1), ("num_heads", 1),
                       ("num_beams", 1)):
@@ -201,6 +207,12 @@ def fit(model: nn.Module, split: Split, args: argparse.Namespace, seed: int, dev
             "train_steps": done_steps, "train_time_s": round(time.time() - start, 1)}
 
 
+def save_item_embeddings(model: nn.Module, path: str) -> None:
+    """The model's item embeddings [n_items, H], row i = item i, as an .npy (written atomically)."""
+    save_item_matrix(path, model.item_weights().detach().float().cpu().numpy())
+    print(f"item embeddings {tuple(model.item_weights().shape)} -> {path}")
+
+
 def summarize(values: list[float]) -> tuple[float, float]:
     """(mean, sample standard deviation; 0 for one value)."""
     mean = sum(values) / len(values)
@@ -212,6 +224,8 @@ def run(args: argparse.Namespace, family: ModuleType) -> dict:
     """Train ``args.seeds`` runs of one family, test each, write and return the results."""
     args = resolve_args(args, family)
     check_writable(args.results_file, "--results_file")
+    if args.save_item_emb:
+        check_writable(args.save_item_emb, "--save_item_emb")
     device = device_of(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads or usable_cores())
@@ -222,7 +236,11 @@ def run(args: argparse.Namespace, family: ModuleType) -> dict:
         seed = args.seed + r
         set_seed(seed)
         model = family.build(args, split).to(device)
+        if args.save_item_emb and not isinstance(model, ScoreAllItems):
+            raise DataError(f"--save_item_emb: {args.model} has no item embedding table (SASRec and GRU4Rec do)")
         info = fit(model, split, args, seed, device)
+        if args.save_item_emb and r == 0:
+            save_item_embeddings(model, args.save_item_emb)
         t0 = time.time()
         ranks, tops = ranks_of(model, split.test_his, split.test_tgt, args.eval_batch_size, device, "test")
         info["personalisation"] = personalisation(tops)

@@ -13,7 +13,9 @@ ranking the whole catalogue for every test user from the last ``--max_his_len`` 
                               need a "year" field)
   code co-occurrence, level l popularity x how much more often the next item's level-l code follows
                               the codes of the last 5 items than chance: what an index that groups
-                              items by that code can carry about the next item
+                              items by that code can carry about the next item; for the dataset's
+                              index, and for each of --index_files (e.g. a text and a collaborative
+                              index, compared on the same users)
   item co-occurrence          how often each item followed the last 5 items within 5 steps, from all
                               training parts, and from a budget of ``--windows`` random windows
                               (LC-Rec's training examples at a CPU profile's budget)
@@ -30,7 +32,8 @@ LLM, from its index tokens, at the rate its training budget allows.
 
     python bench/probe_signals.py --data_path runs/ml-100k-SmolLM2-135M-Instruct-cpu/data --dataset ml-100k \
         --embedding runs/ml-100k-SmolLM2-135M-Instruct-cpu/data/ml-100k/ml-100k.emb-smollm2-135m-instruct-td.npy \
-        --base_model ~/.cache/lcrec/SmolLM2-135M-Instruct
+        --base_model ~/.cache/lcrec/SmolLM2-135M-Instruct \
+        --index_files text.index.json collab.index.json
 """
 from __future__ import annotations
 
@@ -43,9 +46,9 @@ import torch
 from scipy import sparse
 
 import data
-from dataset_files import parse_index_token, test_item, train_part
+from dataset_files import load_indices, parse_index_token, test_item, train_part
 from item_vectors import COLLAB_RANK, code_vectors, collab_vectors, follow_counts, title_vectors
-from metrics import compute_metrics, standard_errors, target_rank
+from metrics import compute_metrics, mean_and_stderr, metric_value, standard_errors, target_rank
 from utils import DataError, exit_on_data_error
 
 METRICS = ["hit@10", "ndcg@10"]
@@ -54,8 +57,8 @@ RECENT = 5  # items of the history the co-occurrence and era scorers read, and t
 Scorer = Callable[[list[int]], np.ndarray]  # history (item numbers) -> [N] scores
 
 
-def evaluate(score: Scorer, histories: list[list[int]], targets: list[int], remove_history: bool = False) -> dict:
-    """HR@10, NDCG@10 and their standard errors of ``score`` over the test users."""
+def user_ranks(score: Scorer, histories: list[list[int]], targets: list[int], remove_history: bool = False) -> list[int]:
+    """Each test user's target rank in the top 10 of ``score`` (0: not in it)."""
     ranks = []
     for history, target in zip(histories, targets):
         scores = score(history).astype(np.float64, copy=True)  # [N]
@@ -63,8 +66,20 @@ def evaluate(score: Scorer, histories: list[list[int]], targets: list[int], remo
             scores[history] = -np.inf
         top = np.argpartition(-scores, 10)[:10]
         ranks.append(target_rank(top[np.argsort(-scores[top])].tolist(), target))
+    return ranks
+
+
+def evaluate(score: Scorer, histories: list[list[int]], targets: list[int], remove_history: bool = False) -> dict:
+    """HR@10, NDCG@10 and their standard errors of ``score`` over the test users."""
+    ranks = user_ranks(score, histories, targets, remove_history)
     values, errors = compute_metrics(ranks, METRICS), standard_errors(ranks, METRICS)
     return {m: (values[m], errors[m]) for m in METRICS}
+
+
+def paired(ranks_a: list[int], ranks_b: list[int]) -> dict:
+    """Mean of a - b over the same users, and its standard error, per metric."""
+    return {m: mean_and_stderr([metric_value(m, a) - metric_value(m, b) for a, b in zip(ranks_a, ranks_b)])
+            for m in METRICS}
 
 
 def random_windows(seqs: Sequence[Sequence[int]], count: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -84,6 +99,21 @@ def item_codes(indices: dict[str, list[str]], n: int) -> np.ndarray:
     for item, tokens in indices.items():
         codes[int(item)] = [parse_index_token(t)[1] for t in tokens]
     return codes
+
+
+def cooccurrence_rows(codes: np.ndarray, train: list[list[int]], counts: np.ndarray, log_pop: np.ndarray,
+              label: str = "") -> list[tuple[str, Scorer, bool]]:
+    """The code co-occurrence scorers of every level of codes [N, L]."""
+    rows = []
+    for level in range(codes.shape[1]):
+        size = int(codes[:, level].max()) + 1
+        follows = follow_counts(train, codes[:, level], size, RECENT).toarray() + 1  # [C, C], add-one smoothed
+        lift = follows / follows.sum(1, keepdims=True)
+        lift /= np.bincount(codes[:, level], weights=counts, minlength=size)[None] / counts.sum() + 1e-12
+        rows.append((f"code co-occurrence, level {level}{label}",
+                     lambda h, lv=level, lift=lift: log_pop + np.log(lift[codes[h[-RECENT:], lv]].mean(0))[codes[:, lv]],
+                     True))
+    return rows
 
 
 def years(items: dict[str, dict], n: int) -> np.ndarray | None:
@@ -116,6 +146,8 @@ def main() -> None:
     p.add_argument("--max_his_len", type=int, default=20)
     p.add_argument("--windows", type=int, default=2400, help="training windows of the budgeted co-occurrence row")
     p.add_argument("--base_model", default=None, help="model folder whose input embeddings give the title start's row")
+    p.add_argument("--index_files", nargs="+", default=[], metavar="PATH",
+                   help="more index files (full paths) whose code co-occurrence rows are added, on the same users")
     args = p.parse_args()
     if args.max_his_len < 1 or args.windows < 1:
         raise DataError("--max_his_len and --windows must be positive")
@@ -158,14 +190,13 @@ def main() -> None:
 
         rows.append((f"era (late = {int(first_late)}+)", era, True))
     codes = item_codes(files.indices, n)
-    for level in range(codes.shape[1]):
-        size = int(codes[:, level].max()) + 1
-        follows = follow_counts(train, codes[:, level], size, RECENT).toarray() + 1  # [C, C], add-one smoothed
-        lift = follows / follows.sum(1, keepdims=True)
-        lift /= np.bincount(codes[:, level], weights=counts, minlength=size)[None] / counts.sum() + 1e-12
-        rows.append((f"code co-occurrence, level {level}",
-                     lambda h, lv=level, lift=lift: log_pop + np.log(lift[codes[h[-RECENT:], lv]].mean(0))[codes[:, lv]],
-                     True))
+    rows += cooccurrence_rows(codes, train, counts, log_pop)
+    for path in args.index_files:
+        other = load_indices(path, files.indices)
+        if set(other) != set(files.indices):
+            raise DataError(f"--index_files {path}: indexes {len(other)} items, "
+                            f"expected the dataset's {len(files.indices)}")
+        rows += cooccurrence_rows(item_codes(other, n), train, counts, log_pop, f" [{path}]")
     for name, seqs in (("item co-occurrence, all training", train),
                        (f"item co-occurrence, {args.windows} windows",
                         random_windows(train, args.windows, args.max_his_len + 1))):
@@ -193,9 +224,21 @@ def main() -> None:
 
     print(f"{args.dataset}: {n} items, {len(targets)} test users, history {args.max_his_len}; "
           f"codes per level in use: {[len(np.unique(codes[:, lv])) for lv in range(codes.shape[1])]}")
+    level_ranks: dict[str, list[int]] = {}  # the code co-occurrence rows of --index_files, for the paired lines
     for name, score, remove in rows:
-        result = evaluate(score, histories, targets, remove)
-        print(f"{name:38s} " + "  ".join(f"{m} {v:.4f} ± {e:.4f}" for m, (v, e) in result.items()))
+        ranks = user_ranks(score, histories, targets, remove)
+        if name.startswith("code co-occurrence") and name.endswith("]"):
+            level_ranks[name] = ranks
+        values, errors = compute_metrics(ranks, METRICS), standard_errors(ranks, METRICS)
+        print(f"{name:38s} " + "  ".join(f"{m} {values[m]:.4f} ± {errors[m]:.4f}" for m in METRICS))
+    for path in args.index_files[1:]:  # each further index against the first, paired over the same users
+        for level in range(codes.shape[1]):
+            first, other = (level_ranks.get(f"code co-occurrence, level {level} [{p}]")
+                            for p in (args.index_files[0], path))
+            if first is not None and other is not None:
+                diff = paired(other, first)
+                print(f"level {level}: {path} minus {args.index_files[0]}, paired: "
+                      + "  ".join(f"{m} {v:+.4f} ± {e:.4f}" for m, (v, e) in diff.items()))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,12 @@
     python index/main.py --data_path data/ml-100k/ml-100k.emb-smollm2-td.npy --ckpt_dir ckpt/index/ml-100k \
         --num_emb_list 256 256 256 256 --sk_epsilons 0 0 0 0.003 --epochs 10000
 
+A collaborative index (LETTER's regularisers, index/models/collab.py) adds --collab_emb, one row per
+item in item-id order (item_vectors.py --output, or python -m baselines sasrec --save_item_emb):
+
+    python index/main.py --data_path ... --collab_emb data/ml-100k/ml-100k.collab-ppmi.npy \
+        --align_weight 0.01 --diversity_weight 1e-4
+
 Writes <ckpt_dir>/best_loss_model.pth and <ckpt_dir>/best_collision_model.pth (and, with
 --save_limit N, the N latest epoch_<E>_model.pth of the evaluation epochs).
 
@@ -19,10 +25,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # faster and steadier on small CP
 
 import torch  # noqa: E402
 
-from index.embedding_data import EmbDataset  # noqa: E402
+from index.embedding_data import EmbDataset, load_embeddings  # noqa: E402
+from index.models.collab import DIVERSITY_CLUSTERS, CollabRegularisers  # noqa: E402
 from index.models.rqvae import RECON_LOSSES  # noqa: E402
 from index.trainer import LR_SCHEDULERS, OPTIMIZERS, Trainer, build_model  # noqa: E402
-from utils import exit_on_data_error, get_device, set_seed  # noqa: E402
+from utils import DataError, exit_on_data_error, get_device, set_seed  # noqa: E402
 
 
 def str2bool(value: str) -> bool:
@@ -81,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "0 keeps only the best-loss and best-collision ones")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=2023)
+    collab = p.add_argument_group("collaborative index (LETTER's regularisers; only with --collab_emb)")
+    collab.add_argument("--collab_emb", default=None,
+                        help="collaborative item embeddings .npy [items, c], row i = item i (zero rows: no signal)")
+    collab.add_argument("--align_weight", type=float, default=0.01,
+                        help="weight of the InfoNCE alignment of quantised latents with --collab_emb (LETTER: 0.01)")
+    collab.add_argument("--align_similarity", default="dot", choices=["dot", "cosine"],
+                        help="scores of the alignment: inner products (LETTER) or cosines")
+    collab.add_argument("--align_temperature", type=float, default=1.0,
+                        help="softmax temperature of the alignment (LETTER: 1)")
+    collab.add_argument("--diversity_weight", type=float, default=1e-4,
+                        help="weight of the code-diversity loss (LETTER: 1e-4)")
+    collab.add_argument("--diversity_clusters", type=int, default=DIVERSITY_CLUSTERS,
+                        help="clusters of each codebook the diversity loss draws positives from")
     return p
 
 
@@ -99,6 +119,22 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--{flag} must be >= 0")
     if args.lr <= 0 or args.weight_decay < 0:
         p.error("--lr must be > 0 and --weight_decay >= 0")
+    if args.align_weight < 0 or args.diversity_weight < 0 or args.diversity_clusters < 1 or args.align_temperature <= 0:
+        p.error("--align_weight and --diversity_weight must be >= 0, --align_temperature > 0 and "
+                "--diversity_clusters at least 1")
+
+
+def build_regularisers(args: argparse.Namespace, n_items: int) -> CollabRegularisers | None:
+    """LETTER's regularisers over --collab_emb, or None (a text-only index, as the original's)."""
+    if not args.collab_emb:
+        return None
+    collab = load_embeddings(args.collab_emb)
+    if len(collab) != n_items:
+        raise DataError(f"--collab_emb {args.collab_emb}: {len(collab)} rows, expected one per item ({n_items}) "
+                        "in item-id order, as the rows of --data_path")
+    return CollabRegularisers(torch.from_numpy(collab), args.e_dim, args.align_weight, args.diversity_weight,
+                              args.diversity_clusters, args.align_temperature, args.align_similarity == "cosine",
+                              seed=args.seed)
 
 
 def bn_turned_off(args: argparse.Namespace, argv: list[str]) -> bool:
@@ -119,7 +155,12 @@ def main(argv: list[str] | None = None) -> dict:
     data = EmbDataset(args.data_path)
     print(f"{len(data)} items of dimension {data.dim} from {args.data_path}; training on {device}")
     model = build_model(data.dim, vars(args))
-    result = Trainer(model, args, device).fit(data.embeddings)
+    regularisers = build_regularisers(args, len(data))
+    if regularisers is not None:
+        print(f"collaborative index: {int(regularisers.has_collab.sum())} of {len(data)} items have a collaborative "
+              f"embedding ({regularisers.collab.shape[1]}-d) from {args.collab_emb}; align weight {args.align_weight}, "
+              f"diversity weight {args.diversity_weight}")
+    result = Trainer(model, args, device, regularisers).fit(data.embeddings)
     print(f"best loss {result['best_loss']:.4f} -> {result['best_loss_ckpt']}")
     print(f"best collision rate {result['best_collision_rate']:.4f} -> {result['best_collision_ckpt']}")
     return result

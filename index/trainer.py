@@ -1,7 +1,8 @@
 """RQ-VAE training loop: the chosen optimiser (AdamW by default) with a per-step learning-rate
 schedule (linear warm-up, then constant, linear decay, cosine, ...) and gradients clipped to norm
 1.0; collision-rate evaluation every ``eval_step`` epochs; the best-loss / best-collision-rate
-checkpoints (model state + args), written atomically, plus optionally the latest epoch checkpoints."""
+checkpoints (model state + args), written atomically, plus optionally the latest epoch checkpoints.
+With collaborative regularisers (index/models/collab.py) their weighted losses join the total."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from index.codes import code_stats, format_stats
+from index.models.collab import CollabRegularisers
 from index.models.rqvae import RQVAE
 from utils import DataError, atomic_path
 
@@ -114,9 +116,12 @@ def encode_all(model: RQVAE, embeddings: torch.Tensor, batch_size: int = 4096, u
 
 
 class Trainer:
-    def __init__(self, model: RQVAE, args: argparse.Namespace, device: torch.device):
+    def __init__(self, model: RQVAE, args: argparse.Namespace, device: torch.device,
+                 regularisers: CollabRegularisers | None = None):
         self.model, self.args, self.device = model.to(device), args, device
-        self.optimizer = build_optimizer(model.parameters(), args)
+        self.regularisers = regularisers.to(device) if regularisers is not None else None
+        params = list(model.parameters()) + (list(regularisers.parameters()) if regularisers is not None else [])
+        self.optimizer = build_optimizer(params, args)
         self.scheduler = None  # built in fit(), once the number of steps per epoch is known
         self.ckpt_dir = Path(args.ckpt_dir)
         self.best_loss = math.inf
@@ -124,16 +129,26 @@ class Trainer:
         self.epoch_seconds: list[float] = []
         self.history: list[dict] = []  # one entry per evaluation: epoch, loss, recon_loss, code stats
         self.saved_epochs: list[Path] = []
+        self.last_parts: dict[str, float] = {}  # the regularisers' mean unweighted losses in the last epoch
 
     def train_epoch(self, embeddings: torch.Tensor) -> tuple[float, float]:
-        """One pass in shuffled batches; (mean total loss, mean reconstruction loss)."""
+        """One pass in shuffled batches; (mean total loss, mean reconstruction loss). The
+        regularisers' unweighted losses of the epoch are kept in self.last_parts."""
         self.model.train()
         total, recon, n = 0.0, 0.0, 0
+        parts_sum: dict[str, float] = {}
+        if self.regularisers is not None:
+            self.regularisers.recluster(self.model.rq)
         # The embeddings sit in memory as one tensor, so batches are slices of it (no DataLoader).
         for idx in torch.randperm(len(embeddings), device=embeddings.device).split(self.args.batch_size):
             x = embeddings[idx]
-            out, quant_loss, _ = self.model(x, use_sk=True)
-            loss, recon_loss = self.model.compute_loss(out, quant_loss, x)
+            z_q, quant_loss, codes = self.model.quantize(x, use_sk=True)
+            loss, recon_loss = self.model.compute_loss(self.model.decoder(z_q), quant_loss, x)
+            if self.regularisers is not None:
+                extra, parts = self.regularisers(z_q, idx, codes, self.model.rq)
+                loss = loss + extra
+                for name, value in parts.items():
+                    parts_sum[name] = parts_sum.get(name, 0.0) + value * len(x)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"RQ-VAE loss became {loss.item()}; try a lower --lr")
             self.optimizer.zero_grad(set_to_none=True)
@@ -143,6 +158,7 @@ class Trainer:
             if self.scheduler is not None:
                 self.scheduler.step()
             total, recon, n = total + loss.item() * len(x), recon + recon_loss.item() * len(x), n + len(x)
+        self.last_parts = {name: value / n for name, value in parts_sum.items()}
         return total / n, recon / n
 
     def save_epoch(self, epoch: int, cfg: dict, info: dict) -> None:
@@ -169,10 +185,13 @@ class Trainer:
             start = time.perf_counter()
             loss, recon = self.train_epoch(embeddings)
             self.epoch_seconds.append(time.perf_counter() - start)
-            bar.set_postfix(loss=f"{loss:.4f}", recon=f"{recon:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}", recon=f"{recon:.4f}",
+                            **{name: f"{value:.4f}" for name, value in self.last_parts.items()})
             if (epoch + 1) % args.eval_step == 0 or epoch + 1 == args.epochs:
                 stats = self.evaluate(embeddings)
-                info = {"epoch": epoch + 1, "loss": loss, "recon_loss": recon, "collision_rate": stats["collision_rate"]}
+                info = {"epoch": epoch + 1, "loss": loss, "recon_loss": recon,
+                        "collision_rate": stats["collision_rate"],
+                        **{f"{name}_loss": value for name, value in self.last_parts.items()}}
                 self.history.append({**info, "used_codes": stats["used_codes"]})
                 if loss < self.best_loss:
                     self.best_loss = loss
@@ -181,7 +200,8 @@ class Trainer:
                     self.best_collision = (stats["collision_rate"], loss)
                     save_checkpoint(self.ckpt_dir / BEST_COLLISION_CKPT, self.model, cfg, **info)
                 self.save_epoch(epoch + 1, cfg, info)
-                tqdm.write(f"epoch {epoch + 1}: loss {loss:.4f} recon {recon:.4f}; "
+                extra = "".join(f" {name} {value:.4f}" for name, value in self.last_parts.items())
+                tqdm.write(f"epoch {epoch + 1}: loss {loss:.4f} recon {recon:.4f}{extra}; "
                            f"{format_stats(stats, args.num_emb_list)}")
         return {
             "best_loss": self.best_loss,

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,3 +188,20 @@ def test_tiger_refuses_an_index_that_does_not_cover_the_items(tmp_path):
     with pytest.raises(DataError, match="Tiny.index.json.*no index"):
         run(args_for("tiger", root, "Tiny", out, "--epochs", "1"), family("tiger"))
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- item embeddings export
+def test_saved_item_embeddings_are_the_trained_rows_in_item_order(tmp_path, monkeypatch):
+    root = write_cycle_dataset(tmp_path / "data")
+    sasrec, built = family("sasrec"), []
+    build = sasrec.build
+    monkeypatch.setattr(sasrec, "build", lambda args, split: built.append(build(args, split)) or built[-1])
+    out = tmp_path / "emb" / "{model}.npy"
+    run(args_for("sasrec", root, "Cycle", tmp_path / "r.json", "--epochs", "2", "--save_item_emb", str(out)), sasrec)
+    saved = np.load(tmp_path / "emb" / "sasrec.npy")
+    table = built[0].item.weight.detach().numpy()  # row 0 = padding, row i + 1 = item i
+    assert saved.shape == (6, 32) and saved.dtype == np.float32
+    assert np.array_equal(saved, table[1:])  # row for row, the padding row left out
+    with pytest.raises(DataError, match="--save_item_emb"):
+        run(args_for("tiger", root, "Cycle", tmp_path / "t.json", "--epochs", "1", "--save_item_emb", str(out)),
+            family("tiger"))

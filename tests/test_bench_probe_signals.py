@@ -86,3 +86,21 @@ def test_a_bad_embedding_file_is_refused_by_name(tmp_path):
     assert out.returncode != 0 and "--embedding" in out.stderr and "40" in out.stderr
     out = run_probe("--data_path", data_path, "--dataset", "Chain", "--windows", 0)
     assert out.returncode != 0 and "--windows" in out.stderr
+
+
+def test_index_files_are_compared_on_the_same_users(tmp_path):
+    data_path = chain_dataset(tmp_path)
+    a, b = tmp_path / "a.index.json", tmp_path / "b.index.json"
+    a.write_text(json.dumps(make_indices(40, levels=2, codes=8, seed=1)))
+    # b's level-0 code is the item's place in the walk, in 8 runs of 5: the next item's code follows the last one's
+    b.write_text(json.dumps({str(i): [f"<a_{i // 5}>", f"<b_{i % 5}>"] for i in range(40)}))
+    out = run_probe("--data_path", data_path, "--dataset", "Chain", "--windows", 50, "--index_files", a, b)
+    assert out.returncode == 0, out.stderr[-2000:]
+    level0 = {f: hit10(out.stdout, f"code co-occurrence, level 0 [{f}]") for f in (a, b)}
+    assert level0[b] > level0[a] + 0.2
+    paired = next(line for line in out.stdout.splitlines() if line.startswith(f"level 0: {b} minus {a}, paired"))
+    assert float(paired.split("hit@10")[1].split()[0]) > 0.2
+    c = tmp_path / "c.index.json"
+    c.write_text(json.dumps(make_indices(39, levels=2, codes=8, seed=1)))
+    bad = run_probe("--data_path", data_path, "--dataset", "Chain", "--index_files", c)
+    assert bad.returncode != 0 and str(c) in bad.stderr

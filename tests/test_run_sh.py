@@ -263,3 +263,39 @@ def test_paper_profile_embeds_and_indexes_as_the_original(tmp_path, capsys):
     assert stop.value.code == 1 and ".item.json" in capsys.readouterr().err
     for profile in ("quick", "cpu", "gpu"):
         assert run_sh_settings(PROFILE=profile)[0]["TEXT_EMB_FLAGS"] == ""
+
+
+def test_every_profile_trains_the_text_index_unless_told_otherwise():
+    for profile in ("quick", "cpu", "gpu", "paper"):
+        settings, _ = run_sh_settings(unset=("INDEX", "COLLAB_VECTORS", "COLLAB_FLAGS"), PROFILE=profile)
+        assert settings["INDEX"] == "text" and settings["COLLAB_VECTORS"] == "ppmi"
+    settings, _ = run_sh_settings(PROFILE="cpu", INDEX="collab", COLLAB_VECTORS="sasrec")
+    assert (settings["INDEX"], settings["COLLAB_VECTORS"]) == ("collab", "sasrec")
+    assert "--align_weight" in settings["COLLAB_FLAGS"]
+    for bad, message in ((dict(INDEX="letter"), "INDEX must be text or collab"),
+                         (dict(INDEX="collab", COLLAB_VECTORS="bpr"), "COLLAB_VECTORS must be ppmi or sasrec")):
+        out = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**os.environ, "DRY_RUN": "1", **bad},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and message in out.stderr
+
+
+@pytest.mark.parametrize("vectors,maker", [("ppmi", "item_vectors.py"), ("sasrec", "-m baselines.sasrec")])
+def test_a_collaborative_index_run_makes_its_vectors_before_the_rq_vae(tmp_path, vectors, maker):
+    """run.sh with a stand-in for python that records each command: the order of the steps."""
+    stub, log = tmp_path / "python", tmp_path / "commands.log"
+    stub.write_text('#!/bin/bash\necho "$*" >> "$STUB_LOG"\nif [ "$1" = -c ]; then echo 0; fi\n')
+    stub.chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("NPROC", "DATA_PATH", "FORCE")},
+           "PYTHON": str(stub), "STUB_LOG": str(log), "BASE_MODEL": str(tmp_path / "model"), "PROFILE": "quick",
+           "RUN_DIR": str(tmp_path / "run"), "INDEX": "collab", "COLLAB_VECTORS": vectors, "BASELINES": "tiger"}
+    out = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    commands = [line for line in log.read_text().splitlines() if not line.startswith("-c")]
+    collab_file = str(tmp_path / "run" / "data" / "ml-100k" / f"ml-100k.collab-{vectors}.npy")
+    make = next(k for k, c in enumerate(commands) if c.startswith(maker))
+    rqvae = next(k for k, c in enumerate(commands) if c.startswith("index/main.py"))
+    assert make < rqvae and collab_file in commands[make]
+    assert f"--collab_emb {collab_file} --align_weight" in commands[rqvae]
+    # TIGER reads the run's index file, the collaborative one here
+    tiger = next(c for c in commands if c.startswith("-m baselines.tiger"))
+    assert f"--data_path {tmp_path / 'run' / 'data'}" in tiger and "--index_file .index.json" in tiger

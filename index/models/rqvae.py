@@ -29,8 +29,13 @@ class RQVAE(nn.Module):
 
     def forward(self, x: torch.Tensor, use_sk: bool = True):
         """x (B, in_dim) -> (reconstruction (B, in_dim), quant loss (), codes (B, L))."""
-        z_q, quant_loss, codes = self.rq(self.encode(x), use_sk=use_sk)
+        z_q, quant_loss, codes = self.quantize(x, use_sk=use_sk)
         return self.decoder(z_q), quant_loss, codes
+
+    def quantize(self, x: torch.Tensor, use_sk: bool = True):
+        """x (B, in_dim) -> (quantised latent z_q (B, e_dim), quant loss (), codes (B, L)); z_q passes
+        the straight-through gradient to the encoder (what the collaborative alignment trains)."""
+        return self.rq(self.encode(x), use_sk=use_sk)
 
     def compute_loss(self, recon: torch.Tensor, quant_loss: torch.Tensor, x: torch.Tensor):
         """(total loss, reconstruction loss (MSE or L1, as loss_type))."""
