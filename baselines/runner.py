@@ -126,8 +126,9 @@ class ScoreAllItems(nn.Module):
 
     def loss(self, his: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """his [B, L], tgt [B, L] (-100 = no loss): full softmax at every labelled position."""
-        logits = self.encode(his) @ self.item_weights().T                  # [B, L, I]
-        return nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
+        keep = tgt >= 0  # score only labelled positions: with --train_stride 1 that is one in max_his_len
+        logits = self.encode(his)[keep] @ self.item_weights().T           # [labelled, I]
+        return nn.functional.cross_entropy(logits, tgt[keep])
 
     def rank(self, his: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.scores(his)                                   # [B, I]

@@ -93,6 +93,28 @@ def test_each_baseline_learns_a_repeating_cycle(tmp_path, model, epochs, lr):
     assert res["best_valid_ndcg@10"][0] > 0.9
 
 
+def test_early_stopping_tests_the_weights_of_the_best_validation_epoch(tmp_path, monkeypatch):
+    import baselines.runner as runner
+    root = write_cycle_dataset(tmp_path / "data")
+    sasrec, built, seen = family("sasrec"), [], []  # seen: the weights each validation scored
+    scripted = iter([0.1, 0.5, 0.2, 0.3, 0.4, 0.9])  # best at epoch 2, so patience 3 stops after epoch 5
+    real_build = sasrec.build
+    monkeypatch.setattr(sasrec, "build", lambda args, split: built.append(real_build(args, split)) or built[-1])
+
+    def scripted_ndcg10(ranks):
+        seen.append({k: v.clone() for k, v in built[-1].state_dict().items()})
+        return next(scripted)
+
+    monkeypatch.setattr(runner, "ndcg10", scripted_ndcg10)
+    res = run(args_for("sasrec", root, "Cycle", tmp_path / "r.json", "--epochs", "10", "--patience", "3"), sasrec)
+    (only,) = res["runs"]
+    assert (only["epochs"], only["best_epoch"], only["stopped"], len(seen)) == (5, 2, "patience", 5)
+    assert only["best_valid_ndcg@10"] == 0.5
+    final = built[-1].state_dict()
+    assert all(torch.equal(final[k], seen[1][k]) for k in final)  # epoch 2's weights were tested, not the last
+    assert not all(torch.equal(final[k], seen[-1][k]) for k in final)
+
+
 def test_the_time_cap_stops_inside_an_epoch(tmp_path):
     root = write_cycle_dataset(tmp_path / "data")
     args = args_for("sasrec", root, "Cycle", tmp_path / "r.json", "--epochs", "5", "--batch_size", "1",
