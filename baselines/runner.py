@@ -74,12 +74,15 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 def resolve_args(args: argparse.Namespace, family: ModuleType) -> argparse.Namespace:
     """A copy of ``args`` with the family's defaults filled in, checked."""
     args = copy.copy(args)
+    stride_given = args.train_stride is not None
     for name in FAMILY_FLAGS:
         if getattr(args, name) is None:
             setattr(args, name, family.DEFAULTS[name])
     args.model = family.NAME
     if args.train_stride == 0:  # 0 = non-overlapping windows
         args.train_stride = args.max_his_len
+    if not stride_given:  # a family's default stride fits any history length
+        args.train_stride = min(args.train_stride, args.max_his_len)
     args.results_file = args.results_file.replace("{model}", family.NAME)
     for flag, low in (("max_his_len", 1), ("seeds", 1), ("epochs", 1), ("patience", 1), ("batch_size", 1),
                       ("eval_batch_size", 1), ("hidden_size", 1), ("num_layers", 1), ("num_heads", 1),

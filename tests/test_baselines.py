@@ -54,6 +54,25 @@ def test_training_rows_hold_only_the_training_part_and_each_target_once(tmp_path
         train_windows(inters, 4, 5)
 
 
+@pytest.mark.parametrize("stride", [1, 2, 5])
+def test_a_short_stride_gives_every_target_nearly_its_whole_history(stride):
+    seq = list(range(40))  # training part: items 0..37, so item i has history 0..i-1
+    L = 6
+    for inputs, targets in train_windows({"u": seq}, L, stride):
+        for j, t in enumerate(targets):
+            if t >= 0:  # the history the model reads for t: the window's inputs up to j
+                assert inputs[:j + 1] == seq[max(0, t - len(inputs[:j + 1])):t]
+                assert j + 1 >= min(t, L - stride + 1)  # at least L - stride + 1 items, or all it has
+
+
+def test_gru4rec_defaults_to_overlapping_windows_that_fit_any_history_length():
+    def stride(model, *argv):
+        return resolve_args(build_parser().parse_args(["--dataset", "x", *argv]), family(model)).train_stride
+
+    assert stride("gru4rec") == 5 and stride("gru4rec", "--max_his_len", "3") == 3
+    assert stride("gru4rec", "--train_stride", "0") == stride("sasrec") == 20  # non-overlapping windows
+
+
 def test_stride_one_rows_are_exactly_lcrecs_training_examples(tmp_path):
     root = make_dataset(tmp_path / "data", unique_items=True)
     inters = json.loads((root / "Tiny" / "Tiny.inter.json").read_text())
