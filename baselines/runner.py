@@ -78,12 +78,15 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 def resolve_args(args: argparse.Namespace, family: ModuleType) -> argparse.Namespace:
     """A copy of ``args`` with the family's defaults filled in, checked."""
     args = copy.copy(args)
+    stride_given = args.train_stride is not None
     for name in FAMILY_FLAGS:
         if getattr(args, name) is None:
             setattr(args, name, family.DEFAULTS[name])
     args.model = family.NAME
     if args.train_stride == 0:  # 0 = non-overlapping windows
         args.train_stride = args.max_his_len
+    if not stride_given:  # a family's default stride fits any history length
+        args.train_stride = min(args.train_stride, args.max_his_len)
     args.results_file = args.results_file.replace("{model}", family.NAME)
     if args.save_item_emb:
         args.save_item_emb = args.save_item_emb.replace("{model}", family.NAME)
@@ -132,8 +135,9 @@ class ScoreAllItems(nn.Module):
 
     def loss(self, his: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """his [B, L], tgt [B, L] (-100 = no loss): full softmax at every labelled position."""
-        logits = self.encode(his) @ self.item_weights().T                  # [B, L, I]
-        return nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
+        keep = tgt >= 0  # score only labelled positions: with --train_stride 1 that is one in max_his_len
+        logits = self.encode(his)[keep] @ self.item_weights().T           # [labelled, I]
+        return nn.functional.cross_entropy(logits, tgt[keep])
 
     def rank(self, his: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.scores(his)                                   # [B, I]

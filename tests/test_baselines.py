@@ -55,6 +55,25 @@ def test_training_rows_hold_only_the_training_part_and_each_target_once(tmp_path
         train_windows(inters, 4, 5)
 
 
+@pytest.mark.parametrize("stride", [1, 2, 5])
+def test_a_short_stride_gives_every_target_nearly_its_whole_history(stride):
+    seq = list(range(40))  # training part: items 0..37, so item i has history 0..i-1
+    L = 6
+    for inputs, targets in train_windows({"u": seq}, L, stride):
+        for j, t in enumerate(targets):
+            if t >= 0:  # the history the model reads for t: the window's inputs up to j
+                assert inputs[:j + 1] == seq[max(0, t - len(inputs[:j + 1])):t]
+                assert j + 1 >= min(t, L - stride + 1)  # at least L - stride + 1 items, or all it has
+
+
+def test_gru4rec_defaults_to_overlapping_windows_that_fit_any_history_length():
+    def stride(model, *argv):
+        return resolve_args(build_parser().parse_args(["--dataset", "x", *argv]), family(model)).train_stride
+
+    assert stride("gru4rec") == 5 and stride("gru4rec", "--max_his_len", "3") == 3
+    assert stride("gru4rec", "--train_stride", "0") == stride("sasrec") == 20  # non-overlapping windows
+
+
 def test_stride_one_rows_are_exactly_lcrecs_training_examples(tmp_path):
     root = make_dataset(tmp_path / "data", unique_items=True)
     inters = json.loads((root / "Tiny" / "Tiny.inter.json").read_text())
@@ -92,6 +111,28 @@ def test_each_baseline_learns_a_repeating_cycle(tmp_path, model, epochs, lr):
     res = run(args, family(model))
     assert res["mean"]["hit@1"] == 1.0  # the next item of a cycle is always determined
     assert res["best_valid_ndcg@10"][0] > 0.9
+
+
+def test_early_stopping_tests_the_weights_of_the_best_validation_epoch(tmp_path, monkeypatch):
+    import baselines.runner as runner
+    root = write_cycle_dataset(tmp_path / "data")
+    sasrec, built, seen = family("sasrec"), [], []  # seen: the weights each validation scored
+    scripted = iter([0.1, 0.5, 0.2, 0.3, 0.4, 0.9])  # best at epoch 2, so patience 3 stops after epoch 5
+    real_build = sasrec.build
+    monkeypatch.setattr(sasrec, "build", lambda args, split: built.append(real_build(args, split)) or built[-1])
+
+    def scripted_ndcg10(ranks):
+        seen.append({k: v.clone() for k, v in built[-1].state_dict().items()})
+        return next(scripted)
+
+    monkeypatch.setattr(runner, "ndcg10", scripted_ndcg10)
+    res = run(args_for("sasrec", root, "Cycle", tmp_path / "r.json", "--epochs", "10", "--patience", "3"), sasrec)
+    (only,) = res["runs"]
+    assert (only["epochs"], only["best_epoch"], only["stopped"], len(seen)) == (5, 2, "patience", 5)
+    assert only["best_valid_ndcg@10"] == 0.5
+    final = built[-1].state_dict()
+    assert all(torch.equal(final[k], seen[1][k]) for k in final)  # epoch 2's weights were tested, not the last
+    assert not all(torch.equal(final[k], seen[-1][k]) for k in final)
 
 
 def test_the_time_cap_stops_inside_an_epoch(tmp_path):
