@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 
 from utils import DataError
@@ -149,6 +150,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="with --index_softmax trie: add the log of each code's share of the training interactions "
                         "below its prefix to the model's logits, in training and when scoring, so that the model "
                         "starts at the popularity ranking and learns what the history changes (off in the paper)")
+    g.add_argument("--loss_temperature", type=float, default=1.0,
+                   help="LETTER's ranking-guided loss: every softmax of the training loss (full, level or trie, "
+                        "with the prior) runs on its scores divided by this; below 1 it sharpens the softmax, so "
+                        "the loss weighs the hard negatives more. 1 (default): the plain loss of the paper. "
+                        "test.py scores with the plain softmax, as LETTER's does")
     g.add_argument("--full_logits", dest="response_logits_only", action="store_false",
                    help="run the output layer on every token; by default (with --only_train_response) it runs "
                         "on the response positions only, which gives the same loss and gradients, faster")
@@ -286,6 +292,9 @@ def check_task_args(args: argparse.Namespace) -> None:
     if args.index_lr is not None and args.deepspeed:
         raise DataError("--index_lr is not supported with --deepspeed (ZeRO partitions the embedding rows it "
                         "holds fixed); leave one of them out")
+    if not (0 < args.loss_temperature < math.inf):  # NaN fails too
+        raise DataError(f"--loss_temperature: {args.loss_temperature} is not allowed; expected a positive number "
+                        "(1 = the plain loss, below 1 sharper)")
     if args.index_prior != "none" and args.index_softmax != "trie":
         raise DataError(f"--index_prior {args.index_prior} needs --index_softmax trie (the prior is over the trie's "
                         f"codes), got --index_softmax {args.index_softmax}")

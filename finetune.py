@@ -196,17 +196,21 @@ def set_loss_normalization(trainer: Trainer, mode: str) -> None:
 def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -> Trainer:
     trainer_class, extra = Trainer, {}
     indices = data.load_item_indices(args)
-    if args.index_softmax != "none":
-        from baseline import item_prior
-        from generation import IndexTrie
+    if args.index_softmax != "none" or args.loss_temperature != 1:  # else the model's own loss, as the paper
         from index_loss import IndexSoftmax, IndexSoftmaxTrainer
 
-        # the index tokens were checked when they were added (modeling.add_index_tokens)
-        item_ids = [tokenizer.convert_tokens_to_ids(toks) for toks in indices.values()]
-        prior = item_prior(args.index_prior, args, indices)
-        weights = None if prior is None else [prior[item] for item in indices]
-        loss = IndexSoftmax(IndexTrie(item_ids, tokenizer.eos_token_id, weights=weights), len(tokenizer),
-                            args.index_softmax)
+        trie = None
+        if args.index_softmax != "none":
+            from baseline import item_prior
+            from generation import IndexTrie
+
+            # the index tokens were checked when they were added (modeling.add_index_tokens)
+            item_ids = [tokenizer.convert_tokens_to_ids(toks) for toks in indices.values()]
+            prior = item_prior(args.index_prior, args, indices)
+            weights = None if prior is None else [prior[item] for item in indices]
+            trie = IndexTrie(item_ids, tokenizer.eos_token_id, weights=weights)
+        mode = "full" if args.index_softmax == "none" else args.index_softmax
+        loss = IndexSoftmax(trie, len(tokenizer), mode, temperature=args.loss_temperature)
         trainer_class, extra = IndexSoftmaxTrainer, {"index_softmax": loss}
     if args.index_lr is not None:
         first_index_row = min(tokenizer.convert_tokens_to_ids(index_tokens(indices)))
@@ -369,6 +373,8 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
         model.config.index_softmax = args.index_softmax
     if args.index_prior != "none":  # test.py then adds the same prior (from the dataset's training counts)
         model.config.index_prior = args.index_prior
+    if args.loss_temperature != 1:  # a record only: test.py scores with the plain softmax, as LETTER's does
+        model.config.loss_temperature = args.loss_temperature
     # index hash, prompt settings, tasks, templates: test.py, recommend.py and a resume check them
     setattr(model.config, RECORD_KEY, record)
     if adapt_model is not None:

@@ -8,6 +8,11 @@ on 256 rows instead of the whole vocabulary. ``trie`` goes one step further and 
 the codes that can follow the item's earlier tokens, which is the distribution constrained
 decoding samples from. Targets that are not index tokens (EOS, the titles of index2item) keep the
 full softmax. Off by default: the original trains with the plain loss.
+
+--loss_temperature tau: LETTER's ranking-guided generation loss (Bao et al., CIKM 2024): every
+softmax of the loss runs on its scores divided by tau, so that tau < 1 sharpens it and the gradient
+goes mostly to the negatives scored close to the target (the hard ones). ``full`` mode is that loss
+over the whole vocabulary, for a run without --index_softmax. tau = 1 is the plain loss.
 """
 
 from __future__ import annotations
@@ -29,13 +34,22 @@ class IndexSoftmax:
     sequence), so that the four tokens of an item add up to the log-probability of the item among
     all items, exactly the choice constrained beam search makes; the model never has to learn
     which code combinations exist. A prefix that is no item's (cannot happen for the project's
-    prompts) falls back to the level softmax.
+    prompts) falls back to the level softmax. ``full``: every target over the whole vocabulary
+    (``trie`` may then be None), the model's own loss, here so that a temperature can apply to it.
+
+    ``temperature``: every softmax runs on its scores divided by it (LETTER's ranking-guided loss).
+    With ``--index_prior`` the scores are the network's logits plus the prior, and both are divided:
+    test.py ranks with those same scores at temperature 1, so each step's ranking at test time is the
+    one trained, as in LETTER (whose beam search also uses the plain softmax); dividing the logits
+    alone would weigh the prior more at test time than in training.
     """
 
-    def __init__(self, trie, vocab_size: int, mode: str = "level"):
-        if mode not in ("level", "trie"):
-            raise ValueError(f"mode must be 'level' or 'trie', got {mode!r}")
-        self.mode, self.trie = mode, trie
+    def __init__(self, trie, vocab_size: int, mode: str = "level", temperature: float = 1.0):
+        if mode not in ("level", "trie", "full"):
+            raise ValueError(f"mode must be 'level', 'trie' or 'full', got {mode!r}")
+        if not (0 < temperature < float("inf")):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        self.mode, self.trie, self.temperature = mode, trie, temperature
         self.level_of = torch.full((vocab_size,), -1, dtype=torch.long)  # [V] level of each token, -1: text
         self.slot_of = torch.zeros(vocab_size, dtype=torch.long)  # [V] position among its level's codes
         for level, ids in enumerate(self.level_ids):
@@ -44,8 +58,9 @@ class IndexSoftmax:
 
     @property
     def level_ids(self) -> list[torch.Tensor]:
-        """[codes of level l] token ids: the trie's own lists, so they move with it (no second copy)."""
-        return self.trie.level_tokens
+        """[codes of level l] token ids: the trie's own lists, so they move with it (no second copy);
+        none in ``full`` mode."""
+        return [] if self.mode == "full" else self.trie.level_tokens
 
     def __call__(self, hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Linear,
                  input_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,7 +75,8 @@ class IndexSoftmax:
         total = hidden.new_zeros((), dtype=torch.float32)
         text = level == -1
         if text.any():
-            total = total + F.cross_entropy(head(hidden[:, :-1][text]).float(), target[text], reduction="sum")
+            logits = head(hidden[:, :-1][text]).float() / self.temperature
+            total = total + F.cross_entropy(logits, target[text], reduction="sum")
         for lv, ids in enumerate(self.level_ids):
             rows, cols = (level == lv).nonzero(as_tuple=True)  # target token at column cols + 1
             if len(rows) == 0:
@@ -71,14 +87,15 @@ class IndexSoftmax:
             logits, y = logits.float(), slot_of[target[rows, cols]]
             if self.mode == "trie":
                 logits, y = self.within_trie(logits, y, input_ids, rows, cols + 1, lv, slot_of)
-            total = total + F.cross_entropy(logits, y, reduction="sum")
+            total = total + F.cross_entropy(logits / self.temperature, y, reduction="sum")  # after the prior
         return total
 
     def to(self, device: torch.device) -> "IndexSoftmax":
         """Moves the lookup tables (and the trie) to ``device`` once, not at every step."""
         if self.level_of.device != torch.device(device):
             self.level_of, self.slot_of = self.level_of.to(device), self.slot_of.to(device)
-            self.trie.to(device)
+            if self.trie is not None:
+                self.trie.to(device)
         return self
 
     def within_trie(self, logits, y, input_ids, rows, cols, lv: int, slot_of):

@@ -674,6 +674,101 @@ def test_index_prior_trains_and_is_recorded(tiny_data, tiny_base_model, tmp_path
         parse_args("train", cli(tiny_base_model, data_path, out, "--index_prior", "popularity"))
 
 
+@pytest.mark.parametrize("mode", ["full", "level", "trie"])
+def test_loss_temperature_divides_the_scores_of_every_softmax(tiny_data, tiny_base_model, mode):
+    """--loss_temperature (LETTER's ranking-guided loss): each target's cross-entropy runs on its scores
+    over tau, by hand on tiny hidden states: the whole vocabulary (full, and the text targets of the
+    others), the level's codes, or the trie's children with the popularity prior added before dividing.
+    tau = 1 gives the loss without a temperature bit for bit."""
+    from baseline import popularity_prior
+    from generation import IndexTrie
+    from index_loss import IGNORE_INDEX, IndexSoftmax
+
+    F = torch.nn.functional
+    data_path, _ = tiny_data
+    indices = indices_of(data_path)
+    model, tok = finetune.load_for_training(str(tiny_base_model), indices)
+    ids = index_token_ids(tok, indices)
+    args = parse_args("train", cli(tiny_base_model, data_path, "unused"))
+    prior = popularity_prior(data.load_files(args).inters, indices) if mode == "trie" else None
+    trie = IndexTrie(list(ids.values()), tok.eos_token_id, weights=prior and [prior[i] for i in ids])
+    head = model.get_output_embeddings()
+    item = ids["3"]
+    seq = torch.tensor([[tok.eos_token_id, *item, tok.eos_token_id]])  # a prompt token, the item, EOS
+    labels = seq.clone()
+    labels[0, 0] = IGNORE_INDEX
+    torch.manual_seed(0)
+    hidden = 3 * torch.randn(1, seq.shape[1], head.weight.shape[1])  # [B, T, H]: logits far from uniform
+    h, tau = hidden[0], 0.5
+
+    def scores(t: int) -> tuple[torch.Tensor, int]:  # the scores the loss normalises for token t, the target's slot
+        if mode == "full":
+            return head(h[t]), item[t]
+        codes = sorted({o[t] for o in ids.values() if mode == "level" or o[:t] == item[:t]})
+        logits = h[t] @ head.weight[codes].T
+        if mode == "trie":  # the log of each child's share of the prefix's popularity
+            below = [sum(prior[i] for i, o in ids.items() if o[:t + 1] == [*item[:t], c]) for c in codes]
+            logits = logits + torch.tensor(below).log() - math.log(sum(below))
+        return logits, codes.index(item[t])
+
+    def by_hand(temperature: float) -> float:
+        eos = torch.tensor([tok.eos_token_id])
+        total = F.cross_entropy(head(h[len(item)])[None] / temperature, eos, reduction="sum")
+        for t in range(len(item)):
+            logits, y = scores(t)
+            total = total + F.cross_entropy(logits[None] / temperature, torch.tensor([y]), reduction="sum")
+        return total.item()
+
+    loss = {t: IndexSoftmax(trie, len(tok), mode, temperature=t)(hidden, labels, head, seq).item() for t in (1.0, tau)}
+    assert loss[tau] == pytest.approx(by_hand(tau), rel=1e-5)
+    assert loss[1.0] == pytest.approx(by_hand(1.0), rel=1e-5)
+    assert abs(loss[tau] - loss[1.0]) > 100 * 1e-5 * loss[1.0]  # far outside the tolerance of the two checks
+    plain = IndexSoftmax(trie, len(tok), mode)(hidden, labels, head, seq)
+    assert plain.item() == loss[1.0]  # the default is the loss without a temperature, exactly
+
+
+def test_loss_temperature_on_the_plain_loss_trains_and_is_recorded(tiny_data, tiny_base_model, tmp_path, capsys):
+    """Without --index_softmax, --loss_temperature tau trains on the model's own token loss with its
+    logits over tau (the Trainer's loss at tau = 1, which keeps the model's own loss path); the value is
+    recorded in config.json; a value that is not a positive number is refused by name."""
+    data_path, _ = tiny_data
+    out = tmp_path / "tau"
+    base = cli(tiny_base_model, data_path, out, "--save_and_eval_strategy", "no", "--tasks", "seqrec,index2item",
+               "--train_prompt_sample_num", "1,1", "--train_data_sample_num", "0,0")
+    model, tok = finetune.load_for_training(str(tiny_base_model), indices_of(data_path))
+    trainers = {}
+    for tau in ("1", "0.5"):
+        args = parse_args("train", [*base, "--loss_temperature", tau])
+        train, valid = data.load_datasets(args)
+        trainers[tau] = finetune.build_trainer(args, finetune.training_arguments(args), model, tok, train, valid)
+    batch = trainers["1"].data_collator([train[i] for i in (0, len(train) - 1)])  # an index answer and a title
+    assert "logits_to_keep" in batch  # the response-only logits path
+    out_ = model(**batch)
+    labels = batch["labels"][:, 1:]
+    logits = out_.logits[:, :-1].float()
+    for tau, trainer in trainers.items():
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, 1) / float(tau), labels.flatten(), ignore_index=-100)
+        assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(want.item(), rel=1e-5)
+    assert type(trainers["1"]).compute_loss is finetune.Trainer.compute_loss  # tau = 1: the paper's loss path
+    from index_loss import IndexSoftmax
+
+    # the full mode at tau = 1 is the model's own loss (the same tokens, shift and mean)
+    hidden = model(**batch, output_hidden_states=True).hidden_states[-1][:, -batch["logits_to_keep"]:]
+    full = IndexSoftmax(None, len(tok), "full")(hidden, batch["labels"], model.get_output_embeddings())
+    assert (full / (labels != -100).sum()).item() == pytest.approx(out_.loss.item(), rel=1e-5)
+
+    finetune.main([*base, "--loss_temperature", "0.5"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["loss_temperature"] == 0.5
+    losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert len(losses) == 2 and all(0 < x < 100 for x in losses)
+    assert not hasattr(model.config, "loss_temperature")  # recorded only when it is not 1
+    for value in ("0", "-0.5", "nan", "inf"):
+        with pytest.raises(SystemExit) as e:
+            parse_args("train", [*base, f"--loss_temperature={value}"])
+        assert e.value.code == 2 and f"--loss_temperature: {float(value)} is not allowed" in capsys.readouterr().err
+
+
 def test_index_lr_trains_only_the_index_rows_of_the_embedding(tiny_data, tiny_base_model, tmp_path, capsys):
     """--index_lr: the new index-token rows move, the pretrained rows of the tied matrix stay as
     they were, the body still trains; a non-positive rate and --deepspeed are refused by name."""
@@ -725,18 +820,20 @@ class GradientsBeforeStep(TrainerCallback):
         self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("softmax", ["none", "trie"])
-def test_loss_normalization_per_micro_batch_or_over_the_global_tokens(tiny_data, tiny_base_model, tmp_path, softmax):
+@pytest.mark.parametrize("softmax,temperature", [("none", "1"), ("trie", "1"), ("none", "0.5")])
+def test_loss_normalization_per_micro_batch_or_over_the_global_tokens(tiny_data, tiny_base_model, tmp_path, softmax,
+                                                                      temperature):
     """Two micro-batches of 1 example, a 4-token index answer and a longer title, accumulated into one step:
     micro_batch (the original's) gives the gradient of the mean of the two micro-batch means, global_tokens
-    (transformers 5's) that of the token mean over both."""
+    (transformers 5's) that of the token mean over both; with the model's loss, the trie softmax, and the
+    full softmax with a temperature (--loss_temperature)."""
     import copy
 
     data_path, _ = tiny_data
     base = cli(tiny_base_model, data_path, tmp_path / "norm", "--max_steps", "1", "--per_device_batch_size", "1",
                "--gradient_accumulation_steps", "2", "--save_and_eval_strategy", "no", "--tasks",
                "seqrec,index2item", "--train_prompt_sample_num", "1,1", "--train_data_sample_num", "0,0",
-               "--index_softmax", softmax, "--learning_rate", "0")
+               "--index_softmax", softmax, "--learning_rate", "0", "--loss_temperature", temperature)
     assert parse_args("train", base).loss_normalization == "micro_batch"  # the original's, by default
     args = parse_args("train", base)
     train, valid = data.load_datasets(args)
