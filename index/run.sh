@@ -24,13 +24,13 @@ DEVICE=${DEVICE:-auto}
 PYTHON=${PYTHON:-python3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-# The paper's settings; flags given to this script come last and win. BatchNorm is on: the
+# The paper's settings (seed 2024, as the original); flags given to this script come last and win. BatchNorm is on: the
 # original passed `--bn False` to a bool-typed flag, which reads any non-empty string as true.
 "$PYTHON" index/main.py --data_path "$EMB_FILE" --ckpt_dir "$CKPT_DIR" \
   --num_emb_list 256 256 256 256 --e_dim 32 --layers 2048 1024 512 256 128 64 \
   --sk_epsilons 0.0 0.0 0.0 0.003 --sk_iters 50 --beta 0.25 --quant_loss_weight 1.0 --loss_type mse \
   --learner AdamW --lr 1e-3 --weight_decay 1e-4 --warmup_epochs 50 --lr_scheduler_type linear \
-  --batch_size 1024 --dropout_prob 0.0 --bn true --kmeans_init true --kmeans_iters 100 \
+  --batch_size 1024 --dropout_prob 0.0 --bn true --kmeans_init true --kmeans_iters 100 --seed 2024 \
   --epochs "$EPOCHS" --eval_step "$EVAL_STEP" --device "$DEVICE" "$@"
 
 "$PYTHON" index/generate_indices.py --ckpt_path "$CKPT_DIR/$CKPT" --data_path "$EMB_FILE" \

@@ -295,6 +295,7 @@ def test_index_run_sh_uses_the_paper_settings(tmp_path):
     assert args.bn is True and args.lr_scheduler_type == "linear" and args.warmup_epochs == 50
     assert (args.learner, args.lr, args.weight_decay, args.batch_size) == ("adamw", 1e-3, 1e-4, 1024)
     assert args.layers == [2048, 1024, 512, 256, 128, 64] and args.sk_epsilons == [0, 0, 0, 0.003]
+    assert args.seed == 2024  # the original's RQ-VAE seed
 
 
 def test_l1_reconstruction_loss():
