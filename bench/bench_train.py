@@ -102,20 +102,16 @@ def breakdown_trainer(model_path: str, data_path: str, dataset: str, flags: str,
     """finetune.py's Trainer for ``flags`` with each phase of a step timed, and a generator that runs
     its training one optimizer step per ``next()`` (in a thread held in lock-step, so that several
     trainers' steps can interleave): (trainer, per-step records, steps generator, profiler or None).
-    Two flags of this benchmark's own among ``flags``: ``--attn_implementation X`` loads the model with
-    that attention, ``--threads N`` trains on N threads. ``trace_steps``: the steps torch.profiler records
-    (in the training thread: the profiler sees only the thread that starts it)."""
+    One flag of this benchmark's own among ``flags``: ``--threads N`` trains on N threads.
+    ``trace_steps``: the steps torch.profiler records (in the training thread: the profiler sees
+    only the thread that starts it)."""
     import threading
 
     import finetune
 
     argv = shlex.split(flags) + ["--base_model", model_path, "--data_path", data_path, "--dataset", dataset,
                                  "--output_dir", out_dir, "--save_and_eval_strategy", "no", "--report_to", "none"]
-    extra, threads = {}, torch.get_num_threads()
-    if "--attn_implementation" in argv:
-        at = argv.index("--attn_implementation")
-        extra["attn_implementation"] = argv[at + 1]
-        del argv[at:at + 2]
+    threads = torch.get_num_threads()
     if "--threads" in argv:
         at = argv.index("--threads")
         threads = int(argv[at + 1])
@@ -130,7 +126,8 @@ def breakdown_trainer(model_path: str, data_path: str, dataset: str, flags: str,
     titles = {item: feat.get("title", "") for item, feat in files.items.items()} if args.index_token_init == "title" else None
     inters = files.inters if args.index_token_init == "collab" else None
     model, tokenizer = load_for_training(args.base_model, indices, dtype=args.torch_dtype, titles=titles, inters=inters,
-                                         mean_resizing=args.index_token_init != "normal", **extra)
+                                         mean_resizing=args.index_token_init != "normal",
+                                         **({"attn_implementation": args.attn_implementation} if args.attn_implementation else {}))
     trainer = finetune.build_trainer(args, training_args, model, tokenizer, train_set, valid_set)
     clock, steps = PhaseClock(), []
     fetch = clock.wrap("data", trainer.get_batch_samples)
