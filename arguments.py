@@ -127,6 +127,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "label tokens, averaged over accumulation steps and processes; global_tokens (transformers' "
                         "own since 4.46): the summed token loss over the label tokens of the whole accumulated "
                         "batch of every process, which weighs long text answers more than 5-token index answers")
+    g.add_argument("--attn_implementation", type=str, default=None, choices=["eager", "sdpa"],
+                   help="the attention the model trains with (default: transformers' choice, sdpa); eager is the "
+                        "same computation and 20%% faster a step on a 2-core CPU in bf16, whose sdpa backward is slow "
+                        "(docs/benchmarks.md); sdpa on GPUs")
     g.add_argument("--torch_dtype", type=str, default="float32", choices=["float32", "bfloat16", "float16", "auto"],
                    help="dtype the weights are loaded and trained in (the AdamW moments follow it); float32, as the "
                         "original (--bf16/--fp16 then autocast, DeepSpeed keeps its own fp32 master copy); auto: the "

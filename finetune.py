@@ -366,8 +366,11 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
         titles = {item: feat.get("title", "") for item, feat in data.load_files(args).items.items()}
     elif args.index_token_init == "collab":
         inters = data.load_files(args).inters
+    model_kwargs = dict(model_kwargs or {})
+    if args.attn_implementation:
+        model_kwargs["attn_implementation"] = args.attn_implementation
     model, tokenizer = load_for_training(args.base_model, indices, dtype=args.torch_dtype, titles=titles, inters=inters,
-                                         mean_resizing=args.index_token_init != "normal", **(model_kwargs or {}))
+                                         mean_resizing=args.index_token_init != "normal", **model_kwargs)
     log(f"vocabulary with index tokens: {len(tokenizer)}")
     if args.index_softmax != "none":  # saved in config.json: test.py then scores with the same softmax
         model.config.index_softmax = args.index_softmax

@@ -148,6 +148,9 @@ if [ "$PROFILE" = cpu ]; then BATCH=${BATCH:-$(( NPROC > 8 ? 1 : 8 / NPROC ))}; 
 # Threads of fine-tuning and evaluation when they run in one process on a CPU: every core, unless given
 TRAIN_THREADS=${TRAIN_THREADS:-$(
   if [ -z "$OMP_THREADS_GIVEN" ] && [ "$GPUS" = 0 ] && [ "$NPROC" = 1 ]; then env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; else echo "$OMP_NUM_THREADS"; fi)}
+# Attention of fine-tuning: eager on a CPU in bf16, the same computation 20% faster a step than sdpa, whose
+# CPU backward is slow (docs/benchmarks.md); empty: transformers' choice (sdpa)
+case "${CPU_PROFILE:-0}:$PRECISION" in 1:bf16) ATTN=${ATTN-eager} ;; *) ATTN=${ATTN-} ;; esac
 
 # What the CPU-sized profiles train, by precision (README, Results)
 case "$PROFILE:$PRECISION" in
@@ -200,7 +203,7 @@ RQ_CODES=${RQ_CODES:-256 256 256 256}   # codes per level of the RQ-VAE
 SK_EPSILONS=${SK_EPSILONS:-$(for _ in $(seq 2 "$(wc -w <<< "$RQ_CODES")"); do printf '0.0 '; done; echo 0.003)}
 
 if [ "${DRY_RUN:-0}" = 1 ]; then  # print the settings this profile resolves to, run nothing
-  for name in PROFILE DATASET INDEX COLLAB_VECTORS COLLAB_FLAGS NPROC TRAIN_THREADS DEEPSPEED PRECISION TEXT_EMB_FLAGS RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS RQ_FLAGS PROFILE_USERS \
+  for name in PROFILE DATASET INDEX COLLAB_VECTORS COLLAB_FLAGS NPROC TRAIN_THREADS ATTN DEEPSPEED PRECISION TEXT_EMB_FLAGS RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS RQ_FLAGS PROFILE_USERS \
               PROFILE_FLAGS FINETUNE_FLAGS CURVE_STEPS CURVE_USERS CURVE_BEAMS BASELINES TIGER_MINUTES EPOCHS MAX_STEPS BATCH GRAD_ACC LR MAX_HIS_LEN TASKS TRAIN_PROMPT_SAMPLE_NUM TRAIN_DATA_SAMPLE_NUM \
               TEST_SAMPLE_NUM TEST_PROMPT_IDS TEST_BATCH NUM_BEAMS DECODING; do
     printf '%s=%s\n' "$name" "${!name}"
@@ -264,6 +267,7 @@ finetune() {
   local extra=()
   if [ "$NPROC" -gt 1 ] && [ -n "$DEEPSPEED" ]; then extra+=(--deepspeed "$DEEPSPEED"); fi
   if [ "$PRECISION" = bf16 ]; then extra+=(--bf16); fi
+  if [ -n "$ATTN" ]; then extra+=(--attn_implementation "$ATTN"); fi
   launch finetune.py --base_model "$BASE_MODEL" --output_dir "$CKPT_DIR" \
     --dataset "$DATASET" --data_path "$DATA_PATH" --index_file .index.json \
     --per_device_batch_size "$BATCH" --gradient_accumulation_steps "$GRAD_ACC" \

@@ -889,3 +889,42 @@ def test_an_fp16_checkpoint_trains_with_fp32_weights_by_default(tiny_data, tiny_
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
     model, _ = finetune.load_for_training(str(fp16), indices_of(data_path), dtype="auto")
     assert model.dtype == torch.float16
+
+
+def test_eager_attention_trains_as_sdpa_does_and_the_flag_reaches_the_model(tiny_data, tiny_base_model, tmp_path,
+                                                                          monkeypatch):
+    """--attn_implementation eager (run.sh's CPU profiles): the loss and gradients of sdpa on left-padded
+    batches, in fp32 and under bf16 autocast, within rounding."""
+    data_path, _ = tiny_data
+    args = parse_args("train", cli(tiny_base_model, data_path, "unused", "--tasks", "seqrec,index2item",
+                                   "--train_prompt_sample_num", "1,1", "--train_data_sample_num", "0,0"))
+    train, _ = data.load_datasets(args)
+    batch = [train[i] for i in (0, 3, len(train) - 1, len(train) - 5)]  # different lengths: padding
+    runs = {}
+    for attn in ("sdpa", "eager"):
+        torch.manual_seed(0)  # the same new index rows
+        model, tok = finetune.load_for_training(str(tiny_base_model), indices_of(data_path), attn_implementation=attn)
+        assert model.config._attn_implementation == attn
+        enc = collator.TrainCollator(tok, True, 2048, response_logits_only=True)(batch)
+        for bf16 in (False, True):
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(**enc).loss
+            loss.backward()
+            runs[attn, bf16] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    for bf16, (rel, atol) in ((False, (1e-5, 1e-6)), (True, (2e-2, 2e-3))):
+        (loss_s, g_s), (loss_e, g_e) = runs["sdpa", bf16], runs["eager", bf16]
+        assert loss_e == pytest.approx(loss_s, rel=rel)
+        for name, g in g_s.items():
+            assert torch.allclose(g_e[name], g, atol=atol, rtol=rel * 10), name
+
+    seen = {}
+
+    def capture(*a, **k):
+        seen.update(k)
+        raise RuntimeError("stop after loading")
+
+    monkeypatch.setattr(finetune, "load_for_training", capture)
+    with pytest.raises(RuntimeError, match="stop after loading"):
+        finetune.main(cli(tiny_base_model, data_path, tmp_path / "out", "--attn_implementation", "eager"))
+    assert seen["attn_implementation"] == "eager"

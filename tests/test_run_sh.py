@@ -178,15 +178,17 @@ def test_cpu_profiles_run_one_process_on_every_core_in_bf16_and_two_single_threa
     cores = len(os.sched_getaffinity(0))
     bf16, _ = run_sh_settings(unset=("OMP_NUM_THREADS",), PROFILE=profile, PRECISION="bf16")
     assert (bf16["NPROC"], bf16["TRAIN_THREADS"], bf16["DEEPSPEED"]) == ("1", str(cores), "")
+    assert bf16["ATTN"] == "eager"  # measured faster than sdpa in bf16 on a 2-core CPU (docs/benchmarks.md)
     fp32, _ = run_sh_settings(unset=("OMP_NUM_THREADS",), PROFILE=profile, PRECISION="fp32")
     assert (fp32["NPROC"], fp32["TRAIN_THREADS"], fp32["DEEPSPEED"]) == ("2", "1", "")
+    assert fp32["ATTN"] == ""  # not measured there: transformers' choice
     if profile == "cpu":  # its measured recipe is 8 examples a step, however many processes
         assert int(bf16["BATCH"]) * 1 == int(fp32["BATCH"]) * 2 == 8
     # what the user sets wins
     given, _ = run_sh_settings(PROFILE=profile, PRECISION="bf16", NPROC="2", OMP_NUM_THREADS="1")
     assert (given["NPROC"], given["TRAIN_THREADS"]) == ("2", "1")
-    given, _ = run_sh_settings(PROFILE=profile, PRECISION="bf16", OMP_NUM_THREADS="1")
-    assert (given["NPROC"], given["TRAIN_THREADS"]) == ("1", "1")
+    given, _ = run_sh_settings(PROFILE=profile, PRECISION="bf16", OMP_NUM_THREADS="1", ATTN="sdpa")
+    assert (given["NPROC"], given["TRAIN_THREADS"], given["ATTN"]) == ("1", "1", "sdpa")
 
 
 def test_baselines_variable():
