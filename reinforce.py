@@ -40,7 +40,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # as test.py: steadier on small C
 
 import torch  # noqa: E402
 from torch.utils.data import ConcatDataset  # noqa: E402
-from transformers import Trainer  # noqa: E402
+from transformers import DynamicCache, Trainer  # noqa: E402
 from transformers.trainer_callback import ProgressCallback  # noqa: E402
 
 import data  # noqa: E402
@@ -51,7 +51,8 @@ from evaluation import prompt_budget  # noqa: E402
 from finetune import (checkpoint_step, final_model_complete, finished_checkpoint_weights, init_distributed,  # noqa: E402
                       keeps_logits, log, resume_arg, save_final, training_arguments, world_size)
 from learning_curve import LearningCurve  # noqa: E402
-from generation import Decoder, response_logprobs, scoring_softmax, trie_beam_search, trie_sample  # noqa: E402
+from generation import (Decoder, prompt_position_ids, response_logprobs, scoring_softmax, takes_cache,  # noqa: E402
+                        trie_beam_search, trie_sample)
 from utils import DataError, check_writable, exit_on_data_error, set_seed  # noqa: E402
 
 RL_TASKS = ("seqrec", "fusionseqrec", "itemsearch")  # the tasks with templates whose response is an item
@@ -219,24 +220,44 @@ class GRPOTrainer(Trainer):
         self.stats["target_rank1"].append(hit[:, 0].float().mean().item())
         return {"tokens": tokens, "valid": valid, "rewards": rewards, "advantages": advantages}
 
-    def sequences(self, inputs: dict[str, torch.Tensor], ro: dict[str, torch.Tensor], rows: torch.Tensor):
-        """The prompts followed by the rolled-out items and EOS, for the kept rows [N] of the flattened
-        B x G rollouts -> (input_ids, attention_mask, position_ids [N, T + L + 1], item tokens [N, L])."""
-        G = self.rl.num_generations
-        tokens = ro["tokens"].flatten(0, 1)[rows]  # [N, L]
-        prompt_ids = inputs["input_ids"].repeat_interleave(G, 0)[rows]
-        prompt_mask = inputs["attention_mask"].repeat_interleave(G, 0)[rows]
+    def item_logprobs(self, model, inputs: dict[str, torch.Tensor], tokens: torch.LongTensor,
+                      rows: torch.LongTensor) -> torch.Tensor:
+        """Per-token log-probabilities [N, L + 1] under ``model`` of the index tokens and EOS of the
+        rolled-out items ``tokens`` [B x G, L] at the kept ``rows`` [N], after their prompts.
+
+        Each prompt runs once (with its gradient) and its key/value cache is shared by its kept rows,
+        which then run only their L index tokens: G times less work on the prompt than running
+        every prompt + item sequence whole (the fallback, for models that take no cache)."""
+        tokens, prompt_of = tokens[rows], rows // self.rl.num_generations
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        L = tokens.shape[1]
+        base = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model  # DDP: the module
+        if not takes_cache(base):
+            return self.whole_sequence_logprobs(model, ids[prompt_of], mask[prompt_of], tokens)
+        used, row_prompt = prompt_of.unique(return_inverse=True)  # the prompts with kept rows; each row's
+        ids, mask = ids[used], mask[used]
+        keep_one = {"logits_to_keep": 1} if keeps_logits(base) else {}
+        out = model(input_ids=ids, attention_mask=mask, position_ids=prompt_position_ids(mask),
+                    cache=DynamicCache(config=base.config), use_cache=True, **keep_one)
+        first = out.logits[:, -1][row_prompt]  # [N, vocab]: predicts each item's first index token
+        cache = out.cache
+        cache.reorder_cache(row_prompt)  # one copy of its prompt's keys/values per row (differentiable)
+        positions = prompt_position_ids(mask)[:, -1:][row_prompt] + 1 + torch.arange(L, device=ids.device)
+        row_mask = torch.cat([mask[row_prompt], mask.new_ones(len(rows), L)], 1)
+        rest = model(input_ids=tokens, attention_mask=row_mask, position_ids=positions, cache=cache,
+                     use_cache=True).logits  # [N, L, vocab]: the later index tokens and EOS
+        logits = torch.cat([first[:, None], rest], 1)
+        return response_logprobs(logits, tokens, self.decoder.trie, self.decoder.eos_token_id, self.decoder.softmax)
+
+    def whole_sequence_logprobs(self, model, prompt_ids, prompt_mask, tokens) -> torch.Tensor:
+        """The same, running each prompt + item + EOS sequence whole (left padded)."""
+        L = tokens.shape[1]
         eos = torch.full_like(tokens[:, :1], self.decoder.eos_token_id)
         input_ids = torch.cat([prompt_ids, tokens, eos], 1)
         attention_mask = torch.cat([prompt_mask, torch.ones_like(tokens), torch.ones_like(eos)], 1)
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding, as generation counts
-        return input_ids, attention_mask, position_ids, tokens
-
-    def token_logprobs(self, model, input_ids, attention_mask, position_ids, tokens) -> torch.Tensor:
-        """Per-token log-probabilities [N, L + 1] of the items' index tokens and EOS under ``model``."""
-        L = tokens.shape[1]
-        extra = {"logits_to_keep": L + 2} if keeps_logits(model) else {}
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        base = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
+        extra = {"logits_to_keep": L + 2} if keeps_logits(base) else {}
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=prompt_position_ids(attention_mask),
                        use_cache=False, **extra).logits[:, -(L + 2):-1]  # positions predicting the L + 1 tokens
         return response_logprobs(logits, tokens, self.decoder.trie, self.decoder.eos_token_id, self.decoder.softmax)
 
@@ -255,15 +276,14 @@ class GRPOTrainer(Trainer):
         weight = 1.0
         if len(rows) == 0:  # nothing to learn here: one row at weight 0 keeps every process's backward in step
             rows, weight = valid.nonzero().flatten()[:1], 0.0
-        seqs = self.sequences(inputs, ro, rows)
-        logp = self.token_logprobs(model, *seqs)
+        logp = self.item_logprobs(model, inputs, ro["tokens"].flatten(0, 1), rows)
         if fresh:  # the model that rolled out is this one: its log-probabilities are the "old" ones
             ro["old_logp"] = torch.full((len(valid), logp.shape[1]), float("nan"), device=logp.device)
             ro["old_logp"][rows] = logp.detach()
             if self.ref_model is not None and self.rl.beta:
                 with torch.no_grad():
                     ro["ref_logp"] = torch.zeros_like(ro["old_logp"])
-                    ro["ref_logp"][rows] = self.token_logprobs(self.ref_model, *seqs)
+                    ro["ref_logp"][rows] = self.item_logprobs(self.ref_model, inputs, ro["tokens"].flatten(0, 1), rows)
         ref = ro.get("ref_logp")
         loss, stats = grpo_loss(logp, ro["old_logp"][rows], adv[rows], None if ref is None else ref[rows],
                                 self.rl.beta, self.rl.epsilon, denominator=max(int(valid.sum()), 1))

@@ -123,12 +123,15 @@ def test_trained_logprobs_add_up_to_the_beam_scores(tiny_indexed, softmax, prior
     tokens, scores = trie_beam_search(model, decoder.trie, enc["input_ids"], enc["attention_mask"], 6,
                                       decoder.eos_token_id, softmax)
     trainer = _trainer(decoder, 6)
-    ro = {"tokens": tokens}
-    rows = torch.arange(tokens.shape[0] * 6)
+    flat = tokens.flatten(0, 1)
     with torch.no_grad():
-        logp = trainer.token_logprobs(model, *trainer.sequences(enc, ro, rows))
+        logp = trainer.item_logprobs(model, enc, flat, torch.arange(18))  # each prompt once, its cache shared
+        whole = trainer.whole_sequence_logprobs(model, enc["input_ids"].repeat_interleave(6, 0),
+                                                enc["attention_mask"].repeat_interleave(6, 0), flat)
+        some = trainer.item_logprobs(model, enc, flat, torch.tensor([2, 13, 14, 17]))  # kept rows of two prompts
     assert logp.shape == (18, decoder.trie.index_len + 1) and (logp <= 0).all()
     assert torch.allclose(logp.mean(-1).view(3, 6), scores, atol=1e-4)
+    assert torch.allclose(whole, logp, atol=1e-4) and torch.allclose(some, logp[[2, 13, 14, 17]], atol=1e-4)
 
 
 def test_sampling_within_the_trie_draws_real_items_with_their_scores(tiny_indexed):
@@ -141,9 +144,8 @@ def test_sampling_within_the_trie_draws_real_items_with_their_scores(tiny_indexe
     assert None not in items and len(set(items)) > 5  # real items, and not one item drawn over and over
     best, _ = trie_beam_search(model, decoder.trie, enc["input_ids"], enc["attention_mask"], 1, decoder.eos_token_id,
                                "trie")
-    with torch.no_grad():  # each draw's score is its items' mean log-probability, as the loss computes it
-        logp = _trainer(decoder, 40).token_logprobs(model, *_trainer(decoder, 40).sequences(enc, {"tokens": tokens},
-                                                                                          torch.arange(120)))
+    with torch.no_grad():  # each draw's score is its item's mean log-probability, as the loss computes it
+        logp = _trainer(decoder, 40).item_logprobs(model, enc, tokens.flatten(0, 1), torch.arange(120))
     assert torch.allclose(logp.mean(-1).view(3, 40), scores, atol=1e-4)
     cold, cold_scores = trie_sample(model, decoder.trie, enc["input_ids"], enc["attention_mask"], 8,
                                     decoder.eos_token_id, "trie", temperature=1e-3)
@@ -308,3 +310,23 @@ def test_bad_flags_fail_with_one_line(cycle_checkpoint, tmp_path, capsys):
                            (("--rewards", "rule,bleu"), "--rewards")):
         with pytest.raises(DataError, match=re.escape(message)):
             reinforce.main(rl_cli(data_path, ckpt, tmp_path / "x", "--max_steps", "1", *flags))
+
+
+def test_torchrun_ddp_gloo(cycle_checkpoint, tmp_path):
+    """Two processes on the CPU: each rolls out its own prompts, DDP (gloo) averages the gradients."""
+    import socket
+
+    data_path, ckpt = cycle_checkpoint
+    out = tmp_path / "ddp"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
+                           str(root / "reinforce.py"), *rl_cli(data_path, ckpt, out, "--max_steps", "2",
+                                                               "--per_device_batch_size", "2")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and (out / "config.json").is_file()
