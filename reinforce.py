@@ -227,12 +227,13 @@ class GRPOTrainer(Trainer):
 
         Each prompt runs once (with its gradient) and its key/value cache is shared by its kept rows,
         which then run only their L index tokens: G times less work on the prompt than running
-        every prompt + item sequence whole (the fallback, for models that take no cache)."""
+        every prompt + item sequence whole (the fallback, for models that take no cache, such as a
+        LoRA-wrapped one, and under --gradient_checkpointing, which turns the cache off)."""
         tokens, prompt_of = tokens[rows], rows // self.rl.num_generations
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         L = tokens.shape[1]
         base = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model  # DDP: the module
-        if not takes_cache(base):
+        if not takes_cache(base) or getattr(base, "is_gradient_checkpointing", False):  # no cache while checkpointing
             return self.whole_sequence_logprobs(model, ids[prompt_of], mask[prompt_of], tokens)
         used, row_prompt = prompt_of.unique(return_inverse=True)  # the prompts with kept rows; each row's
         ids, mask = ids[used], mask[used]
