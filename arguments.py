@@ -248,20 +248,51 @@ def _add_recommend_args(p: argparse.ArgumentParser) -> None:
                    help="--serve: requests with a larger body are refused (HTTP 413) before they are read")
 
 
+def _add_reinforce_args(p: argparse.ArgumentParser) -> None:
+    """reinforce.py: the training flags, with defaults for the reinforcement stage, and its own."""
+    p.set_defaults(learning_rate=1e-5, warmup_ratio=0.03, epochs=1, per_device_batch_size=4,
+                   gradient_accumulation_steps=1, logging_step=1, save_and_eval_strategy="steps",
+                   save_and_eval_steps=100, model_max_length=2048)
+    g = p.add_argument_group("reinforce")
+    g.add_argument("--ckpt_path", type=str, default=None, help="the fine-tuned checkpoint (or LoRA adapter with --lora)")
+    g.add_argument("--lora", action="store_true",
+                   help="ckpt_path is a LoRA adapter on --base_model: the adapter trains, the reference is the merge")
+    g.add_argument("--rl_tasks", type=str, default="seqrec",
+                   help="tasks whose item-output prompts are trained: seqrec, fusionseqrec, itemsearch (comma-separated)")
+    g.add_argument("--rl_sample_num", type=int, default=0, help="training examples per task (0 = all)")
+    g.add_argument("--num_generations", type=positive_int, default=16, help="items per prompt (G, the group)")
+    g.add_argument("--rollout", type=str, default="beam", choices=["beam", "sample"],
+                   help="beam: the G best items of the trie beam search; sample: G draws within the trie")
+    g.add_argument("--temperature", type=float, default=1.0, help="of --rollout sample")
+    g.add_argument("--rewards", type=str, default="rule,rank", help="comma-separated rewards (see reinforce.REWARDS)")
+    g.add_argument("--reward_weights", type=str, default="", help="one weight per reward (default: 1 each)")
+    g.add_argument("--beta", type=float, default=1e-3, help="weight of the KL term to the fine-tuned model (0: none)")
+    g.add_argument("--epsilon", type=float, default=0.2, help="the clipping range of the probability ratio")
+    g.add_argument("--num_iterations", type=positive_int, default=1,
+                   help="optimizer steps on each batch of rollouts (above 1 the clipping takes effect)")
+    g.add_argument("--max_grad_norm", type=float, default=0.3)
+    g.add_argument("--keep_flat_groups", action="store_true",
+                   help="also run the groups whose rewards are all equal (their advantages are 0, so only their "
+                        "KL term acts); by default they are left out of the backward pass")
+
+
 def build_parser(stage: str, description: str | None = None) -> argparse.ArgumentParser:
     """The one parser. ``stage`` is "train" (finetune.py, lora_finetune.py), "test" (test.py,
-    test_ddp.py) or "recommend" (the test flags and the request flags)."""
-    if stage not in ("train", "test", "recommend"):
-        raise ValueError(f"stage must be 'train', 'test' or 'recommend', got {stage!r}")
+    test_ddp.py), "recommend" (the test flags and the request flags) or "reinforce" (the training
+    flags and those of reinforce.py)."""
+    if stage not in ("train", "test", "recommend", "reinforce"):
+        raise ValueError(f"stage must be 'train', 'test', 'recommend' or 'reinforce', got {stage!r}")
     p = argparse.ArgumentParser(description=description, conflict_handler="resolve")
     _add_global_args(p)
     _add_dataset_args(p)
-    (_add_train_args if stage == "train" else _add_test_args)(p)
+    (_add_train_args if stage in ("train", "reinforce") else _add_test_args)(p)
     if stage == "test":
         _add_evaluation_args(p)
     if stage == "recommend":
         _add_recommend_args(p)
-    if stage != "train":  # filled from the checkpoint, else the training default (checkpoint_record.py)
+    if stage == "reinforce":
+        _add_reinforce_args(p)
+    if stage not in ("train", "reinforce"):  # filled from the checkpoint, else the training default (checkpoint_record.py)
         p.set_defaults(**dict.fromkeys(PROMPT_SETTINGS))
     return p
 

@@ -275,6 +275,88 @@ def shared_prefill(model, input_ids: torch.LongTensor, attention_mask: torch.Lon
 
 
 # --------------------------------------------------------------------------- trie-native beam search
+def child_logprobs(logits: torch.Tensor, trie: IndexTrie, state: torch.LongTensor, t: int,
+                   softmax: str = "full") -> tuple[torch.Tensor, torch.LongTensor]:
+    """Next-token logits [batch, 1 or beams, vocab] and trie states [batch, beams] at index position
+    ``t`` -> (log-probabilities [batch, beams, children] of each state's allowed children, -inf on
+    padding slots; those children's token ids [batch, beams, children]).
+
+    The one definition of a step's score, shared by the beam search, sampling within the trie and
+    the log-probabilities reinforcement trains: normalised in float32 over the whole vocabulary
+    (full, as generate does), the codes of level ``t`` (level), or the real children of the state
+    (trie), after adding the trie's ``log_prior`` where it has one."""
+    batch, beams = state.shape
+    allowed = trie.allowed[state]  # [batch, beams, children]
+    real = torch.arange(allowed.shape[-1], device=state.device) < trie.num_children[state][..., None]
+    logits = logits.float()
+    if softmax == "trie":  # normalised over the real children of each beam's prefix
+        raw = logits.expand(batch, beams, -1).gather(2, allowed)
+        if trie.log_prior is not None:  # --index_prior: the model's logits are a residual on the prior
+            raw = raw + trie.log_prior[state]
+        cand = raw.masked_fill(~real, -math.inf).log_softmax(-1)
+    else:
+        if softmax == "level":
+            logprobs = logits - logits[..., trie.level_tokens[t]].logsumexp(-1, keepdim=True)
+        else:
+            logprobs = torch.log_softmax(logits, -1)
+        cand = logprobs.expand(batch, beams, -1).gather(2, allowed)
+    return cand.masked_fill(~real, -math.inf), allowed
+
+
+def response_logprobs(logits: torch.Tensor, tokens: torch.LongTensor, trie: IndexTrie, eos_token_id: int,
+                      softmax: str = "full") -> torch.Tensor:
+    """Logits [rows, L + 1, vocab] at the positions that predict an item's L index tokens and its EOS,
+    and those index tokens [rows, L] -> each token's log-probability [rows, L + 1], normalised as the
+    trie search scores it (``child_logprobs``; EOS over the vocabulary). Their mean is the item's
+    beam score; unlike the search it keeps the gradient."""
+    rows, L = tokens.shape
+    state = torch.full((rows, 1), trie.ROOT, dtype=torch.long, device=tokens.device)
+    out = []
+    for t in range(L):
+        cand, allowed = child_logprobs(logits[:, t, None], trie, state, t, softmax)  # [rows, 1, children]
+        slot = (allowed[:, 0] == tokens[:, t, None]).float().argmax(-1, keepdim=True)  # [rows, 1]
+        out.append(cand[:, 0].gather(1, slot))
+        state = trie.child_state[state, slot]
+    out.append(torch.log_softmax(logits[:, L].float(), -1)[:, eos_token_id, None])
+    return torch.cat(out, 1)
+
+
+@torch.no_grad()
+def trie_sample(model, trie: IndexTrie, input_ids: torch.LongTensor, attention_mask: torch.LongTensor,
+                num_samples: int, eos_token_id: int, softmax: str = "full", temperature: float = 1.0,
+                generator: torch.Generator | None = None) -> tuple[torch.LongTensor, torch.FloatTensor]:
+    """Samples items within the trie -> (index tokens [batch, samples, L], scores [batch, samples]).
+
+    Each of ``num_samples`` draws per prompt walks the trie, choosing among the allowed children
+    with probabilities ``softmax(log p / temperature)``; draws may repeat an item. Scores are the
+    untempered beam scores of the drawn items (mean log-probability over L + 1 tokens, EOS
+    included), so draws can be ranked like beams. The prompt runs once; its cache is repeated."""
+    batch = input_ids.shape[0]
+    device, L = input_ids.device, trie.index_len
+    out = prefill(model, input_ids, attention_mask)
+    cache, logits = out.cache, out.logits[:, -1]  # [batch, vocab]
+    cache.batch_repeat_interleave(num_samples)
+    next_position = prompt_position_ids(attention_mask)[:, -1:].repeat_interleave(num_samples, 0) + 1
+    mask = attention_mask.repeat_interleave(num_samples, 0) if bool((attention_mask == 0).any()) else None
+    state = torch.full((batch, num_samples), trie.ROOT, dtype=torch.long, device=device)
+    tokens = torch.empty((batch, num_samples, 0), dtype=torch.long, device=device)
+    scores = torch.zeros((batch, num_samples), device=device)
+    for t in range(L):
+        cand, allowed = child_logprobs(logits.view(batch, -1, logits.shape[-1]), trie, state, t, softmax)
+        probs = (cand / temperature).softmax(-1).view(batch * num_samples, -1)  # padding slots: 0
+        slot = torch.multinomial(probs, 1, generator=generator).view(batch, num_samples, 1)
+        scores = scores + cand.gather(2, slot).squeeze(-1)
+        chosen = allowed.gather(2, slot)  # [batch, samples, 1]
+        state = trie.child_state[state, slot.squeeze(-1)]
+        tokens = torch.cat([tokens, chosen], 2)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        logits = model(input_ids=chosen.view(-1, 1), attention_mask=mask, position_ids=next_position + t,
+                       cache=cache, use_cache=True).logits[:, -1]
+    eos = torch.log_softmax(logits.float(), -1)[:, eos_token_id].view(batch, num_samples)
+    return tokens, (scores + eos) / (L + 1)
+
+
 @torch.no_grad()
 def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attention_mask: torch.LongTensor,
                      num_beams: int, eos_token_id: int, softmax: str = "full",
@@ -305,15 +387,6 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
     beams hold the best items that are left, not the best items less the excluded ones; the kept
     items score exactly as without the exclusion (a trie softmax still normalises over all children).
     """
-    def full_logprobs(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [batch, 1 or beams, vocab]
-        # normalised over the FULL vocabulary, in float32, as generate does
-        return torch.log_softmax(logits.float(), -1).view(batch, -1, logits.shape[-1])
-
-    def level_logprobs(logits: torch.Tensor, t: int) -> torch.Tensor:  # the same, over level t's codes
-        logits = logits.float()
-        norm = logits[:, trie.level_tokens[t]].logsumexp(-1, keepdim=True)  # [rows, 1]
-        return (logits - norm).view(batch, -1, logits.shape[-1])
-
     batch = input_ids.shape[0]
     device, L = input_ids.device, trie.index_len
     out = prefill(model, input_ids, attention_mask)
@@ -331,19 +404,11 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
     offset = torch.arange(batch, device=device)[:, None] * num_beams  # [batch, 1] first row of each example
     children = trie.allowed.shape[1]
     for t in range(L):
-        allowed = trie.allowed[state]  # [batch, beams, children]
-        real = torch.arange(children, device=device) < trie.num_children[state][..., None]
-        if softmax == "trie":  # normalised over the real children of each beam's prefix
-            raw = logits.float().view(batch, -1, logits.shape[-1]).expand(batch, num_beams, -1).gather(2, allowed)
-            if trie.log_prior is not None:  # --index_prior: the model's logits are a residual on the prior
-                raw = raw + trie.log_prior[state]
-            cand = raw.masked_fill(~real, -math.inf).log_softmax(-1)
-        else:
-            logprobs = level_logprobs(logits, t) if softmax == "level" else full_logprobs(logits)
-            cand = logprobs.expand(batch, num_beams, -1).gather(2, allowed)
+        cand, allowed = child_logprobs(logits.view(batch, -1, logits.shape[-1]), trie, state, t, softmax)
         if excluded is not None:  # children whose every item is excluded for this example
-            real = real & ~excluded.gather(1, trie.child_state[state].flatten(1)).view_as(real)
-        cand = (cand + scores[..., None]).masked_fill_(~real, -math.inf)
+            gone = excluded.gather(1, trie.child_state[state].flatten(1)).view_as(cand)
+            cand = cand.masked_fill(gone, -math.inf)
+        cand = cand + scores[..., None]  # -inf on padding slots stays -inf
         scores, flat = cand.view(batch, -1).topk(num_beams, dim=1)  # [batch, beams]
         beam, slot = flat // children, flat % children
         chosen = allowed.gather(1, beam[..., None].expand(-1, -1, children)).gather(2, slot[..., None])  # [b, k, 1]
@@ -356,7 +421,8 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
         logits = model(input_ids=chosen.view(-1, 1), attention_mask=mask, position_ids=next_position + t,
                        cache=cache, use_cache=True).logits[:, -1]  # [rows, vocab]
     # every live beam is at a leaf, where only EOS is allowed: score it and normalise by the length
-    return tokens, (scores + full_logprobs(logits)[..., eos_token_id]) / (L + 1)
+    eos = torch.log_softmax(logits.float(), -1)[:, eos_token_id].view(batch, num_beams)
+    return tokens, (scores + eos) / (L + 1)
 
 
 # --------------------------------------------------------------------------- one batch

@@ -202,10 +202,32 @@ RQ_CODES=${RQ_CODES:-256 256 256 256}   # codes per level of the RQ-VAE
 # Uniform semantic mapping on the last level only (the paper: 0 0 0 0.003)
 SK_EPSILONS=${SK_EPSILONS:-$(for _ in $(seq 2 "$(wc -w <<< "$RQ_CODES")"); do printf '0.0 '; done; echo 0.003)}
 
+# Reinforcement after fine-tuning (reinforce.py, docs/reinforcement.md): REINFORCE=1 adds it in every profile.
+# Off by default: it has not yet measured better than fine-tuning alone. Its model is evaluated on the same
+# test users, and the final table shows it beside the fine-tuned one, paired.
+REINFORCE=${REINFORCE:-0}
+case "$REINFORCE" in 0|1) ;; *) echo "error: REINFORCE must be 0 or 1, got '$REINFORCE'" >&2; exit 2 ;; esac
+case "$PROFILE" in   # steps of G items for each of RL_BATCH prompts
+  quick) : "${RL_STEPS:=20}" "${RL_BATCH:=2}" ;;
+  cpu)   : "${RL_STEPS:=200}" "${RL_BATCH:=4}" ;;
+  gpu)   : "${RL_STEPS:=500}" "${RL_BATCH:=16}" ;;
+  paper) : "${RL_STEPS:=-1}" "${RL_BATCH:=8}" ;;   # -1: one epoch over the seqrec prompts
+esac
+# MiniOneRec's settings: 16 items a prompt, learning rate 1e-5, KL weight 1e-3
+RL_GENERATIONS=${RL_GENERATIONS:-16} RL_LR=${RL_LR:-1e-5} RL_BETA=${RL_BETA:-1e-3}
+RL_SAVE_STEPS=$(( RL_STEPS > 4 ? RL_STEPS / 4 : RL_STEPS > 0 ? 1 : 500 ))   # checkpoints (the last one kept) to resume from
+# the learning curve at the same four points (and at step 0, the fine-tuned model) where the profile draws one
+RL_CURVE_STEPS=${RL_CURVE_STEPS:-$( [ "$CURVE_STEPS" = 0 ] && echo 0 || echo "$RL_SAVE_STEPS")}
+RL_FLAGS=${RL_FLAGS-}               # extra reinforce.py flags, e.g. --rollout sample --rewards rule
+RL_DEEPSPEED=${RL_DEEPSPEED-}       # a DeepSpeed config for NPROC > 1; empty = plain DDP (see docs/reinforcement.md)
+
 if [ "${DRY_RUN:-0}" = 1 ]; then  # print the settings this profile resolves to, run nothing
   for name in PROFILE DATASET INDEX COLLAB_VECTORS COLLAB_FLAGS NPROC TRAIN_THREADS ATTN DEEPSPEED PRECISION TEXT_EMB_FLAGS RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS RQ_FLAGS PROFILE_USERS \
               PROFILE_FLAGS FINETUNE_FLAGS CURVE_STEPS CURVE_USERS CURVE_BEAMS BASELINES TIGER_MINUTES EPOCHS MAX_STEPS BATCH GRAD_ACC LR MAX_HIS_LEN TASKS TRAIN_PROMPT_SAMPLE_NUM TRAIN_DATA_SAMPLE_NUM \
               TEST_SAMPLE_NUM TEST_PROMPT_IDS TEST_BATCH NUM_BEAMS DECODING; do
+    printf '%s=%s\n' "$name" "${!name}"
+  done
+  for name in REINFORCE RL_STEPS RL_BATCH RL_GENERATIONS RL_LR RL_BETA RL_CURVE_STEPS RL_FLAGS; do
     printf '%s=%s\n' "$name" "${!name}"
   done
   exit 0
@@ -280,12 +302,12 @@ finetune() {
     ${extra[@]+"${extra[@]}"} $FINETUNE_FLAGS
 }
 
-evaluate() {
-  local script=test.py
+evaluate() {  # evaluate [checkpoint] [results file]: the fine-tuned model by default
+  local script=test.py ckpt=${1:-$CKPT_DIR} results=${2:-$RESULTS_DIR/lcrec.json}
   [ "$NPROC" -gt 1 ] && script=test_ddp.py
-  MASTER_PORT=${MASTER_PORT_TEST:-4324} launch "$script" --ckpt_path "$CKPT_DIR" \
+  MASTER_PORT=${MASTER_PORT_TEST:-4324} launch "$script" --ckpt_path "$ckpt" \
     --dataset "$DATASET" --data_path "$DATA_PATH" --index_file .index.json \
-    --results_file "$RESULTS_DIR/lcrec.json" --test_batch_size "$TEST_BATCH" --num_beams "$NUM_BEAMS" \
+    --results_file "$results" --test_batch_size "$TEST_BATCH" --num_beams "$NUM_BEAMS" \
     --test_prompt_ids "$TEST_PROMPT_IDS" --sample_num "$TEST_SAMPLE_NUM" --max_his_len "$MAX_HIS_LEN" \
     --decoding "$DECODING"
 }
@@ -300,6 +322,19 @@ for mode in "${DECODINGS[@]}"; do
     *:none)     LCREC_NAMES+=("LC-Rec, unconstrained decoding") ;;
   esac
 done
+
+reinforce_stage() {  # GRPO from the fine-tuned checkpoint into $RL_DIR; a killed run resumes at its last checkpoint
+  local extra=()
+  if [ "$NPROC" -gt 1 ] && [ -n "$RL_DEEPSPEED" ]; then extra+=(--deepspeed "$RL_DEEPSPEED"); fi
+  if [ "$PRECISION" = bf16 ]; then extra+=(--bf16); fi
+  MASTER_PORT=${MASTER_PORT_RL:-5324} launch reinforce.py --ckpt_path "$CKPT_DIR" --output_dir "$RL_DIR" \
+    --dataset "$DATASET" --data_path "$DATA_PATH" --index_file .index.json --max_his_len "$MAX_HIS_LEN" \
+    --max_steps "$RL_STEPS" --per_device_batch_size "$RL_BATCH" --num_generations "$RL_GENERATIONS" \
+    --learning_rate "$RL_LR" --beta "$RL_BETA" --save_and_eval_steps "$RL_SAVE_STEPS" \
+    --save_total_limit 1 --resume_from_checkpoint true --logging_step "${LOGGING_STEPS:-10}" \
+    --curve_steps "$RL_CURVE_STEPS" --curve_users "$CURVE_USERS" --curve_beams "$CURVE_BEAMS" \
+    ${extra[@]+"${extra[@]}"} $RL_FLAGS
+}
 
 summarize() {  # summarize <name> <model> [flags]: results/<name>.summary.json, what results_table.py --publish commits
   local out=$RESULTS_DIR/$1.summary.json
@@ -377,11 +412,21 @@ summarize lcrec "${LCREC_NAMES[0]}" --trainer_state "$CKPT_DIR/trainer_state.jso
 for i in "${!DECODINGS[@]}"; do   # the other decodings' rows, e.g. the paper profile's per-position one
   [ "$i" = 0 ] || summarize "lcrec_${DECODINGS[$i]}" "${LCREC_NAMES[$i]}" --trainer_state "$CKPT_DIR/trainer_state.json"
 done
+RL_DIR=$RUN_DIR/ckpt-rl
+if [ "$REINFORCE" = 1 ]; then
+  step "reinforcement"    "$RL_DIR/config.json" reinforce_stage
+  step "evaluation (RL)"  "$RESULTS_DIR/lcrec-rl.json" evaluate "$RL_DIR" "$RESULTS_DIR/lcrec-rl.json"
+  summarize lcrec-rl "LC-Rec + GRPO" --trainer_state "$RL_DIR/trainer_state.json"
+fi
 step "popularity"       "$RESULTS_DIR/popularity.json" "$PYTHON" baseline.py --dataset "$DATASET" \
   --data_path "$DATA_PATH" --results_file "$RESULTS_DIR/popularity.json" \
   --sample_num "$TEST_SAMPLE_NUM" --test_prompt_ids "$TEST_PROMPT_IDS" --max_his_len "$MAX_HIS_LEN"
 summarize popularity Popularity
-TABLE_FILES=("${LCREC_FILES[@]}" "$RESULTS_DIR/popularity.json") TABLE_NAMES=("${LCREC_NAMES[@]}" Popularity)
+TABLE_FILES=("${LCREC_FILES[@]}") TABLE_NAMES=("${LCREC_NAMES[@]}")
+if [ "$REINFORCE" = 1 ]; then   # beside the fine-tuned model
+  TABLE_FILES+=("$RESULTS_DIR/lcrec-rl.json") TABLE_NAMES+=("LC-Rec + GRPO")
+fi
+TABLE_FILES+=("$RESULTS_DIR/popularity.json") TABLE_NAMES+=(Popularity)
 for b in "${LEARNED_BASELINES[@]}"; do   # same split, history length and test users as LC-Rec
   cap=()
   if [ "$b" = tiger ] && [ -n "$TIGER_MINUTES" ]; then cap=(--max_train_minutes "$TIGER_MINUTES"); fi
@@ -400,6 +445,10 @@ if [ -f "$CKPT_DIR/learning_curve.json" ]; then
   "$PYTHON" plot_learning_curve.py --curve "$CKPT_DIR/learning_curve.json" --output "$RUN_DIR/learning_curve.png" | tail -n +2
 fi
 
+if [ -f "$RL_DIR/learning_curve.json" ]; then
+  "$PYTHON" plot_learning_curve.py --curve "$RL_DIR/learning_curve.json" --output "$RUN_DIR/reinforce_curve.png" | tail -n +2
+fi
+
 echo
 echo "Step times:"
 printf '  %s\n' "${TIMES[@]}"
@@ -407,4 +456,8 @@ echo "  total                  $((SECONDS - T_START))s"
 echo
 "$PYTHON" results_table.py "${TABLE_FILES[@]}" --names "${TABLE_NAMES[@]}" --reference Popularity \
   --output "$RESULTS_DIR/table.md"
+if [ "$REINFORCE" = 1 ]; then   # the reinforced model against the fine-tuned one, paired over the same users
+  "$PYTHON" results_table.py "$RESULTS_DIR/lcrec.json" "$RESULTS_DIR/lcrec-rl.json" --names LC-Rec "LC-Rec + GRPO" \
+    --reference LC-Rec --output "$RESULTS_DIR/table-rl.md"
+fi
 echo "Plots: $RUN_DIR/code_usage.png $RUN_DIR/loss.png$([ -f "$RUN_DIR/learning_curve.png" ] && echo " $RUN_DIR/learning_curve.png")"

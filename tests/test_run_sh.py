@@ -27,7 +27,9 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
                TEST_BATCH="5", TEST_PROMPT_IDS="0,1", OMP_NUM_THREADS="1", PROFILE=profile, CURVE_USERS="4",
                CURVE_BEAMS="5", BASELINES="" if profile == "quick" else "sasrec",
                BASELINE_FLAGS="--epochs 1 --hidden_size 16", PRECISION=precision,
-               DECODING="trie,position" if profile == "quick" else "trie")
+               DECODING="trie,position" if profile == "quick" else "trie",
+               # the reinforcement stage in one of the two runs (two steps of 4 items for 2 prompts)
+               REINFORCE="1" if profile == "cpu" else "0", RL_STEPS="2", RL_BATCH="2", RL_GENERATIONS="4")
     out = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
@@ -55,7 +57,11 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
     # a summary beside each results file, which --publish turns into rows of the README's table
     from results_table import TABLE_BEGIN, TABLE_END, publish, readme_table
 
-    models = ["lcrec", "popularity"] + (["sasrec"] if profile == "cpu" else [])
+    if profile == "cpu":  # the reinforced model beside the fine-tuned one, and paired against it
+        assert "| LC-Rec + GRPO | 5 |" in table
+        assert "| LC-Rec + GRPO | " in (run_dir / "results" / "table-rl.md").read_text().split("paired")[1]
+        assert (run_dir / "ckpt-rl" / "config.json").is_file() and (run_dir / "reinforce_curve.png").is_file()
+    models = ["lcrec", "popularity"] + (["sasrec", "lcrec-rl"] if profile == "cpu" else [])
     assert sorted(p.name for p in (run_dir / "results").glob("*.summary.json")) == sorted(f"{m}.summary.json" for m in models)
     summary = json.loads((run_dir / "results" / "lcrec.summary.json").read_text())
     assert summary["num_users"] == 5 and summary["train_time_s"] > 0 and summary["commit"]
@@ -64,7 +70,7 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
     readme.write_text(f"{TABLE_BEGIN}\n{TABLE_END}\n")
     publish(run_dir / "results", profile, tmp_path / "published", readme)
     rows = readme_table(readme.read_text()).splitlines()[2:]
-    names = ["LC-Rec", "Popularity"] + (["SASRec"] if profile == "cpu" else [])
+    names = ["LC-Rec", "Popularity"] + (["SASRec", "LC-Rec + GRPO"] if profile == "cpu" else [])
     assert sorted(r.split(" | ")[0] for r in rows) == sorted(f"| {n}" for n in names)
     for png in ("code_usage.png", "loss.png", "learning_curve.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
@@ -75,7 +81,8 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
     # a second run finds every output and redoes nothing
     again = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count(": skipped (") == 8  # cpu: no user profiles, one learned baseline
+    # cpu: no user profiles, one learned baseline, the reinforcement and its evaluation
+    assert again.stdout.count(": skipped (") == (10 if profile == "cpu" else 8)
 
 
 def run_sh_settings(unset: tuple[str, ...] = (), **env) -> tuple[dict, str]:
@@ -301,3 +308,21 @@ def test_a_collaborative_index_run_makes_its_vectors_before_the_rq_vae(tmp_path,
     # TIGER reads the run's index file, the collaborative one here
     tiger = next(c for c in commands if c.startswith("-m baselines.tiger"))
     assert f"--data_path {tmp_path / 'run' / 'data'}" in tiger and "--index_file .index.json" in tiger
+
+
+@pytest.mark.parametrize("profile", ["quick", "cpu", "gpu", "paper"])
+def test_reinforcement_is_off_by_default_and_on_by_flag_in_every_profile(profile):
+    """Not yet measured better than fine-tuning alone: off unless REINFORCE=1 (docs/reinforcement.md)."""
+    off, _ = run_sh_settings(PROFILE=profile, DATASET="Instruments")
+    assert off["REINFORCE"] == "0"
+    on, _ = run_sh_settings(PROFILE=profile, DATASET="Instruments", REINFORCE="1")
+    assert on["REINFORCE"] == "1" and on["RL_GENERATIONS"] == "16" and float(on["RL_LR"]) == 1e-5
+    assert float(on["RL_BETA"]) == 1e-3 and int(on["RL_BATCH"]) >= 1 and on["RL_STEPS"] != "0"
+
+
+def test_reinforcement_settings_are_taken_and_checked():
+    given, _ = run_sh_settings(PROFILE="cpu", REINFORCE="1", RL_STEPS="7", RL_FLAGS="--rollout sample")
+    assert (given["RL_STEPS"], given["RL_FLAGS"]) == ("7", "--rollout sample")
+    bad = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**os.environ, "DRY_RUN": "1", "REINFORCE": "yes"},
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "REINFORCE must be 0 or 1" in bad.stderr
