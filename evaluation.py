@@ -60,7 +60,7 @@ def checkpoint_prior(choice: str, model, args: argparse.Namespace, indices: dict
     """``--score_prior``: the item weights to add to the beam scores, or None. ``auto`` follows the
     checkpoint (``index_prior`` in its config.json, written by finetune.py --index_prior); the
     weights are recomputed from the training part of the dataset being scored, as training did."""
-    from baseline import item_prior
+    from item_prior import item_prior
 
     if choice == "auto":
         choice = getattr(model.config, "index_prior", "none") or "none"

@@ -201,8 +201,8 @@ def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -
 
         trie = None
         if args.index_softmax != "none":
-            from baseline import item_prior
-            from generation import IndexTrie
+            from item_prior import item_prior
+            from item_trie import IndexTrie
 
             # the index tokens were checked when they were added (modeling.add_index_tokens)
             item_ids = [tokenizer.convert_tokens_to_ids(toks) for toks in indices.values()]

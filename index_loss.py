@@ -27,7 +27,7 @@ IGNORE_INDEX = -100
 class IndexSoftmax:
     """Summed cross-entropy of hidden states against labels, index targets over a subset of codes.
 
-    ``trie`` is the IndexTrie of the items' token ids; its ``level_tokens`` (the codes used at
+    ``trie`` is the item_trie.IndexTrie of the items' token ids; its ``level_tokens`` (the codes used at
     each position) are the levels, so the loss and the level-softmax scoring of the beam search
     share one definition. ``level``: over the codes of the target's level. ``trie``: over the
     codes the trie allows after the target's prefix within its item (the tokens before it in the

@@ -47,7 +47,7 @@ class LearningCurve(TrainerCallback):
 
     def __init__(self, args: argparse.Namespace, tokenizer, output_dir: str | Path, examples_per_step: int):
         import data
-        from baseline import item_prior, popularity_ranking
+        from item_prior import item_prior, popularity_ranking
 
         self.args, self.tokenizer = args, tokenizer
         self.every = int(args.curve_steps)

@@ -383,7 +383,7 @@ def run(args: argparse.Namespace) -> None:
     # the checkpoint's scoring (its --index_softmax and --index_prior): rollouts, log-probabilities and the curve
     args.index_softmax = getattr(model.config, "index_softmax", "none") or "none"
     args.index_prior = getattr(model.config, "index_prior", "none") or "none"
-    from baseline import item_prior
+    from item_prior import item_prior
 
     decoder = Decoder.build(tokenizer, indices, device=device, softmax=scoring_softmax(args.index_softmax),
                             prior=item_prior(args.index_prior, args, indices))

@@ -5,7 +5,7 @@
 It uses the project's own item index (<D>.index.json, the one LC-Rec is trained with). The model
 is a T5ForConditionalGeneration built from a small config and trained from scratch; its
 vocabulary is pad, eos and the index tokens. Decoding is a beam search (--num_beams 20) over the
-prefix trie of the real indices (generation.IndexTrie), so every returned item exists; items are
+prefix trie of the real indices (item_trie.IndexTrie), so every returned item exists; items are
 ranked by the summed log-probability of their tokens and the final EOS. Default sizes follow the
 TIGER paper (4 + 4 layers, width 128, 6 heads of 64, feed-forward 1024, dropout 0.1).
 """
@@ -20,7 +20,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from baselines.runner import main
 from baselines.split import Split
 from dataset_files import dataset_file, index_tokens, load_indices
-from generation import IndexTrie
+from item_trie import IndexTrie
 from metrics import max_k
 from utils import DataError
 

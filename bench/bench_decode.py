@@ -28,7 +28,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from generation import Decoder, IndexTrie, TrieLogitsProcessor, position_allowed_tokens_fn  # noqa: E402
+from generation import Decoder, TrieLogitsProcessor, position_allowed_tokens_fn  # noqa: E402
+from item_trie import IndexTrie  # noqa: E402
 from utils import get_device  # noqa: E402
 
 LEVELS, CODES, N_ITEMS, BASE_VOCAB = 4, 256, 1682, 49152

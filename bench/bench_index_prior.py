@@ -26,9 +26,9 @@ import argparse
 import torch
 
 import data
-from baseline import popularity_ranking, training_item_counts
 from dataset_files import test_item
-from generation import IndexTrie
+from item_prior import popularity_ranking, training_item_counts
+from item_trie import IndexTrie
 from metrics import compute_metrics, standard_errors, target_rank
 from utils import exit_on_data_error
 

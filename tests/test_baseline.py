@@ -5,18 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from baseline import item_prior, popularity_prior, popularity_ranking
+from item_prior import popularity_ranking
 from results_table import results_table
 from utils import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_popularity_counts_training_part_only():
-    # the last two items of each user (validation, test) must not count
-    inters = {"0": [5, 5, 1, 9, 9], "1": [1, 2, 9, 9], "2": [2, 1, 7, 8]}
-    # training parts: [5,5,1] [1,2] [2,1] -> 1:3, 5:2, 2:2 ; ties by item id
-    assert popularity_ranking(inters) == ["1", "2", "5"]
 
 
 def test_baseline_script_matches_hand_computation(tiny_data, tmp_path):
@@ -88,16 +81,3 @@ def test_baseline_refuses_an_unwritable_results_folder_up_front(tiny_data, tmp_p
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "--results_file" in proc.stderr and "cannot be created or written" in proc.stderr
     assert "hit@" not in proc.stdout  # it stopped before the work
-
-
-def test_popularity_prior_smooths_counts_and_refuses_bad_names():
-    """The prior's weights: training counts + 1 for every item asked for (unseen items too); an
-    unknown prior name (from a checkpoint's config.json) and a non-positive smoothing are refused."""
-    inters = {"u1": [1, 2, 3, 9, 9], "u2": [2, 3, 2, 8, 8]}  # training parts: [1, 2, 3] and [2, 3, 2]
-    assert popularity_prior(inters, ["1", "2", "3", "7"]) == {"1": 2.0, "2": 4.0, "3": 3.0, "7": 1.0}
-    assert item_prior("none", None, ["1"]) is None
-    assert item_prior("popularity", None, ["2"], inters) == {"2": 4.0}
-    with pytest.raises(DataError, match="unknown prior 'zipf'"):
-        item_prior("zipf", None, ["1"], inters)
-    with pytest.raises(DataError, match="smoothing must be positive"):
-        popularity_prior(inters, ["1"], smoothing=0.0)

@@ -521,8 +521,8 @@ def test_index_token_init_options(tiny_data, tiny_base_model):
 
 def test_index_softmax_loss_restricts_index_targets_to_their_level(tiny_data, tiny_base_model):
     """Index targets: a softmax over their level's codes; text targets (EOS, titles): the full one."""
-    from generation import IndexTrie
     from index_loss import IGNORE_INDEX, IndexSoftmax
+    from item_trie import IndexTrie
 
     data_path, _ = tiny_data
     indices = indices_of(data_path)
@@ -549,8 +549,8 @@ def test_index_softmax_loss_restricts_index_targets_to_their_level(tiny_data, ti
 def test_trie_softmax_normalises_over_the_codes_that_can_follow_the_prefix(tiny_data, tiny_base_model):
     """--index_softmax trie: token t of an item is scored among the codes that some item has after
     the same t earlier tokens; a whole item's loss is -log P(item) among all items (plus EOS)."""
-    from generation import IndexTrie
     from index_loss import IGNORE_INDEX, IndexSoftmax
+    from item_trie import IndexTrie
 
     data_path, _ = tiny_data
     indices = indices_of(data_path)
@@ -624,9 +624,9 @@ def test_index_softmax_trains(tiny_data, tiny_base_model, tmp_path):
 def test_index_prior_makes_a_blind_model_the_popularity_model(tiny_data, tiny_base_model):
     """--index_prior popularity: with logits that say nothing (zero hidden states), the trie loss of an
     item is -log of its smoothed share of the training interactions, the popularity model's."""
-    from baseline import item_prior, popularity_prior
-    from generation import IndexTrie
     from index_loss import IGNORE_INDEX, IndexSoftmax
+    from item_prior import item_prior, popularity_prior
+    from item_trie import IndexTrie
 
     data_path, _ = tiny_data
     indices = indices_of(data_path)
@@ -661,8 +661,8 @@ def test_index_prior_trains_and_is_recorded(tiny_data, tiny_base_model, tmp_path
     losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert losses and all(0 < x < 50 for x in losses)
     model = assert_reloads(out, data_path, tiny_base_model)
-    from baseline import item_prior
     from evaluation import checkpoint_prior
+    from item_prior import item_prior
 
     test_args = parse_args("test", ["--data_path", str(data_path), "--dataset", "Tiny", "--ckpt_path", str(out)])
     indices = indices_of(data_path)
@@ -680,8 +680,8 @@ def test_loss_temperature_divides_the_scores_of_every_softmax(tiny_data, tiny_ba
     over tau, by hand on tiny hidden states: the whole vocabulary (full, and the text targets of the
     others), the level's codes, or the trie's children with the popularity prior added before dividing.
     tau = 1 gives the loss without a temperature bit for bit."""
-    from baseline import popularity_prior
-    from generation import IndexTrie
+    from item_prior import popularity_prior
+    from item_trie import IndexTrie
     from index_loss import IGNORE_INDEX, IndexSoftmax
 
     F = torch.nn.functional

@@ -9,8 +9,9 @@ import torch
 from dataset_files import index_tokens
 from fixtures import make_indices, make_tiny_model, train_tokenizer
 from evaluation import checkpoint_softmax, shard_range
-from generation import (Decoder, IndexTrie, TrieLogitsProcessor, can_share_prefill, position_allowed_tokens_fn,
+from generation import (Decoder, TrieLogitsProcessor, can_share_prefill, position_allowed_tokens_fn,
                         rank_batch_with_backoff)
+from item_trie import IndexTrie
 from modeling import index_token_ids
 from utils import DataError
 
