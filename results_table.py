@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from dataset_files import load_json
 from metrics import metric_label, paired_difference
-from utils import DataError, atomic_path, cpu_supports_bf16, exit_on_data_error
+from utils import DataError, atomic_path, cpu_name, cpu_supports_bf16, exit_on_data_error
 
 ROOT = Path(__file__).resolve().parent
 SUMMARY_DIR = ROOT / "docs" / "results"
@@ -107,12 +106,7 @@ def mean_over_prompts(per_prompt: dict | None) -> dict[str, float]:
 
 def machine() -> dict:
     """The machine a run is measured on: CPU model, cores, native bf16, and the GPUs (None without)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = found.group(1).strip() if found else cpu
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = None
     if shutil.which("nvidia-smi"):
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)

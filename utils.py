@@ -290,6 +290,27 @@ def get_device(gpu_id: int | None = None) -> "torch.device":  # noqa: F821
     return torch.device("cpu")
 
 
+def cpu_name() -> str:
+    """The CPU's model name (lscpu's "Model name", from ``/proc/cpuinfo``), else what ``platform`` says."""
+    import platform
+
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        found = None
+    return found.group(1).strip() if found else (platform.processor() or platform.machine() or "unknown CPU")
+
+
+def cpu_description() -> str:
+    """The CPU a timing ran on: its name, logical CPUs and native bf16 (every benchmark prints it)."""
+    try:
+        flags = re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        flags = None
+    native = [f for f in ("avx512_bf16", "amx_bf16") if flags and f in flags.group(1).split()]
+    return f"{cpu_name()}, {os.cpu_count()} cpus, {'+'.join(native) or 'no native bf16'}"
+
+
 def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
     """Native bf16 arithmetic on this CPU (avx512_bf16 or AMX on x86, the bf16 extension on Arm),
     read from ``/proc/cpuinfo`` (or the text given). Without it torch emulates bf16 matmuls,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -30,24 +29,11 @@ from tqdm import tqdm
 
 from arguments import parse_args
 from dataset_files import dataset_file, load_indices, load_inters
-from utils import exit_on_data_error
+from utils import cpu_description, exit_on_data_error
 
 SMOLLM2 = Path("~/.cache/lcrec/SmolLM2-135M-Instruct").expanduser()
 
 
-def cpu_model() -> str:
-    """The CPU's model name (lscpu's 'Model name'), and whether it has native bf16."""
-    name, flags = platform.processor() or "unknown CPU", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name in ("", "unknown CPU", platform.processor()):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line
-    except OSError:
-        pass
-    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
-    return f"{name} ({os.cpu_count()} logical CPUs; native bf16: {', '.join(native) or 'no'})"
 
 
 def stand_in_data(data_path: Path, dataset: str, index_file: str, work_dir: Path) -> Path:
@@ -170,7 +156,7 @@ def main() -> None:
     def pct(xs: list[float], q: int) -> float:
         return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
-    print(f"cpu: {cpu_model()}")
+    print(f"cpu: {cpu_description()}")
     print(f"threads: {torch.get_num_threads()}; bf16 autocast: {rec.bf16_autocast}; torch {torch.__version__}")
     print(f"load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}; "
           f"after: {' '.join(f'{x:.2f}' for x in load_after)}")

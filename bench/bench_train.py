@@ -49,7 +49,7 @@ import data  # noqa: E402
 from arguments import parse_args  # noqa: E402
 from collator import TrainCollator  # noqa: E402
 from modeling import load_for_training  # noqa: E402
-from utils import cpu_supports_bf16, get_device, set_seed  # noqa: E402
+from utils import cpu_description, cpu_supports_bf16, get_device, set_seed  # noqa: E402
 
 # The cpu profile's fine-tuning (run.sh: collab_recipe with its index rate, global token normalisation);
 # run.sh adds --bf16 where the CPU has native bf16
@@ -61,21 +61,6 @@ CPU_PROFILE_FLAGS = ("--max_his_len 20 --tasks seqrec,item2index,index2item,fusi
 PHASES = ["data", "forward", "loss", "backward", "clip", "optimizer", "logging", "other"]
 
 
-def cpu_model() -> str:
-    """The CPU's model name and whether it has native bf16 / AMX (every timing names its CPU)."""
-    import platform
-
-    name, flags = platform.processor() or "unknown CPU", ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line
-    except OSError:
-        pass
-    extras = [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
-    return f"{name}, {os.cpu_count()} cpus, {'+'.join(extras) or 'no native bf16'}"
 
 
 class PhaseClock:
@@ -223,7 +208,7 @@ def breakdown(args) -> None:
 
     variants = [v.split("=", 1) for v in args.variants.split(";") if v.strip()] if args.variants else [["base", ""]]
     flags = CPU_PROFILE_FLAGS + (" --bf16" if cpu_supports_bf16() and not args.no_bf16 else "")
-    print(f"cpu {cpu_model()}")
+    print(f"cpu {cpu_description()}")
     print(f"threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})")
     print(f"load_average_start {os.getloadavg()[0]:.2f}")
     runs, loops = {}, {}
@@ -346,7 +331,7 @@ def main() -> None:
                 tokens[path].append(int(batch["attention_mask"].sum()))
                 padded[path].append(batch["attention_mask"].numel())
 
-    cpu = f"{cpu_model()}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, native bf16 {native_bf16}"
+    cpu = f"{cpu_description()}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, native bf16 {native_bf16}"
     print(f"device {device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu})")
     rate = {}
     for path in paths:
