@@ -387,28 +387,42 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
 
     trainer = build_trainer(args, training_args, model, tokenizer, train_set, valid_set)
     if args.curve_steps:
-        from transformers.integrations import is_deepspeed_zero3_enabled
+        from learning_curve import LearningCurve
 
-        if is_deepspeed_zero3_enabled():
-            log("learning curve: skipped under DeepSpeed ZeRO-3 (the weights are partitioned across processes)")
-        else:
-            from learning_curve import LearningCurve
+        add_learning_curve(trainer, args, tokenizer, LearningCurve)
+    if train_or_finish(trainer, args, checkpoint, what):
+        log(f"saved {what} and tokenizer to {args.output_dir}")
 
-            per_step = args.per_device_batch_size * args.gradient_accumulation_steps * world_size()
-            trainer.add_callback(LearningCurve(args, tokenizer, args.output_dir, per_step))
+
+def add_learning_curve(trainer: Trainer, args: argparse.Namespace, tokenizer, curve_class: type) -> None:
+    """``--curve_steps``: a ``curve_class`` callback scoring validation users every so many steps;
+    skipped under DeepSpeed ZeRO-3, whose weights are partitioned across processes."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        log("learning curve: skipped under DeepSpeed ZeRO-3 (the weights are partitioned across processes)")
+        return
+    per_step = args.per_device_batch_size * args.gradient_accumulation_steps * world_size()
+    trainer.add_callback(curve_class(args, tokenizer, args.output_dir, per_step))
+
+
+def train_or_finish(trainer: Trainer, args: argparse.Namespace, checkpoint: str | None, what: str) -> bool:
+    """Train (from ``checkpoint`` when resuming) and save the final model; a checkpoint that already
+    reached ``--max_steps`` is only written out as the final model. False when that final model was
+    already complete (nothing written)."""
     done = checkpoint_step(Path(checkpoint)) if checkpoint else None
     if done is not None and 0 < args.max_steps <= done:
         log(f"resume: {checkpoint} already reached step {done} of --max_steps {args.max_steps}; nothing to train")
         if final_model_complete(args.output_dir):
             log(f"the final {what} in {args.output_dir} is complete")
-            return
+            return False
         save_final(trainer, args.output_dir, state_dict=finished_checkpoint_weights(trainer, checkpoint))
         if trainer.args.should_save:  # the finished run's state, not the unused trainer's
             shutil.copyfile(Path(checkpoint) / "trainer_state.json", Path(args.output_dir) / "trainer_state.json")
     else:
         trainer.train(resume_from_checkpoint=checkpoint)
         save_final(trainer, args.output_dir)
-    log(f"saved {what} and tokenizer to {args.output_dir}")
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,9 +29,7 @@ divided by every rollout, so the policy gradient is unchanged; only their KL ter
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
@@ -48,8 +46,8 @@ import prompt  # noqa: E402
 from arguments import parse_args, parse_list  # noqa: E402
 from collator import TestCollator  # noqa: E402
 from evaluation import prompt_budget  # noqa: E402
-from finetune import (checkpoint_step, final_model_complete, finished_checkpoint_weights, init_distributed,  # noqa: E402
-                      keeps_logits, log, resume_arg, save_final, training_arguments, world_size)
+from finetune import (add_learning_curve, init_distributed, keeps_logits, log, resume_arg,  # noqa: E402
+                      train_or_finish, training_arguments)
 from learning_curve import LearningCurve  # noqa: E402
 from generation import (Decoder, prompt_position_ids, response_logprobs, scoring_softmax, takes_cache,  # noqa: E402
                         trie_beam_search, trie_sample)
@@ -395,26 +393,10 @@ def run(args: argparse.Namespace) -> None:
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(RewardProgress)
     if args.curve_steps:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        if is_deepspeed_zero3_enabled():
-            log("learning curve: skipped under DeepSpeed ZeRO-3 (the weights are partitioned across processes)")
-        else:
-            per_step = args.per_device_batch_size * args.gradient_accumulation_steps * world_size()
-            trainer.add_callback(CurveFromStart(args, tokenizer, args.output_dir, per_step))
-    checkpoint = resume_arg(args.resume_from_checkpoint, args.output_dir)
-    done = checkpoint_step(Path(checkpoint)) if checkpoint else None
-    if done is not None and 0 < args.max_steps <= done:
-        log(f"resume: {checkpoint} already reached step {done} of --max_steps {args.max_steps}; nothing to train")
-        if final_model_complete(args.output_dir):
-            return
-        save_final(trainer, args.output_dir, state_dict=finished_checkpoint_weights(trainer, checkpoint))
-        if trainer.args.should_save:
-            shutil.copyfile(Path(checkpoint) / "trainer_state.json", Path(args.output_dir) / "trainer_state.json")
-    else:
-        trainer.train(resume_from_checkpoint=checkpoint)
-        save_final(trainer, args.output_dir)
-    log(f"saved the reinforced {'adapter' if args.lora else 'model'} and tokenizer to {args.output_dir}")
+        add_learning_curve(trainer, args, tokenizer, CurveFromStart)
+    what = f"reinforced {'adapter' if args.lora else 'model'}"
+    if train_or_finish(trainer, args, resume_arg(args.resume_from_checkpoint, args.output_dir), what):
+        log(f"saved the {what} and tokenizer to {args.output_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:
