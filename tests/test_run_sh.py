@@ -274,10 +274,12 @@ def test_paper_profile_embeds_and_indexes_as_the_original(tmp_path, capsys):
         assert run_sh_settings(PROFILE=profile)[0]["TEXT_EMB_FLAGS"] == ""
 
 
-def test_every_profile_trains_the_text_index_unless_told_otherwise():
-    for profile in ("quick", "cpu", "gpu", "paper"):
+def test_cpu_sized_profiles_train_the_collaborative_index_and_the_others_the_text_one():
+    for profile, index in (("quick", "collab"), ("cpu", "collab"), ("gpu", "text"), ("paper", "text")):
         settings, _ = run_sh_settings(unset=("INDEX", "COLLAB_VECTORS", "COLLAB_FLAGS"), PROFILE=profile)
-        assert settings["INDEX"] == "text" and settings["COLLAB_VECTORS"] == "ppmi"
+        assert settings["INDEX"] == index and settings["COLLAB_VECTORS"] == "ppmi"
+    settings, _ = run_sh_settings(unset=("INDEX",), PROFILE="quick", INDEX="text")
+    assert settings["INDEX"] == "text"
     settings, _ = run_sh_settings(PROFILE="cpu", INDEX="collab", COLLAB_VECTORS="sasrec")
     assert (settings["INDEX"], settings["COLLAB_VECTORS"]) == ("collab", "sasrec")
     assert "--align_weight" in settings["COLLAB_FLAGS"]
