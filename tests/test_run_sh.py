@@ -61,7 +61,8 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
         assert "| LC-Rec + GRPO | 5 |" in table
         assert "| LC-Rec + GRPO | " in (run_dir / "results" / "table-rl.md").read_text().split("paired")[1]
         assert (run_dir / "ckpt-rl" / "config.json").is_file() and (run_dir / "reinforce_curve.png").is_file()
-    models = ["lcrec", "popularity"] + (["sasrec", "lcrec-rl"] if profile == "cpu" else [])
+    models = (["lcrec", "popularity"] + (["sasrec", "lcrec-rl"] if profile == "cpu" else [])
+              + (["lcrec_position"] if profile == "quick" else []))  # one summary per decoding
     assert sorted(p.name for p in (run_dir / "results").glob("*.summary.json")) == sorted(f"{m}.summary.json" for m in models)
     summary = json.loads((run_dir / "results" / "lcrec.summary.json").read_text())
     assert summary["num_users"] == 5 and summary["train_time_s"] > 0 and summary["commit"]
@@ -70,7 +71,7 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
     readme.write_text(f"{TABLE_BEGIN}\n{TABLE_END}\n")
     publish(run_dir / "results", profile, tmp_path / "published", readme)
     rows = readme_table(readme.read_text()).splitlines()[2:]
-    names = ["LC-Rec", "Popularity"] + (["SASRec", "LC-Rec + GRPO"] if profile == "cpu" else [])
+    names = lcrec_rows + ["Popularity"] + (["SASRec", "LC-Rec + GRPO"] if profile == "cpu" else [])
     assert sorted(r.split(" | ")[0] for r in rows) == sorted(f"| {n}" for n in names)
     for png in ("code_usage.png", "loss.png", "learning_curve.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
@@ -81,8 +82,9 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
     # a second run finds every output and redoes nothing
     again = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    # cpu: no user profiles, one learned baseline, the reinforcement and its evaluation
-    assert again.stdout.count(": skipped (") == (10 if profile == "cpu" else 8)
+    # both: the collaborative index's vectors; cpu: no user profiles, one learned baseline, the
+    # reinforcement and its evaluation
+    assert again.stdout.count(": skipped (") == (11 if profile == "cpu" else 9)
 
 
 def run_sh_settings(unset: tuple[str, ...] = (), **env) -> tuple[dict, str]:
