@@ -15,7 +15,7 @@ import torch
 import reinforce
 from dataset_files import index_tokens
 from fixtures import make_indices, make_tiny_model, train_tokenizer
-from generation import Decoder, response_logprobs, trie_beam_search, trie_sample
+from generation import Decoder, trie_beam_search, trie_sample
 from utils import DataError
 
 HIT, MISS = True, False
