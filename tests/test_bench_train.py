@@ -55,6 +55,6 @@ def test_breakdown_times_the_phases_of_finetune_steps(tiny_data, tiny_base_model
         assert "2 steps" in block.splitlines()[0]
         seconds = {m[0]: float(m[1]) for m in re.findall(r"^  (\w+)\s+([\d.]+) s", block, re.M)}
         assert set(seconds) == set(bench.PHASES) | {"total"}
-        # the loss phase of a tiny model can print as 0.000 s: only the phases with real work must be above 0
-        assert seconds["forward"] > 0 and seconds["backward"] > 0 and seconds["optimizer"] > 0 and seconds["loss"] >= 0
+        # a tiny model's loss and optimizer phases can print as 0.000 s: forward and backward hold the work
+        assert seconds["forward"] > 0 and seconds["backward"] > 0 and all(seconds[p] >= 0 for p in bench.PHASES)
         assert sum(seconds[p] for p in bench.PHASES) <= seconds["total"] * 1.5  # medians: only roughly additive
