@@ -92,6 +92,17 @@ def make_tiny_model(vocab_size: int, hidden: int = 32, layers: int = 2, seed: in
     return LlamaForCausalLM(config)
 
 
+def make_indexed_tiny_model():
+    """A tokenizer with the index tokens of a 24-item, 3-level index added, and a tiny random model in
+    eval mode over that vocabulary -> (tokenizer, model, indices)."""
+    from dataset_files import index_tokens
+
+    indices = make_indices(24, levels=3, codes=4, seed=1)
+    tok = train_tokenizer()
+    tok.add_tokens(index_tokens(indices))
+    return tok, make_tiny_model(len(tok), seed=3).eval(), indices
+
+
 def save_tiny_checkpoint(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
     """A tiny random base model + trained tokenizer saved as an HF folder (no index tokens)."""
     tok = train_tokenizer()

@@ -6,8 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dataset_files import index_tokens
-from fixtures import make_indices, make_tiny_model, train_tokenizer
+from fixtures import make_indexed_tiny_model, make_tiny_model, train_tokenizer
 from evaluation import checkpoint_softmax, shard_range
 from generation import (Decoder, TrieLogitsProcessor, can_share_prefill, position_allowed_tokens_fn,
                         rank_batch_with_backoff)
@@ -89,11 +88,7 @@ def test_position_baseline_allows_any_token_seen_at_a_position():
 @pytest.fixture(scope="module")
 def tiny_indexed():
     """Tokenizer with the index tokens added, a tiny random model and a 24-item index."""
-    indices = make_indices(24, levels=3, codes=4, seed=1)
-    tok = train_tokenizer()
-    tok.add_tokens(index_tokens(indices))
-    model = make_tiny_model(len(tok), seed=3).eval()
-    return tok, model, indices
+    return make_indexed_tiny_model()
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import reinforce
-from dataset_files import index_tokens
-from fixtures import make_indices, make_tiny_model, train_tokenizer
+from fixtures import make_indexed_tiny_model, make_indices
 from generation import Decoder, trie_beam_search, trie_sample
 from utils import DataError
 
@@ -102,10 +101,7 @@ def test_clipped_objective_stops_pushing_past_the_clip_range():
 # --------------------------------------------------------------------------- scores the loss trains
 @pytest.fixture(scope="module")
 def tiny_indexed():
-    indices = make_indices(24, levels=3, codes=4, seed=1)
-    tok = train_tokenizer()
-    tok.add_tokens(index_tokens(indices))
-    model = make_tiny_model(len(tok), seed=3).eval()
+    tok, model, indices = make_indexed_tiny_model()
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0, 1.0)
     tok.padding_side = "left"
