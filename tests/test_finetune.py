@@ -546,6 +546,17 @@ def test_index_softmax_loss_restricts_index_targets_to_their_level(tiny_data, ti
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def item_example(tok, item: list[int], eos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-token prompt, then an item's index tokens (and EOS) -> (input ids [1, T], labels [1, T])
+    with the prompt token ignored: the examples the index-softmax losses are checked on by hand."""
+    from index_loss import IGNORE_INDEX
+
+    seq = torch.tensor([[tok.eos_token_id, *item, *([tok.eos_token_id] if eos else [])]])
+    labels = seq.clone()
+    labels[0, 0] = IGNORE_INDEX
+    return seq, labels
+
+
 def test_trie_softmax_normalises_over_the_codes_that_can_follow_the_prefix(tiny_data, tiny_base_model):
     """--index_softmax trie: token t of an item is scored among the codes that some item has after
     the same t earlier tokens; a whole item's loss is -log P(item) among all items (plus EOS)."""
@@ -560,9 +571,7 @@ def test_trie_softmax_normalises_over_the_codes_that_can_follow_the_prefix(tiny_
     loss_fn = IndexSoftmax(trie, len(tok), "trie")
     head = model.get_output_embeddings()
     item = ids["3"]
-    seq = torch.tensor([[tok.eos_token_id, *item, tok.eos_token_id]])  # a prompt token, the item, EOS
-    labels = seq.clone()
-    labels[0, 0] = IGNORE_INDEX
+    seq, labels = item_example(tok, item)
     torch.manual_seed(0)
     hidden = torch.randn(1, seq.shape[1], head.weight.shape[1])  # [B, T, H]
     got = loss_fn(hidden, labels, head, seq).item()
@@ -576,9 +585,7 @@ def test_trie_softmax_normalises_over_the_codes_that_can_follow_the_prefix(tiny_
     # the item probabilities it implies (without EOS) sum to one over all items
     total = 0.0
     for other in ids.values():
-        s = torch.tensor([[tok.eos_token_id, *other]])
-        lab = s.clone()
-        lab[0, 0] = IGNORE_INDEX
+        s, lab = item_example(tok, other, eos=False)
         total += torch.exp(-loss_fn(hidden[:, :s.shape[1]], lab, head, s)).item()
     assert total == pytest.approx(1.0, rel=1e-4)
     level_fn = IndexSoftmax(trie, len(tok), "level")
@@ -682,7 +689,7 @@ def test_loss_temperature_divides_the_scores_of_every_softmax(tiny_data, tiny_ba
     tau = 1 gives the loss without a temperature bit for bit."""
     from item_prior import popularity_prior
     from item_trie import IndexTrie
-    from index_loss import IGNORE_INDEX, IndexSoftmax
+    from index_loss import IndexSoftmax
 
     F = torch.nn.functional
     data_path, _ = tiny_data
@@ -694,9 +701,7 @@ def test_loss_temperature_divides_the_scores_of_every_softmax(tiny_data, tiny_ba
     trie = IndexTrie(list(ids.values()), tok.eos_token_id, weights=prior and [prior[i] for i in ids])
     head = model.get_output_embeddings()
     item = ids["3"]
-    seq = torch.tensor([[tok.eos_token_id, *item, tok.eos_token_id]])  # a prompt token, the item, EOS
-    labels = seq.clone()
-    labels[0, 0] = IGNORE_INDEX
+    seq, labels = item_example(tok, item)
     torch.manual_seed(0)
     hidden = 3 * torch.randn(1, seq.shape[1], head.weight.shape[1])  # [B, T, H]: logits far from uniform
     h, tau = hidden[0], 0.5
