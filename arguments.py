@@ -252,7 +252,7 @@ def _add_reinforce_args(p: argparse.ArgumentParser) -> None:
     """reinforce.py: the training flags, with defaults for the reinforcement stage, and its own."""
     p.set_defaults(learning_rate=1e-5, warmup_ratio=0.03, epochs=1, per_device_batch_size=4,
                    gradient_accumulation_steps=1, logging_step=1, save_and_eval_strategy="steps",
-                   save_and_eval_steps=100, model_max_length=2048)
+                   save_and_eval_steps=100)
     g = p.add_argument_group("reinforce")
     g.add_argument("--ckpt_path", type=str, default=None, help="the fine-tuned checkpoint (or LoRA adapter with --lora)")
     g.add_argument("--lora", action="store_true",
@@ -271,6 +271,8 @@ def _add_reinforce_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_iterations", type=positive_int, default=1,
                    help="optimizer steps on each batch of rollouts (above 1 the clipping takes effect)")
     g.add_argument("--max_grad_norm", type=float, default=0.3)
+    g.add_argument("--allow_index_mismatch", action="store_true",
+                   help="train on an index file other than the one the checkpoint was fine-tuned with")
     g.add_argument("--keep_flat_groups", action="store_true",
                    help="also run the groups whose rewards are all equal (their advantages are 0, so only their "
                         "KL term acts); by default they are left out of the backward pass")
@@ -292,7 +294,7 @@ def build_parser(stage: str, description: str | None = None) -> argparse.Argumen
         _add_recommend_args(p)
     if stage == "reinforce":
         _add_reinforce_args(p)
-    if stage not in ("train", "reinforce"):  # filled from the checkpoint, else the training default (checkpoint_record.py)
+    if stage != "train":  # filled from the checkpoint, else the training default (checkpoint_record.py)
         p.set_defaults(**dict.fromkeys(PROMPT_SETTINGS))
     return p
 

@@ -13,6 +13,10 @@ tensors.
 
 Each prompt is run once, not once per beam: ``shared_prefill`` caches the prompt's keys/values
 and repeats the cache for the beams before ``generate`` (switch off with ``--no_share_prefill``).
+The trie search goes further where the model allows it (``tree_attention``): the prompt's cache is
+never repeated at all; each step appends the beams' new tokens to the one prompt cache as a tree,
+and a 4D attention mask lets each token see only the prompt and its own beam's earlier tokens. A
+decoding step then reads the prompt's keys once, not once per beam, which was most of its time.
 
 Items can be left out per example (``Decoder.rank(..., exclude=...)``, e.g. what a user has
 already seen): ``IndexTrie.excluded_states`` marks the trie states with no other item below them,
@@ -129,6 +133,49 @@ def shared_prefill(model, input_ids: torch.LongTensor, attention_mask: torch.Lon
     return cache
 
 
+def tree_attention(model, prompt_width: int, new_tokens: int) -> bool:
+    """Whether the trie searches can decode as a tree over one prompt cache (``tree_step_mask``):
+    a ``takes_cache`` model whose attention takes a ready 4D mask (sdpa, eager) and whose keys
+    are not limited to a sliding window shorter than the prompt and the ``new_tokens`` appended."""
+    config = getattr(model, "config", None)
+    if not takes_cache(model) or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2's switch: the window is unused
+        window = None
+    return window is None or prompt_width + new_tokens <= window
+
+
+def tree_step_mask(attention_mask: torch.LongTensor, columns: torch.LongTensor, dtype: torch.dtype,
+                   boolean: bool) -> torch.Tensor:
+    """The 4D mask of one tree step: the prompts' padding mask [batch, width] and the cache columns
+    of each row's tokens so far [batch, rows, t + 1] (generated tokens only, its new one last) ->
+    [batch, 1, rows, width + t_cache] where each new token sees its prompt and its own tokens.
+    Boolean (True = seen) for sdpa; additive (0 / dtype's min) for eager."""
+    batch, rows, _ = columns.shape
+    width = attention_mask.shape[1]
+    generated = int(columns.max()) + 1 - width  # the cache's generated columns so far, this step's included
+    seen = torch.zeros((batch, rows, generated), dtype=torch.bool, device=columns.device)
+    seen.scatter_(2, columns - width, True)
+    mask = torch.cat([attention_mask.bool()[:, None].expand(batch, rows, width), seen], 2)[:, None]
+    if boolean:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def tree_forward(model, tokens: torch.LongTensor, columns: torch.LongTensor, attention_mask: torch.LongTensor,
+                 position: torch.LongTensor, cache: DynamicCache) -> torch.Tensor:
+    """One tree step: this step's tokens [batch, rows] at cache columns ``columns[..., -1]``, each
+    after its own earlier tokens (``columns``) and its prompt, all at position ``position`` [batch, 1]
+    -> logits [batch * rows, vocab]. The rows' tokens are appended to the prompt's cache."""
+    batch, rows = tokens.shape
+    eager = model.config._attn_implementation == "eager"
+    mask = tree_step_mask(attention_mask, columns, model.dtype, boolean=not eager)
+    logits = model(input_ids=tokens, attention_mask=mask, position_ids=position.expand(batch, rows),
+                   cache=cache, use_cache=True).logits  # [batch, rows, vocab]
+    return logits.reshape(batch * rows, -1)
+
+
 # --------------------------------------------------------------------------- trie-native beam search
 def child_logprobs(logits: torch.Tensor, trie: IndexTrie, state: torch.LongTensor, t: int,
                    softmax: str = "full") -> tuple[torch.Tensor, torch.LongTensor]:
@@ -179,20 +226,25 @@ def response_logprobs(logits: torch.Tensor, tokens: torch.LongTensor, trie: Inde
 @torch.no_grad()
 def trie_sample(model, trie: IndexTrie, input_ids: torch.LongTensor, attention_mask: torch.LongTensor,
                 num_samples: int, eos_token_id: int, softmax: str = "full", temperature: float = 1.0,
-                generator: torch.Generator | None = None) -> tuple[torch.LongTensor, torch.FloatTensor]:
+                generator: torch.Generator | None = None, tree: bool = True) -> tuple[torch.LongTensor, torch.FloatTensor]:
     """Samples items within the trie -> (index tokens [batch, samples, L], scores [batch, samples]).
 
     Each of ``num_samples`` draws per prompt walks the trie, choosing among the allowed children
     with probabilities ``softmax(log p / temperature)``; draws may repeat an item. Scores are the
     untempered beam scores of the drawn items (mean log-probability over L + 1 tokens, EOS
-    included), so draws can be ranked like beams. The prompt runs once; its cache is repeated."""
-    batch = input_ids.shape[0]
+    included), so draws can be ranked like beams. The prompt runs once; the draws share its cache as a
+    tree (``tree_attention``) or, where the model does not allow that, get a copy each."""
+    batch, width = input_ids.shape
     device, L = input_ids.device, trie.index_len
+    tree = tree and tree_attention(model, width, L * num_samples)
     out = prefill(model, input_ids, attention_mask)
     cache, logits = out.cache, out.logits[:, -1]  # [batch, vocab]
-    cache.batch_repeat_interleave(num_samples)
-    next_position = prompt_position_ids(attention_mask)[:, -1:].repeat_interleave(num_samples, 0) + 1
+    position = prompt_position_ids(attention_mask)[:, -1:] + 1  # [batch, 1]
+    if not tree:  # one copy of the prompt cache per draw
+        cache.batch_repeat_interleave(num_samples)
+        position = position.repeat_interleave(num_samples, 0)
     mask = attention_mask.repeat_interleave(num_samples, 0) if bool((attention_mask == 0).any()) else None
+    columns = torch.empty((batch, num_samples, 0), dtype=torch.long, device=device)  # tree: each draw's tokens
     state = torch.full((batch, num_samples), trie.ROOT, dtype=torch.long, device=device)
     tokens = torch.empty((batch, num_samples, 0), dtype=torch.long, device=device)
     scores = torch.zeros((batch, num_samples), device=device)
@@ -204,9 +256,14 @@ def trie_sample(model, trie: IndexTrie, input_ids: torch.LongTensor, attention_m
         chosen = allowed.gather(2, slot)  # [batch, samples, 1]
         state = trie.child_state[state, slot.squeeze(-1)]
         tokens = torch.cat([tokens, chosen], 2)
+        if tree:  # draws never swap places: each keeps its columns
+            new = width + t * num_samples + torch.arange(num_samples, device=device)
+            columns = torch.cat([columns, new.expand(batch, -1)[..., None]], 2)
+            logits = tree_forward(model, chosen[..., 0], columns, attention_mask, position + t, cache)
+            continue
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        logits = model(input_ids=chosen.view(-1, 1), attention_mask=mask, position_ids=next_position + t,
+        logits = model(input_ids=chosen.view(-1, 1), attention_mask=mask, position_ids=position + t,
                        cache=cache, use_cache=True).logits[:, -1]
     eos = torch.log_softmax(logits.float(), -1)[:, eos_token_id].view(batch, num_samples)
     return tokens, (scores + eos) / (L + 1)
@@ -215,7 +272,8 @@ def trie_sample(model, trie: IndexTrie, input_ids: torch.LongTensor, attention_m
 @torch.no_grad()
 def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attention_mask: torch.LongTensor,
                      num_beams: int, eos_token_id: int, softmax: str = "full",
-                     excluded: torch.BoolTensor | None = None) -> tuple[torch.LongTensor, torch.FloatTensor]:
+                     excluded: torch.BoolTensor | None = None,
+                     tree: bool = True) -> tuple[torch.LongTensor, torch.FloatTensor]:
     """Beam search over the trie's items only -> (index tokens [batch, beams, L], scores [batch, beams]).
 
     The same search and scores as ``generate``'s beam search with ``TrieLogitsProcessor`` (length
@@ -226,7 +284,8 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
     finishes early. What it saves over generate is work on [beams, vocab] tensors: the top-k runs
     over beams x max_children candidates, not beams x vocab, and no masked copy of the scores is
     made. Beams that have no real item to reach (fewer than ``num_beams`` items below the kept
-    prefixes) score -inf. The prompt runs once per example; its cache is then repeated per beam.
+    prefixes) score -inf. The prompt runs once per example; the beams share its cache as a tree
+    (``tree_attention``) or, where the model does not allow that, get a copy each, reordered as they move.
     Candidates with exactly equal float scores may be kept in another order than generate keeps them.
 
     ``softmax``: what each index token's log-probability is normalised over: the whole vocabulary
@@ -242,14 +301,18 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
     beams hold the best items that are left, not the best items less the excluded ones; the kept
     items score exactly as without the exclusion (a trie softmax still normalises over all children).
     """
-    batch = input_ids.shape[0]
+    batch, width = input_ids.shape
     device, L = input_ids.device, trie.index_len
+    tree = tree and tree_attention(model, width, L * num_beams)
     out = prefill(model, input_ids, attention_mask)
     cache, logits = out.cache, out.logits[:, -1]  # logits [batch, vocab]
-    cache.batch_repeat_interleave(num_beams)
-    next_position = prompt_position_ids(attention_mask)[:, -1:].repeat_interleave(num_beams, 0) + 1  # [rows, 1]
+    position = prompt_position_ids(attention_mask)[:, -1:] + 1  # [batch, 1]
+    if not tree:  # one copy of the prompt cache per beam, reordered as beams move
+        cache.batch_repeat_interleave(num_beams)
+        position = position.repeat_interleave(num_beams, 0)  # [rows, 1]
     padded = bool((attention_mask == 0).any())
     mask = attention_mask.repeat_interleave(num_beams, 0) if padded else None  # [rows, width + t]
+    columns = torch.empty((batch, num_beams, 0), dtype=torch.long, device=device)  # tree: each beam's tokens
 
     # one live beam per example at first (the others start at -inf, as generate's -1e9)
     scores = torch.full((batch, num_beams), -math.inf, device=device)
@@ -269,11 +332,17 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
         chosen = allowed.gather(1, beam[..., None].expand(-1, -1, children)).gather(2, slot[..., None])  # [b, k, 1]
         state = trie.child_state[state.gather(1, beam), slot]
         tokens = torch.cat([tokens.gather(1, beam[..., None].expand(-1, -1, t)), chosen], 2)
+        if tree:  # a beam's earlier tokens are its parent's; its new one goes to the next free column
+            new = width + t * num_beams + torch.arange(num_beams, device=device)
+            columns = torch.cat([columns.gather(1, beam[..., None].expand(-1, -1, t)),
+                                 new.expand(batch, -1)[..., None]], 2)
+            logits = tree_forward(model, chosen[..., 0], columns, attention_mask, position + t, cache)
+            continue
         if t > 0:  # at t = 0 every row of an example holds the same prompt cache
             cache.reorder_cache((beam + offset).flatten())
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        logits = model(input_ids=chosen.view(-1, 1), attention_mask=mask, position_ids=next_position + t,
+        logits = model(input_ids=chosen.view(-1, 1), attention_mask=mask, position_ids=position + t,
                        cache=cache, use_cache=True).logits[:, -1]  # [rows, vocab]
     # every live beam is at a leaf, where only EOS is allowed: score it and normalise by the length
     eos = torch.log_softmax(logits.float(), -1)[:, eos_token_id].view(batch, num_beams)
@@ -295,6 +364,7 @@ class Decoder:
     share_prefill: bool = True  # run each prompt once, not once per beam (see ``shared_prefill``)
     search: str = "trie"  # trie: ``trie_beam_search`` (mode trie only); hf: transformers' generate
     softmax: str = "full"  # what each step's scores are normalised over: full, level or trie (see trie_beam_search)
+    tree: bool = True  # the trie search's beams share one prompt cache where the model allows it (``tree_attention``)
 
     @classmethod
     def build(cls, tokenizer, indices: dict[str, list[str]], mode: str = "trie", filter_items: bool = False,
@@ -358,7 +428,7 @@ class Decoder:
         excluded = None if exclude is None else self.excluded_states(exclude)
         if self.mode == "trie" and self.search == "trie" and takes_cache(model):
             tokens, scores = trie_beam_search(model, self.trie, input_ids, attention_mask, num_beams, self.eos_token_id,
-                                              self.softmax, excluded)
+                                              self.softmax, excluded, self.tree)
             return self.ranked(tokens.flatten(0, 1).tolist(), scores.flatten().tolist(), num_beams)
         prompt_len = input_ids.shape[1]
         kwargs = {}

@@ -44,11 +44,13 @@ from transformers.trainer_callback import ProgressCallback  # noqa: E402
 import data  # noqa: E402
 import prompt  # noqa: E402
 from arguments import parse_args, parse_list  # noqa: E402
+from checkpoint_record import check_checkpoint  # noqa: E402
 from collator import TestCollator  # noqa: E402
 from evaluation import prompt_budget  # noqa: E402
 from finetune import (add_learning_curve, init_distributed, keeps_logits, log, resume_arg,  # noqa: E402
                       train_or_finish, training_arguments)
 from learning_curve import LearningCurve  # noqa: E402
+from prompt import prompt_set  # noqa: E402
 from generation import (Decoder, prompt_position_ids, response_logprobs, scoring_softmax, takes_cache,  # noqa: E402
                         trie_beam_search, trie_sample)
 from utils import DataError, check_writable, exit_on_data_error, set_seed  # noqa: E402
@@ -369,6 +371,8 @@ def run(args: argparse.Namespace) -> None:
         args, eval_strategy="no", load_best_model_at_end=False, metric_for_best_model=None,
         max_grad_norm=args.max_grad_norm, include_num_input_tokens_seen="no")
     indices = data.load_item_indices(args)
+    # before the weights load: prompt settings from the checkpoint (a flag given by hand wins), its index checked
+    check_checkpoint(args, indices, prompt_set(args), log)
     if args.rollout == "beam" and args.num_generations > len(indices):
         raise DataError(f"--num_generations {args.num_generations} is larger than the number of items ({len(indices)})")
     train_set = rl_datasets(args)

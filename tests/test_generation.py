@@ -1,3 +1,4 @@
+import copy
 import itertools
 import math
 import random
@@ -287,8 +288,9 @@ def test_trie_search_ranks_like_generate(tiny_indexed, tie_free_model, batch_siz
     for items in trie:
         names = [i for i, _ in items]
         assert len(names) == beams and len(set(names)) == beams and all(n in indices for n in names)
-    # the prompts once, then one token per beam for each of the 3 index tokens
-    assert calls == [(batch_size, width)] + [(batch_size * beams, 1)] * 3
+    # the prompts once, then one token per beam for each of the 3 index tokens, appended to the one
+    # prompt cache as a tree: [prompts, beams] inputs, no copy of the prompt per beam
+    assert calls == [(batch_size, width)] + [(batch_size, beams)] * 3
 
 
 def test_trie_search_with_as_many_beams_as_items_scores_every_item_exactly(tiny_indexed, tie_free_model):
@@ -347,8 +349,9 @@ def test_oom_inside_the_trie_search_backs_off(tiny_indexed):
     decoder = Decoder.build(tok, indices)
     enc = _encode(tok, ["The red king", "star"])
 
-    def oom_above_5_beams(module, args, kwargs):  # a forward over more than 2 x 5 rows runs out of memory
-        if kwargs["input_ids"].shape[0] > 10:
+    def oom_above_5_beams(module, args, kwargs):  # a forward over more than 2 x 5 tokens runs out of memory
+        decoding = kwargs["cache"].get_seq_length() > 0  # not the prompts' prefill
+        if decoding and kwargs["input_ids"].numel() > 10:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
     hook = model.register_forward_pre_hook(oom_above_5_beams, with_kwargs=True)
@@ -517,3 +520,65 @@ def test_leaving_items_out_needs_the_trie_decoding(tiny_indexed):
     decoder = Decoder.build(tok, indices, mode="position")
     with pytest.raises(DataError, match="--decoding trie"):
         decoder.rank(model, _encode(tok, ["star"]), 3, exclude=[["1"]])
+
+
+@pytest.fixture(params=["sdpa", "eager"])
+def tie_free_model_attn(request, tie_free_model):
+    """The tie-free model under each attention the tree decoding builds its own mask for."""
+    model = copy.deepcopy(tie_free_model)
+    model.set_attn_implementation(request.param)
+    return model
+
+
+@pytest.mark.parametrize("batch_size,beams", [(1, 5), (3, 20)])
+def test_tree_decoding_ranks_like_a_prompt_cache_per_beam(tiny_indexed, tie_free_model_attn, batch_size, beams):
+    """One prompt cache shared by the beams as a tree ranks the same items with the same scores as
+    the prompt cache repeated per beam and reordered, on left-padded prompts, with and without
+    items left out."""
+    import generation
+
+    tok, _, indices = tiny_indexed
+    model = tie_free_model_attn
+    enc = _encode(tok, TEXTS[:batch_size])
+    assert generation.tree_attention(model, enc["input_ids"].shape[1], 3 * beams)
+    decoder = Decoder.build(tok, indices)
+    exclude = [list(indices)[i::5] for i in range(batch_size)]
+    tree = [decoder.rank(model, enc, beams), decoder.rank(model, enc, beams, exclude=exclude)]
+    decoder.tree = False
+    copies = [decoder.rank(model, enc, beams), decoder.rank(model, enc, beams, exclude=exclude)]
+    for a, b in zip(tree, copies):
+        _assert_same_ranking(a, b)
+
+
+def test_tree_sampling_draws_like_a_prompt_cache_per_draw(tiny_indexed, tie_free_model):
+    """At a temperature near 0 every draw is the trie's greedy path, so both cache layouts must draw
+    the same items with the same (untempered) scores."""
+    import generation
+
+    tok, _, indices = tiny_indexed
+    enc = _encode(tok, TEXTS[:3])
+    decoder = Decoder.build(tok, indices)
+
+    def draw(tree):
+        return generation.trie_sample(tie_free_model, decoder.trie, enc["input_ids"], enc["attention_mask"], 6,
+                                       decoder.eos_token_id, temperature=1e-4, generator=torch.Generator().manual_seed(0),
+                                       tree=tree)
+
+    tokens, scores = draw(True)
+    copy_tokens, copy_scores = draw(False)
+    assert torch.equal(tokens, copy_tokens)
+    assert torch.allclose(scores, copy_scores, atol=1e-5, rtol=0)
+
+
+def test_tree_decoding_is_used_only_where_the_model_allows_it(tiny_indexed):
+    from generation import tree_attention
+
+    tok, model, _ = tiny_indexed
+    model = copy.deepcopy(model)
+    assert tree_attention(model, 30, 60)
+    model.config.sliding_window = 64  # keys past the window would be dropped by the model, not by the mask
+    assert tree_attention(model, 4, 60) and not tree_attention(model, 30, 60)
+    model.config.use_sliding_window = False  # Qwen2's switch: the window is not used at all
+    assert tree_attention(model, 30, 60)
+    model.config._attn_implementation = "flash_attention_2"  # takes no 4D mask
+    assert not tree_attention(model, 30, 60)

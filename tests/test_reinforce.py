@@ -299,6 +299,36 @@ def test_resume_after_a_kill_continues_at_the_saved_step(cycle_checkpoint, tmp_p
     assert any(not torch.equal(a[k], load_file(str(ckpt / "model.safetensors"))[k]) for k in a)  # it did train
 
 
+def test_prompt_settings_come_from_the_checkpoint_and_its_index_is_checked(cycle_finetuned, tmp_path, capsys,
+                                                                          monkeypatch):
+    """As test.py: the history length the checkpoint was trained with (1) unless given by hand (with a
+    note), and an index file that gives the items other indices is refused before any weights load."""
+    data_path, ckpt = cycle_finetuned
+    seen = {}
+
+    def stop_before_training(args):  # the stage's first use of the prompt settings
+        seen.update(vars(args))
+        raise DataError("stopped here")
+
+    monkeypatch.setattr(reinforce, "rl_datasets", stop_before_training)
+    argv = rl_cli(data_path, ckpt, tmp_path / "x")
+    argv = argv[:argv.index("--max_his_len")] + argv[argv.index("--max_his_len") + 2:]
+    for extra, his_len in (((), 1), (("--max_his_len", "3"), 3)):
+        capsys.readouterr()
+        with pytest.raises(DataError, match="stopped here"):
+            reinforce.main(argv + list(extra))
+        assert seen["max_his_len"] == his_len
+        assert ("--max_his_len 3 given by hand" in capsys.readouterr().out) == bool(extra)
+
+    indices = json.loads((data_path / "Cycle" / "Cycle.index.json").read_text())
+    items = list(indices)
+    (data_path / "Cycle" / "Cycle.moved.json").write_text(json.dumps(dict(zip(items, [indices[i] for i in items[1:] + items[:1]]))))
+    with pytest.raises(DataError, match="is not the index .* --allow_index_mismatch"):
+        reinforce.main(argv + ["--index_file", ".moved.json"])
+    with pytest.raises(DataError, match="stopped here"):
+        reinforce.main(argv + ["--index_file", ".moved.json", "--allow_index_mismatch"])
+
+
 def test_bad_flags_fail_with_one_line(cycle_checkpoint, tmp_path, capsys):
     data_path, ckpt = cycle_checkpoint
     for flags, message in ((("--rl_tasks", "item2index"), "--rl_tasks"), (("--beta", "-1"), "--beta"),
