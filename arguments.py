@@ -204,6 +204,9 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
                         "loaded model: the first writes --results_file, each other one <stem>_<decoding>.json")
     g.add_argument("--no_share_prefill", action="store_true",
                    help="run each prompt once per beam inside generate instead of once, then sharing its cache")
+    g.add_argument("--copy_prompt_cache", action="store_true",
+                   help="give each beam of the trie search its own copy of the prompt's key/value cache instead of "
+                        "sharing one as a tree under a 4D attention mask (slower, same ranking; for checking)")
     g.add_argument("--beam_search", type=str, default="trie", choices=["trie", "hf"],
                    help="trie: beam search over the index trie's allowed tokens only (default, fast); "
                         "hf: transformers' generate with the trie as a logits processor (same ranking)")

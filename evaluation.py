@@ -172,7 +172,7 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     # every decoder is built before any is run: a decoding the checkpoint cannot use fails at once
     # (the popularity prior of --score_prior auto is for the trie only, as its softmax)
     decoders = [Decoder.build(tokenizer, indices, mode, args.filter_items, device,
-                              share_prefill=not args.no_share_prefill, search=args.beam_search,
+                              share_prefill=not args.no_share_prefill, search=args.beam_search, tree=not args.copy_prompt_cache,
                               softmax=checkpoint_softmax(args.score_softmax, model, mode, args.beam_search),
                               prior=checkpoint_prior("none" if mode != "trie" and args.score_prior == "auto"
                                                      else args.score_prior, model, args, indices))

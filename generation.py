@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from item_trie import IndexTrie
 from utils import DataError
@@ -135,26 +136,33 @@ def shared_prefill(model, input_ids: torch.LongTensor, attention_mask: torch.Lon
 
 def tree_attention(model, prompt_width: int, new_tokens: int) -> bool:
     """Whether the trie searches can decode as a tree over one prompt cache (``tree_step_mask``):
-    a ``takes_cache`` model whose attention takes a ready 4D mask (sdpa, eager) and whose keys
-    are not limited to a sliding window shorter than the prompt and the ``new_tokens`` appended."""
+    a ``takes_cache`` model whose attention takes a ready 4D mask (sdpa, eager), whose layers all
+    keep plain keys and values (not the recurrent state of linear-attention, state-space or conv
+    layers, which would run a step's beams as one sequence), with no chunked attention or ALiBi
+    (their masks and biases are built otherwise), and whose sliding windows, if any, hold the
+    prompt and the ``new_tokens`` appended."""
     config = getattr(model, "config", None)
     if not takes_cache(model) or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", True) is False:  # Qwen2's switch: the window is unused
-        window = None
-    return window is None or prompt_width + new_tokens <= window
+    text = config.get_text_config(decoder=True)
+    if getattr(text, "attention_chunk_size", None) or getattr(text, "alibi", False):
+        return False
+    layers = DynamicCache(config=config).layers
+    if not layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+        return False
+    windows = [layer.sliding_window for layer in layers if isinstance(layer, DynamicSlidingWindowLayer)]
+    return prompt_width + new_tokens <= min(windows, default=prompt_width + new_tokens)
 
 
 def tree_step_mask(attention_mask: torch.LongTensor, columns: torch.LongTensor, dtype: torch.dtype,
                    boolean: bool) -> torch.Tensor:
     """The 4D mask of one tree step: the prompts' padding mask [batch, width] and the cache columns
     of each row's tokens so far [batch, rows, t + 1] (generated tokens only, its new one last) ->
-    [batch, 1, rows, width + t_cache] where each new token sees its prompt and its own tokens.
+    [batch, 1, rows, width + (t + 1) * rows] where each new token sees its prompt and its own tokens.
     Boolean (True = seen) for sdpa; additive (0 / dtype's min) for eager."""
-    batch, rows, _ = columns.shape
+    batch, rows, steps = columns.shape
     width = attention_mask.shape[1]
-    generated = int(columns.max()) + 1 - width  # the cache's generated columns so far, this step's included
+    generated = steps * rows  # the cache's generated columns so far, this step's included
     seen = torch.zeros((batch, rows, generated), dtype=torch.bool, device=columns.device)
     seen.scatter_(2, columns - width, True)
     mask = torch.cat([attention_mask.bool()[:, None].expand(batch, rows, width), seen], 2)[:, None]
@@ -243,7 +251,8 @@ def trie_sample(model, trie: IndexTrie, input_ids: torch.LongTensor, attention_m
     if not tree:  # one copy of the prompt cache per draw
         cache.batch_repeat_interleave(num_samples)
         position = position.repeat_interleave(num_samples, 0)
-    mask = attention_mask.repeat_interleave(num_samples, 0) if bool((attention_mask == 0).any()) else None
+    padded = bool((attention_mask == 0).any())
+    mask = attention_mask.repeat_interleave(num_samples, 0) if padded and not tree else None
     columns = torch.empty((batch, num_samples, 0), dtype=torch.long, device=device)  # tree: each draw's tokens
     state = torch.full((batch, num_samples), trie.ROOT, dtype=torch.long, device=device)
     tokens = torch.empty((batch, num_samples, 0), dtype=torch.long, device=device)
@@ -311,7 +320,7 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
         cache.batch_repeat_interleave(num_beams)
         position = position.repeat_interleave(num_beams, 0)  # [rows, 1]
     padded = bool((attention_mask == 0).any())
-    mask = attention_mask.repeat_interleave(num_beams, 0) if padded else None  # [rows, width + t]
+    mask = attention_mask.repeat_interleave(num_beams, 0) if padded and not tree else None  # [rows, width + t]
     columns = torch.empty((batch, num_beams, 0), dtype=torch.long, device=device)  # tree: each beam's tokens
 
     # one live beam per example at first (the others start at -inf, as generate's -1e9)
@@ -369,11 +378,12 @@ class Decoder:
     @classmethod
     def build(cls, tokenizer, indices: dict[str, list[str]], mode: str = "trie", filter_items: bool = False,
               device: torch.device | None = None, share_prefill: bool = True, search: str = "trie",
-              softmax: str = "full", prior: dict[str, float] | None = None) -> "Decoder":
+              softmax: str = "full", prior: dict[str, float] | None = None, tree: bool = True) -> "Decoder":
         """From the index file's ``{item: [token, ...]}``, whose tokens were checked when the model
         and tokenizer were loaded (modeling.index_token_ids); the options were checked by the parser.
         A softmax other than full needs the trie search (mode and search "trie"). ``prior``: item ->
-        weight, the popularity prior of a model trained with ``--index_prior`` (trie softmax only)."""
+        weight, the popularity prior of a model trained with ``--index_prior`` (trie softmax only).
+        ``tree``: False gives each beam of the trie search its own copy of the prompt cache."""
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         if eos is None:
             raise DataError("the tokenizer has no EOS token; decoding needs one to end an index")
@@ -387,7 +397,7 @@ class Decoder:
         if device is not None:
             trie.to(device)
         return cls(trie, {tuple(v): k for k, v in item_ids.items()}, eos, pad, mode, filter_items,
-                   {"".join(toks): item for item, toks in indices.items()}, share_prefill, search, softmax)
+                   {"".join(toks): item for item, toks in indices.items()}, share_prefill, search, softmax, tree)
 
     def generation_config(self, num_beams: int) -> GenerationConfig:
         # do_sample=False explicitly: recent transformers may otherwise sample from the model's defaults.

@@ -101,7 +101,7 @@ class Recommender:
                                                         device=device, lora=args.lora, base_model=args.base_model)
         self.model.generation_config = GenerationConfig(eos_token_id=self.tokenizer.eos_token_id,
                                                         pad_token_id=self.tokenizer.pad_token_id)
-        self.decoder = Decoder.build(self.tokenizer, self.indices, device=device,
+        self.decoder = Decoder.build(self.tokenizer, self.indices, device=device, tree=not args.copy_prompt_cache,
                                      softmax=checkpoint_softmax(args.score_softmax, self.model),
                                      prior=checkpoint_prior(args.score_prior, self.model, args, self.indices,
                                                             self.files.inters))

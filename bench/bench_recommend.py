@@ -101,7 +101,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="default: every core (recommend.py's default)")
     p.add_argument("--cpu_bf16", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--keep_history", action="store_true", help="do not leave the history's items out")
-    p.add_argument("--copy_cache", action="store_true",
+    p.add_argument("--copy_prompt_cache", action="store_true",
                    help="give every beam its own copy of the prompt cache (the search before tree decoding)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--http", action="store_true", help="ask over HTTP (recommend_server on 127.0.0.1)")
@@ -120,8 +120,7 @@ def main() -> None:
     rec = Recommender(parse_args("recommend", [
         "--ckpt_path", str(ckpt), "--dataset", args.dataset, "--data_path", str(data_path), "--index_file",
         args.index_file, "--num_beams", str(args.num_beams), "--max_his_len", str(args.max_his_len),
-        "--cpu_bf16", args.cpu_bf16]))
-    rec.decoder.tree = not args.copy_cache
+        "--cpu_bf16", args.cpu_bf16, *(["--copy_prompt_cache"] if args.copy_prompt_cache else [])]))
     users = sorted(rec.files.inters, key=lambda u: (len(u), u))
     users = random.Random(args.seed).sample(users, min(args.users + args.warmup, len(users)))
 
@@ -166,7 +165,7 @@ def main() -> None:
     print(f"asked: {len(wall)} users of {args.dataset}, {args.k} items from {rec.num_beams} beams, "
           f"history items in the prompt: median {statistics.median(prompt_items):.0f}, "
           f"{'history kept' if args.keep_history else 'history left out'}, {'HTTP' if args.http else 'in process'}, "
-          f"{'a prompt cache per beam' if args.copy_cache else 'one prompt cache shared as a tree'}")
+          f"{'a prompt cache per beam' if args.copy_prompt_cache else 'one prompt cache shared as a tree'}")
     # CPU time of the process (all its threads): what the answer costs whatever else runs on the machine
     for name, xs in (("answer", wall), ("model (latency_ms)", inside), ("CPU time", cpu)):
         print(f"{name} ms: p50 {pct(xs, 50):.0f}  p90 {pct(xs, 90):.0f}  min {min(xs):.0f}  max {max(xs):.0f}")

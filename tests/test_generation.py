@@ -578,7 +578,26 @@ def test_tree_decoding_is_used_only_where_the_model_allows_it(tiny_indexed):
     assert tree_attention(model, 30, 60)
     model.config.sliding_window = 64  # keys past the window would be dropped by the model, not by the mask
     assert tree_attention(model, 4, 60) and not tree_attention(model, 30, 60)
-    model.config.use_sliding_window = False  # Qwen2's switch: the window is not used at all
-    assert tree_attention(model, 30, 60)
+    model.config.sliding_window = None
+    model.config.layer_types = ["full_attention", "linear_attention"]  # a hybrid: a recurrent state mixes the beams
+    assert not tree_attention(model, 30, 60)
+    model.config.layer_types = None
+    model.config.attention_chunk_size = 128  # chunked attention builds its own mask
+    assert not tree_attention(model, 30, 60)
+    model.config.attention_chunk_size = None
     model.config._attn_implementation = "flash_attention_2"  # takes no 4D mask
     assert not tree_attention(model, 30, 60)
+
+
+def test_tree_step_mask_shows_each_token_its_prompt_and_its_own_beam_only():
+    from generation import tree_step_mask
+
+    prompt = torch.tensor([[0, 1, 1], [1, 1, 1]])  # the first prompt left padded
+    # step t = 1 of 2 beams: beam 0 descends from last step's beam 1 (column 4), beam 1 from beam 0 (column 3)
+    columns = torch.tensor([[[4, 5], [3, 6]], [[3, 5], [3, 6]]])
+    mask = tree_step_mask(prompt, columns, torch.float32, boolean=True)
+    assert mask.shape == (2, 1, 2, 3 + 4)
+    assert mask[0, 0].int().tolist() == [[0, 1, 1, 0, 1, 1, 0], [0, 1, 1, 1, 0, 0, 1]]
+    assert mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 0, 0, 1]]
+    additive = tree_step_mask(prompt, columns, torch.float32, boolean=False)
+    assert torch.equal(additive == 0, mask) and additive.min() == torch.finfo(torch.float32).min
