@@ -221,7 +221,7 @@ def test_cpu_sized_profiles_train_with_the_prior_and_a_start_for_the_index_rows(
         # quick profile's 128 steps, what fits 15 minutes in bf16), history 20, four tasks
         # the cpu profile trains 3x the steps where native bf16 makes them 3x cheaper
         rates = {"cpu": ("1e-4", "2e-3"), "quick": ("1.5e-4", "3e-3")}[profile]
-        steps = {("cpu", "fp32"): ("450", "150"), ("cpu", "bf16"): ("1350", "150"),
+        steps = {("cpu", "fp32"): ("450", "150"), ("cpu", "bf16"): ("1350", "270"),
                  ("quick", "bf16"): ("128", "64")}[profile, precision]
         assert flags[6:9] == ["collab", "--index_lr", rates[1]] and float(settings["LR"]) == float(rates[0])
         assert settings["MAX_HIS_LEN"] == "20" and settings["TASKS"] == "seqrec,item2index,index2item,fusionseqrec"
