@@ -107,6 +107,22 @@ def test_cpu_bf16_flag_sets_the_decoding_precision(ckpt_and_data, capsys, monkey
         assert_real_distinct(out, 5, titles)
 
 
+def test_copy_prompt_cache_flag_gives_each_beam_its_own_cache_with_the_same_answer(ckpt_and_data, capsys,
+                                                                                  monkeypatch):
+    import generation
+
+    ckpt, data_path, titles, _ = ckpt_and_data
+    real, trees = generation.tree_forward, []
+    monkeypatch.setattr(generation, "tree_forward", lambda *a, **kw: trees.append(1) or real(*a, **kw))
+    answers = []
+    for extra in ((), ("--copy_prompt_cache",)):
+        trees.clear()
+        answers.append(run_json(ckpt, data_path, capsys, "--user", "3", "--k", "5", "--cpu_bf16", "off", *extra))
+        assert bool(trees) == (not extra)  # the tree steps run only without the flag
+    assert [r["item"] for r in answers[0]["items"]] == [r["item"] for r in answers[1]["items"]]
+    assert_real_distinct(answers[1], 5, titles)
+
+
 def test_typed_titles_match_closest_or_fail_with_suggestions():
     titles = {"1": "Star Wars", "2": "Fargo", "3": "The Empire Strikes Back"}
     assert match_title("fargo", titles) == ("2", None)
