@@ -68,12 +68,14 @@ class Recommender:
     """A checkpoint, its dataset's files and the decoder, loaded once; ``recommend`` per request."""
 
     def __init__(self, args: argparse.Namespace):
+        import torch
+        from transformers import GenerationConfig
+
         import data
         from collator import TestCollator
         from evaluation import checkpoint_prior, checkpoint_softmax, prompt_budget
         from generation import Decoder
-        from modeling import load_for_inference
-        from transformers import GenerationConfig
+        from modeling import cast_linear_weights, load_for_inference
         from utils import cpu_autocast_bf16, default_dtype, get_device
 
         if not args.ckpt_path:
@@ -109,6 +111,8 @@ class Recommender:
         self.collate = TestCollator(self.tokenizer, prompt_budget(args.model_max_length, index_len))
         self.device = device
         self.bf16_autocast = cpu_autocast_bf16(device, args.cpu_bf16)  # as test.py decodes (--cpu_bf16)
+        if self.bf16_autocast:  # the casts autocast would make at every request, made once
+            cast_linear_weights(self.model, torch.bfloat16)
         self.lock = threading.Lock()  # one request at a time on the model
 
     # ------------------------------------------------------------------ inputs

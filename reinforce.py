@@ -359,6 +359,16 @@ def check_reinforce_args(args: argparse.Namespace) -> None:
         raise DataError(f"--num_generations: {args.num_generations}; a group needs at least 2 items to compare")
     if not args.temperature > 0:
         raise DataError(f"--temperature: {args.temperature}; expected a positive temperature")
+    if args.deepspeed:
+        from dataset_files import load_json
+
+        config = load_json(args.deepspeed, "DeepSpeed config")
+        if (config.get("zero_optimization") or {}).get("stage") == 3:
+            # ZeRO-3 partitions every weight at load time: the frozen reference (no engine of its own) and
+            # the checks on the loaded model would see empty tensors
+            raise DataError(f"--deepspeed {args.deepspeed}: ZeRO stage 3 is not supported by reinforce.py (the "
+                            "reference model and the rollouts need whole weights on every process); use stage 2, "
+                            "e.g. config/ds_z2_bf16.json, or plain DDP")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -62,7 +62,8 @@ case "$PROFILE" in
     : "${SAVE_STRATEGY:=steps}" "${VALID_USERS:=100}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=10}"
     : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=8}"
     : "${CURVE_USERS:=100}" "${CURVE_BEAMS:=20}"
-    # TIGER (BASELINES=sasrec,gru4rec,tiger) adds about 18 minutes and, capped at 10, scores at popularity's level
+    # TIGER (BASELINES=sasrec,gru4rec,tiger) adds the cap plus about 4 minutes of scoring: one epoch takes about
+    # 20 minutes here (bf16); 25 minutes at batch 64 scored NDCG@10 0.032, popularity 0.022 (docs/baselines.md)
     : "${BASELINES:=sasrec,gru4rec}" "${TIGER_MINUTES:=10}"
     if [ "$GPUS" = 0 ]; then : "${DEEPSPEED=}"; CPU_PROFILE=1; fi ;;
   gpu)    # one H200-class GPU, about 10 minutes of fine-tuning
@@ -226,7 +227,7 @@ RL_SAVE_STEPS=$(( RL_STEPS > 4 ? RL_STEPS / 4 : RL_STEPS > 0 ? 1 : 500 ))   # ch
 # the learning curve at the same four points (and at step 0, the fine-tuned model) where the profile draws one
 RL_CURVE_STEPS=${RL_CURVE_STEPS:-$( [ "$CURVE_STEPS" = 0 ] && echo 0 || echo "$RL_SAVE_STEPS")}
 RL_FLAGS=${RL_FLAGS-}               # extra reinforce.py flags, e.g. --rollout sample --rewards rule
-RL_DEEPSPEED=${RL_DEEPSPEED-}       # a DeepSpeed config for NPROC > 1; empty = plain DDP (see docs/reinforcement.md)
+RL_DEEPSPEED=${RL_DEEPSPEED-}       # a DeepSpeed config (ZeRO 1 or 2) for NPROC > 1; empty = plain DDP (docs/reinforcement.md)
 
 if [ "${DRY_RUN:-0}" = 1 ]; then  # print the settings this profile resolves to, run nothing
   for name in PROFILE DATASET INDEX COLLAB_VECTORS COLLAB_FLAGS NPROC TRAIN_THREADS ATTN DEEPSPEED PRECISION TEXT_EMB_FLAGS RQ_EPOCHS RQ_BATCH RQ_LAYERS RQ_CODES SK_EPSILONS RQ_FLAGS PROFILE_USERS \
@@ -351,7 +352,7 @@ summarize() {  # summarize <name> <model> [flags]: results/<name>.summary.json, 
   if [ "$REDO" = 1 ] || [ ! -e "$out" ]; then
     "$PYTHON" results_table.py "$RESULTS_DIR/$1.json" --names "$2" --summary "$out" "${@:3}" --profile "$PROFILE" \
       --wall_time_s $((SECONDS - T_START)) --command "$(printf '%s=%q ' PROFILE "$PROFILE" PRECISION "$PRECISION" \
-      NPROC "$NPROC" MAX_STEPS "$MAX_STEPS" INDEX "$INDEX" BASELINES "$BASELINES" DATASET "$DATASET")bash run.sh" >/dev/null
+      NPROC "$NPROC" MAX_STEPS "$MAX_STEPS" INDEX "$INDEX" BASELINES "$BASELINES" REINFORCE "$REINFORCE" DATASET "$DATASET")bash run.sh" >/dev/null
   fi
 }
 

@@ -40,6 +40,8 @@ def main() -> None:
     try:
         with exit_on_data_error():
             evaluate_checkpoint(args, rank, world_size, gather=all_gather if world_size > 1 else None)
+        if distributed:  # every rank done before any tears gloo down (a rank leaving early was seen to abort)
+            dist.barrier()
     finally:
         if distributed:
             dist.destroy_process_group()

@@ -21,7 +21,8 @@ from baselines.split import Split
 
 NAME = "gru4rec"
 DEFAULTS = {"epochs": 200, "patience": 10, "hidden_size": 64, "inner_size": 128, "num_layers": 1, "num_heads": 1,
-            "dropout": 0.3, "lr": 1e-3, "eval_batch_size": 1024, "train_stride": 5}
+            "dropout": 0.3, "lr": 1e-3, "eval_batch_size": 1024, "train_stride": 5,
+            "cpu_bf16": "off"}
 
 
 class GRU4Rec(ScoreAllItems):

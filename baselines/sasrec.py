@@ -17,7 +17,8 @@ from baselines.split import Split
 
 NAME = "sasrec"
 DEFAULTS = {"epochs": 200, "patience": 10, "hidden_size": 64, "inner_size": 256, "num_layers": 2, "num_heads": 1,
-            "dropout": 0.2, "lr": 1e-3, "eval_batch_size": 1024, "train_stride": 0}
+            "dropout": 0.2, "lr": 1e-3, "eval_batch_size": 1024, "train_stride": 0,
+            "cpu_bf16": "off"}
 
 
 class SASRec(ScoreAllItems):

@@ -246,3 +246,26 @@ def test_saved_item_embeddings_are_the_trained_rows_in_item_order(tmp_path, monk
     with pytest.raises(DataError, match="--save_item_emb"):
         run(args_for("tiger", root, "Cycle", tmp_path / "t.json", "--epochs", "1", "--save_item_emb", str(out)),
             family("tiger"))
+
+
+@pytest.mark.parametrize("choice,expect", [("on", torch.bfloat16), ("off", torch.float32)])
+def test_cpu_bf16_trains_and_decodes_under_autocast(tmp_path, monkeypatch, choice, expect):
+    root = write_cycle_dataset(tmp_path / "data")
+    tiger, dtypes = family("tiger"), set()
+    real_build = tiger.build
+
+    def build(args, split):
+        model = real_build(args, split)
+        model.t5.lm_head.register_forward_hook(lambda m, i, out: dtypes.add((m.training, out.dtype)))
+        return model
+
+    monkeypatch.setattr(tiger, "build", build)
+    res = run(args_for("tiger", root, "Cycle", tmp_path / "r.json", "--epochs", "1", "--cpu_bf16", choice), tiger)
+    assert dtypes == {(True, expect), (False, expect)}  # training and decoding alike
+    assert 0 <= res["mean"]["ndcg@10"] <= 1
+
+
+def test_only_tiger_defaults_to_bf16_where_the_cpu_has_it():
+    defaults = {name: resolve_args(build_parser().parse_args(["--dataset", "x"]), family(name)).cpu_bf16
+                for name in ("sasrec", "gru4rec", "tiger")}
+    assert defaults == {"sasrec": "off", "gru4rec": "off", "tiger": "auto"}

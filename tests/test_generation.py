@@ -601,3 +601,22 @@ def test_tree_step_mask_shows_each_token_its_prompt_and_its_own_beam_only():
     assert mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 0, 0, 1]]
     additive = tree_step_mask(prompt, columns, torch.float32, boolean=False)
     assert torch.equal(additive == 0, mask) and additive.min() == torch.finfo(torch.float32).min
+
+
+def test_linear_weights_cast_once_give_what_autocast_gives(tiny_indexed, tie_free_model):
+    """bf16 linear weights stored once decode exactly as fp32 weights under bf16 autocast, the
+    embedding keeps its fp32 rows, and a tied head gets its own copy."""
+    from modeling import cast_linear_weights
+
+    tok, _, indices = tiny_indexed
+    model = copy.deepcopy(tie_free_model)
+    enc = _encode(tok, TEXTS)
+    decoder = Decoder.build(tok, indices)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = decoder.rank(model, enc, 10)
+        assert cast_linear_weights(model, torch.bfloat16) > 0
+        after = decoder.rank(model, enc, 10)
+    assert before == after
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())

@@ -333,17 +333,17 @@ def test_bad_flags_fail_with_one_line(cycle_checkpoint, tmp_path, capsys):
     data_path, ckpt = cycle_checkpoint
     for flags, message in ((("--rl_tasks", "item2index"), "--rl_tasks"), (("--beta", "-1"), "--beta"),
                            (("--num_generations", "9"), "larger than the number of items (8)"),
-                           (("--rewards", "rule,bleu"), "--rewards")):
+                           (("--rewards", "rule,bleu"), "--rewards"),
+                           (("--deepspeed", str(Path(__file__).resolve().parents[1] / "config/ds_z3_bf16.json")),
+                            "ZeRO stage 3 is not supported")):
         with pytest.raises(DataError, match=re.escape(message)):
             reinforce.main(rl_cli(data_path, ckpt, tmp_path / "x", "--max_steps", "1", *flags))
 
 
-def test_torchrun_ddp_gloo(cycle_checkpoint, tmp_path):
-    """Two processes on the CPU: each rolls out its own prompts, DDP (gloo) averages the gradients."""
+def torchrun_reinforce(data_path, ckpt, out, cwd, *extra):
+    """reinforce.py in two CPU processes under torchrun (gloo)."""
     import socket
 
-    data_path, ckpt = cycle_checkpoint
-    out = tmp_path / "ddp"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
@@ -351,8 +351,34 @@ def test_torchrun_ddp_gloo(cycle_checkpoint, tmp_path):
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
                            str(root / "reinforce.py"), *rl_cli(data_path, ckpt, out, "--max_steps", "2",
-                                                               "--per_device_batch_size", "2")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+                                                               "--per_device_batch_size", "2", *extra)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and (out / "config.json").is_file()
+
+
+def test_torchrun_ddp_gloo(cycle_checkpoint, tmp_path):
+    """Two processes on the CPU: each rolls out its own prompts, DDP (gloo) averages the gradients."""
+    data_path, ckpt = cycle_checkpoint
+    torchrun_reinforce(data_path, ckpt, tmp_path / "ddp", tmp_path)
+
+
+def test_torchrun_deepspeed_zero2_bf16(cycle_checkpoint, tmp_path):
+    """Two processes under DeepSpeed ZeRO-2 (the optimizer state and gradients partitioned): the
+    stage trains and saves a whole model, with weights other than the start's."""
+    from safetensors.torch import load_file
+
+    data_path, ckpt = cycle_checkpoint
+    out = tmp_path / "z2"
+    root = Path(__file__).resolve().parents[1]
+    torchrun_reinforce(data_path, ckpt, out, tmp_path, "--deepspeed", str(root / "config/ds_z2_bf16.json"), "--bf16")
+    assert not list(out.glob("global_step*"))  # a plain HF folder
+    start, trained = load_file(str(Path(ckpt) / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    layers = [k for k in start if k.startswith("model.layers.")]
+    assert layers and all(k in trained for k in layers)
+    assert any(not torch.equal(start[k].float(), trained[k].float()) for k in layers)
+    from dataset_files import dataset_file, load_indices
+    from modeling import load_for_inference
+
+    load_for_inference(str(out), load_indices(dataset_file(data_path, "Cycle", ".index.json")))  # loads as any checkpoint
