@@ -64,7 +64,7 @@ case "$PROFILE" in
     : "${CURVE_USERS:=100}" "${CURVE_BEAMS:=20}"
     # TIGER (BASELINES=sasrec,gru4rec,tiger) adds the cap plus about 4 minutes of scoring: one epoch takes about
     # 20 minutes here (bf16); 25 minutes at batch 64 scored NDCG@10 0.032, popularity 0.022 (docs/baselines.md)
-    : "${BASELINES:=sasrec,gru4rec}" "${TIGER_MINUTES:=10}"
+    : "${BASELINES=sasrec,gru4rec}" "${TIGER_MINUTES:=10}"
     if [ "$GPUS" = 0 ]; then : "${DEEPSPEED=}"; CPU_PROFILE=1; fi ;;
   gpu)    # one H200-class GPU, about 10 minutes of fine-tuning
     : "${RQ_EPOCHS:=1000}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=256}" "${RQ_LAYERS:=2048 1024 512 256 128 64}"
@@ -79,7 +79,7 @@ case "$PROFILE" in
     : "${FINETUNE_FLAGS=--history_loss --index_softmax trie --index_prior popularity --index_token_init collab $GLOBAL_TOKEN_LOSS}"
     : "${SAVE_STRATEGY:=epoch}" "${SAVE_STEPS:=1000}" "${VALID_USERS:=0}" "${VALID_PROMPTS:=2}"
     : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=16}"
-    : "${CURVE_STEPS:=100}" "${CURVE_USERS:=200}" "${CURVE_BEAMS:=20}" "${BASELINES:=sasrec,gru4rec,tiger}" ;;
+    : "${CURVE_STEPS:=100}" "${CURVE_USERS:=200}" "${CURVE_BEAMS:=20}" "${BASELINES=sasrec,gru4rec,tiger}" ;;
   paper)  # the paper's settings (section 6 of the README); meant for 8 GPUs
     : "${RQ_EPOCHS:=10000}" "${RQ_EVAL_STEP:=50}" "${RQ_BATCH:=1024}" "${RQ_LAYERS:=2048 1024 512 256 128 64}"
     # what the published indices were trained with: BatchNorm on (see the README), linear decay, the
@@ -109,7 +109,7 @@ case "$PROFILE" in
     esac
     : "${TRAIN_DATA_SAMPLE_NUM:=0,0,0,$FUSION_SAMPLES,0,0}"
     : "${SAVE_STRATEGY:=epoch}" "${SAVE_STEPS:=1000}" "${VALID_USERS:=0}" "${VALID_PROMPTS:=2}"
-    : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=all}" "${TEST_BATCH:=1}" "${BASELINES:=sasrec,gru4rec,tiger}"
+    : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=all}" "${TEST_BATCH:=1}" "${BASELINES=sasrec,gru4rec,tiger}"
     # two tables: the trie (this repository's decoding) and the original's per-position rule, whose
     # figure is the one comparable with the paper's (a beam that spells no item is a miss)
     : "${DECODING:=trie,position}" ;;

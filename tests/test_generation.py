@@ -612,6 +612,7 @@ def test_linear_weights_cast_once_give_what_autocast_gives(tiny_indexed, tie_fre
     model = copy.deepcopy(tie_free_model)
     enc = _encode(tok, TEXTS)
     decoder = Decoder.build(tok, indices)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
     with torch.autocast("cpu", dtype=torch.bfloat16):
         before = decoder.rank(model, enc, 10)
         assert cast_linear_weights(model, torch.bfloat16) > 0

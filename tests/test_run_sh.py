@@ -204,6 +204,7 @@ def test_baselines_variable():
     assert run_sh_settings(PROFILE="quick")[0]["BASELINES"] == ""
     assert run_sh_settings(PROFILE="cpu")[0]["BASELINES"] == "sasrec,gru4rec"  # TIGER: on request (2-hour budget)
     assert run_sh_settings(PROFILE="gpu")[0]["BASELINES"] == "sasrec,gru4rec,tiger"
+    assert run_sh_settings(PROFILE="cpu", BASELINES="")[0]["BASELINES"] == ""  # empty: none, not the default
     bad = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**os.environ, "DRY_RUN": "1", "BASELINES": "sasrec,bert"},
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "BASELINES: unknown baseline 'bert'" in bad.stderr
