@@ -62,7 +62,7 @@ case "$PROFILE" in
     : "${SAVE_STRATEGY:=steps}" "${VALID_USERS:=100}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=10}"
     : "${TEST_SAMPLE_NUM:=-1}" "${TEST_PROMPT_IDS:=0}" "${TEST_BATCH:=8}"
     : "${CURVE_USERS:=100}" "${CURVE_BEAMS:=20}"
-    # TIGER (BASELINES=sasrec,gru4rec,tiger) adds the cap plus about 4 minutes of scoring: one epoch takes about
+    # TIGER (BASELINES=sasrec,gru4rec,tiger) adds the cap plus about 3 minutes of scoring: one epoch takes about
     # 20 minutes here (bf16); 25 minutes at batch 64 scored NDCG@10 0.032, popularity 0.022 (docs/baselines.md)
     : "${BASELINES=sasrec,gru4rec}" "${TIGER_MINUTES:=10}"
     if [ "$GPUS" = 0 ]; then : "${DEEPSPEED=}"; CPU_PROFILE=1; fi ;;
