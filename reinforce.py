@@ -51,8 +51,8 @@ from finetune import (add_learning_curve, init_distributed, keeps_logits, log, r
                       train_or_finish, training_arguments)
 from learning_curve import LearningCurve  # noqa: E402
 from prompt import prompt_set  # noqa: E402
-from generation import (Decoder, prompt_position_ids, response_logprobs, scoring_softmax, takes_cache,  # noqa: E402
-                        trie_beam_search, trie_sample)
+from generation import (Decoder, last_logits_only, prompt_position_ids, response_logprobs, scoring_softmax,  # noqa: E402
+                        takes_cache, trie_beam_search, trie_sample)
 from utils import DataError, check_writable, exit_on_data_error, set_seed  # noqa: E402
 
 RL_TASKS = ("seqrec", "fusionseqrec", "itemsearch")  # the tasks with templates whose response is an item
@@ -237,9 +237,9 @@ class GRPOTrainer(Trainer):
             return self.whole_sequence_logprobs(model, ids[prompt_of], mask[prompt_of], tokens)
         used, row_prompt = prompt_of.unique(return_inverse=True)  # the prompts with kept rows; each row's
         ids, mask = ids[used], mask[used]
-        keep_one = {"logits_to_keep": 1} if keeps_logits(base) else {}
+        # generation.prefill's forward, through the (DDP) wrapper so that the gradient synchronises
         out = model(input_ids=ids, attention_mask=mask, position_ids=prompt_position_ids(mask),
-                    cache=DynamicCache(config=base.config), use_cache=True, **keep_one)
+                    cache=DynamicCache(config=base.config), use_cache=True, **last_logits_only(base, ids.shape[1]))
         first = out.logits[:, -1][row_prompt]  # [N, vocab]: predicts each item's first index token
         cache = out.cache
         cache.reorder_cache(row_prompt)  # one copy of its prompt's keys/values per row (differentiable)
