@@ -239,6 +239,10 @@ def _add_recommend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep_history", action="store_true",
                    help="let items already in the history be recommended (by default the search leaves them out "
                         "and returns K other items)")
+    g.add_argument("--score_eos", action="store_true",
+                   help="add each item's EOS log-probability to its score, as test.py does: one more model forward "
+                        "per answer (about a fifth of its time); left out by default: the same ten items for 99 of "
+                        "100 users of the cpu profile's model, 49 of 50 of the quick start's (docs/recommend.md)")
     g.add_argument("--json", action="store_true", help="print JSON instead of a table (titles kept whole)")
     g.add_argument("--title_width", type=positive_int, default=60,
                    help="the table cuts longer titles (and the request) to this many characters")

@@ -77,11 +77,15 @@ class IndexSoftmax:
         if text.any():
             logits = head(hidden[:, :-1][text]).float() / self.temperature
             total = total + F.cross_entropy(logits, target[text], reduction="sum")
-        for lv, ids in enumerate(self.level_ids):
+        # every level's head rows in one gather: each gather of a weight's rows gives it a dense [V, H]
+        # gradient in backward (114 MB for SmolLM2, mostly zeros to write), so one gather, not one a level
+        level_ids = self.level_ids
+        weights = head.weight[torch.cat(level_ids)].split([len(ids) for ids in level_ids]) if level_ids else []
+        for lv, ids in enumerate(level_ids):
             rows, cols = (level == lv).nonzero(as_tuple=True)  # target token at column cols + 1
             if len(rows) == 0:
                 continue
-            logits = hidden[rows, cols] @ head.weight[ids].T  # [n, codes of the level]
+            logits = hidden[rows, cols] @ weights[lv].T  # [n, codes of the level]
             if head.bias is not None:
                 logits = logits + head.bias[ids]
             logits, y = logits.float(), slot_of[target[rows, cols]]

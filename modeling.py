@@ -249,3 +249,12 @@ def cast_linear_weights(model, dtype) -> int:
                 module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
             cast += 1
     return cast
+
+
+def keeps_logits(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (every recent causal LM of transformers),
+    looking through a PEFT wrapper; training (response-only logits), decoding and reinforcement ask here."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters

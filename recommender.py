@@ -40,7 +40,7 @@ class Recommendation:
     item: str
     title: str
     index: str
-    score: float  # the beam's mean log-probability per generated token (higher is better)
+    score: float  # the beam's mean log-probability per index token (and EOS with --score_eos); higher is better
     in_history: bool
 
 
@@ -104,6 +104,7 @@ class Recommender:
         self.model.generation_config = GenerationConfig(eos_token_id=self.tokenizer.eos_token_id,
                                                         pad_token_id=self.tokenizer.pad_token_id)
         self.decoder = Decoder.build(self.tokenizer, self.indices, device=device, tree=not args.copy_prompt_cache,
+                                     score_eos=args.score_eos,
                                      softmax=checkpoint_softmax(args.score_softmax, self.model),
                                      prior=checkpoint_prior(args.score_prior, self.model, args, self.indices,
                                                             self.files.inters))

@@ -47,9 +47,10 @@ from arguments import parse_args, parse_list  # noqa: E402
 from checkpoint_record import check_checkpoint  # noqa: E402
 from collator import TestCollator  # noqa: E402
 from evaluation import prompt_budget  # noqa: E402
-from finetune import (add_learning_curve, init_distributed, keeps_logits, log, resume_arg,  # noqa: E402
-                      train_or_finish, training_arguments)
+from finetune import (add_learning_curve, init_distributed, log, resume_arg, train_or_finish,  # noqa: E402
+                      training_arguments)
 from learning_curve import LearningCurve  # noqa: E402
+from modeling import keeps_logits  # noqa: E402
 from prompt import prompt_set  # noqa: E402
 from generation import (Decoder, last_logits_only, prompt_position_ids, response_logprobs, scoring_softmax,  # noqa: E402
                         takes_cache, trie_beam_search, trie_sample)

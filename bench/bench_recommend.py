@@ -103,6 +103,10 @@ def main() -> None:
     p.add_argument("--keep_history", action="store_true", help="do not leave the history's items out")
     p.add_argument("--copy_prompt_cache", action="store_true",
                    help="give every beam its own copy of the prompt cache (the search before tree decoding)")
+    p.add_argument("--score_eos", action="store_true", help="score each item's EOS too (recommend.py --score_eos)")
+    p.add_argument("--compare_score_eos", action="store_true",
+                   help="afterwards ask every user again with the EOS term flipped and report how many answers "
+                        "keep the same items, the same order and the same first item")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--http", action="store_true", help="ask over HTTP (recommend_server on 127.0.0.1)")
     p.add_argument("--seed", type=int, default=0)
@@ -120,7 +124,8 @@ def main() -> None:
     rec = Recommender(parse_args("recommend", [
         "--ckpt_path", str(ckpt), "--dataset", args.dataset, "--data_path", str(data_path), "--index_file",
         args.index_file, "--num_beams", str(args.num_beams), "--max_his_len", str(args.max_his_len),
-        "--cpu_bf16", args.cpu_bf16, *(["--copy_prompt_cache"] if args.copy_prompt_cache else [])]))
+        "--cpu_bf16", args.cpu_bf16, *(["--copy_prompt_cache"] if args.copy_prompt_cache else []),
+        *(["--score_eos"] if args.score_eos else [])]))
     users = sorted(rec.files.inters, key=lambda u: (len(u), u))
     users = random.Random(args.seed).sample(users, min(args.users + args.warmup, len(users)))
 
@@ -144,7 +149,7 @@ def main() -> None:
             return rec.answer(body["user"], k=body["k"], keep_history=body["keep_history"])
 
     load_before = os.getloadavg()
-    wall, cpu, inside, prompt_items = [], [], [], []
+    wall, cpu, inside, prompt_items, answers = [], [], [], [], []
     for n, user in enumerate(tqdm(users, desc="requests", dynamic_ncols=True)):
         start, start_cpu = time.perf_counter(), time.process_time()
         out = ask({"user": user, "k": args.k, "keep_history": args.keep_history})
@@ -153,6 +158,7 @@ def main() -> None:
             cpu.append(1000 * (time.process_time() - start_cpu))
             inside.append(out["latency_ms"])
             prompt_items.append(sum(h["in_prompt"] for h in out["history"]))
+            answers.append([r["item"] for r in out["items"]])
     load_after = os.getloadavg()
 
     def pct(xs: list[float], q: int) -> float:
@@ -169,6 +175,15 @@ def main() -> None:
     # CPU time of the process (all its threads): what the answer costs whatever else runs on the machine
     for name, xs in (("answer", wall), ("model (latency_ms)", inside), ("CPU time", cpu)):
         print(f"{name} ms: p50 {pct(xs, 50):.0f}  p90 {pct(xs, 90):.0f}  min {min(xs):.0f}  max {max(xs):.0f}")
+    if args.compare_score_eos:  # the same users with the EOS term flipped: what leaving it out changes
+        rec.decoder.score_eos = not rec.decoder.score_eos
+        other = [[r["item"] for r in rec.answer(u, k=args.k, keep_history=args.keep_history)["items"]]
+                 for u in tqdm(users[args.warmup:], desc="EOS flipped", dynamic_ncols=True)]
+        n = len(other)
+        print(f"the answers with the EOS term scored and left out, {n} users: same items "
+              f"{sum(set(a) == set(b) for a, b in zip(answers, other))}/{n}, same order "
+              f"{sum(a == b for a, b in zip(answers, other))}/{n}, same first item "
+              f"{sum(a[:1] == b[:1] for a, b in zip(answers, other))}/{n}")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ from utils import cpu_description, cpu_supports_bf16, get_device, set_seed  # no
 # The cpu profile's fine-tuning (run.sh: collab_recipe with its index rate, global token normalisation);
 # run.sh adds --bf16 where the CPU has native bf16
 CPU_PROFILE_FLAGS = ("--max_his_len 20 --tasks seqrec,item2index,index2item,fusionseqrec --train_prompt_sample_num 1,1,1,1 "
-                     "--train_data_sample_num 0,1682,1682,2000 --per_device_batch_size 8 --learning_rate 1e-4 "
+                     "--train_data_sample_num 0,1682,1682,2000 --per_device_batch_size 8 --gradient_accumulation_steps 1 "
+                     "--learning_rate 1e-4 "
                      "--weight_decay 0.01 --only_train_response --history_loss --index_softmax trie "
                      "--index_prior popularity --index_token_init collab --index_lr 2e-3 "
                      "--loss_normalization global_tokens --logging_step 10")

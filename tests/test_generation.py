@@ -312,6 +312,30 @@ def test_trie_search_with_as_many_beams_as_items_scores_every_item_exactly(tiny_
         assert abs(score - exact) < 1e-4, item
 
 
+def test_trie_search_without_the_eos_term_skips_its_forward_and_scores_the_index_tokens(tiny_indexed,
+                                                                                        tie_free_model):
+    tok, _, indices = tiny_indexed
+    model = tie_free_model
+    decoder = Decoder.build(tok, indices, score_eos=False)
+    enc = _encode(tok, TEXTS)
+    with_eos, _, _ = _rank_both(Decoder.build(tok, indices), model, enc, len(indices))
+    without, calls, _ = _rank_both(decoder, model, enc, len(indices))
+    # the prompts, then the 2 forwards that score the second and third index tokens; none for EOS
+    assert calls == [(len(TEXTS), enc["input_ids"].shape[1])] + [(len(TEXTS), len(indices))] * 2
+    prompt = _encode(tok, TEXTS[1:2])["input_ids"]
+    ids_of = {item: list(ids) for ids, item in decoder.item_of.items()}
+    eos_terms = []
+    for item, score in without[1]:  # every item (as many beams as items): its own mean over 3 tokens
+        tail = torch.tensor([ids_of[item] + [decoder.eos_token_id]])
+        with torch.no_grad():
+            logp = model(input_ids=torch.cat([prompt, tail], 1)).logits[0, prompt.shape[1] - 1:-1].log_softmax(-1)
+        token_logp = logp.gather(1, tail.T)[:, 0]
+        assert abs(score - token_logp[:3].mean().item()) < 1e-4, item
+        eos_terms.append(token_logp[3].item())
+    assert max(eos_terms) - min(eos_terms) > 1e-3  # the untrained model's EOS term differs by item: it was left out
+    assert sorted(i for i, _ in without[1]) == sorted(i for i, _ in with_eos[1])
+
+
 @pytest.mark.parametrize("first_codes,beams", [(2, 20), (1, 20)])
 def test_trie_search_when_the_first_level_has_fewer_codes_than_beams(tiny_indexed, tie_free_model, first_codes,
                                                                       beams):

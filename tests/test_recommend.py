@@ -123,6 +123,20 @@ def test_copy_prompt_cache_flag_gives_each_beam_its_own_cache_with_the_same_answ
     assert_real_distinct(answers[1], 5, titles)
 
 
+def test_eos_is_scored_only_with_score_eos(ckpt_and_data, capsys, monkeypatch):
+    import generation
+
+    ckpt, data_path, titles, _ = ckpt_and_data
+    real, steps = generation.tree_forward, []
+    monkeypatch.setattr(generation, "tree_forward", lambda *a, **kw: steps.append(1) or real(*a, **kw))
+    index_len = len(next(iter(json.loads((data_path / "Tiny" / "Tiny.index.json").read_text()).values())))
+    for extra, forwards in (((), index_len - 1), (("--score_eos",), index_len)):
+        steps.clear()
+        out = run_json(ckpt, data_path, capsys, "--user", "3", "--k", "5", "--cpu_bf16", "off", *extra)
+        assert len(steps) == forwards  # after the prompt: one forward per later index token, and EOS's
+        assert_real_distinct(out, 5, titles)
+
+
 def test_typed_titles_match_closest_or_fail_with_suggestions():
     titles = {"1": "Star Wars", "2": "Fargo", "3": "The Empire Strikes Back"}
     assert match_title("fargo", titles) == ("2", None)
