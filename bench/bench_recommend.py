@@ -177,7 +177,7 @@ def main() -> None:
         print(f"{name} ms: p50 {pct(xs, 50):.0f}  p90 {pct(xs, 90):.0f}  min {min(xs):.0f}  max {max(xs):.0f}")
     if args.compare_score_eos:  # the same users with the EOS term flipped: what leaving it out changes
         rec.decoder.score_eos = not rec.decoder.score_eos
-        other = [[r["item"] for r in rec.answer(u, k=args.k, keep_history=args.keep_history)["items"]]
+        other = [[r["item"] for r in ask({"user": u, "k": args.k, "keep_history": args.keep_history})["items"]]
                  for u in tqdm(users[args.warmup:], desc="EOS flipped", dynamic_ncols=True)]
         n = len(other)
         print(f"the answers with the EOS term scored and left out, {n} users: same items "

@@ -369,6 +369,9 @@ def test_torchrun_deepspeed_zero2_bf16(cycle_checkpoint, tmp_path):
     stage trains and saves a whole model, with weights other than the start's."""
     from safetensors.torch import load_file
 
+    from dataset_files import dataset_file, load_indices
+    from modeling import load_for_inference
+
     data_path, ckpt = cycle_checkpoint
     out = tmp_path / "z2"
     root = Path(__file__).resolve().parents[1]
@@ -378,7 +381,4 @@ def test_torchrun_deepspeed_zero2_bf16(cycle_checkpoint, tmp_path):
     layers = [k for k in start if k.startswith("model.layers.")]
     assert layers and all(k in trained for k in layers)
     assert any(not torch.equal(start[k].float(), trained[k].float()) for k in layers)
-    from dataset_files import dataset_file, load_indices
-    from modeling import load_for_inference
-
     load_for_inference(str(out), load_indices(dataset_file(data_path, "Cycle", ".index.json")))  # loads as any checkpoint
