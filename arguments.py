@@ -207,6 +207,10 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--copy_prompt_cache", action="store_true",
                    help="give each beam of the trie search its own copy of the prompt's key/value cache instead of "
                         "sharing one as a tree under a 4D attention mask (slower, same ranking; for checking)")
+    g.add_argument("--no_pack_weights", action="store_true",
+                   help="under CPU bf16 decoding, keep the plain linear layers instead of copies of their weights "
+                        "laid out once for oneDNN (the same scores, about 15%% faster answers; the copies double "
+                        "the linear weights' memory)")
     g.add_argument("--beam_search", type=str, default="trie", choices=["trie", "hf"],
                    help="trie: beam search over the index trie's allowed tokens only (default, fast); "
                         "hf: transformers' generate with the trie as a logits processor (same ranking)")
@@ -243,6 +247,9 @@ def _add_recommend_args(p: argparse.ArgumentParser) -> None:
                    help="add each item's EOS log-probability to its score, as test.py does: one more model forward "
                         "per answer (about a fifth of its time); left out by default: the same ten items for 99 of "
                         "100 users of the cpu profile's model, 49 of 50 of the quick start's (docs/recommend.md)")
+    g.add_argument("--no_prefix_cache", action="store_true",
+                   help="run every prompt whole instead of reusing the keys and values of the words all prompts "
+                        "start with (computed once at start-up; about a fifth of each prompt)")
     g.add_argument("--json", action="store_true", help="print JSON instead of a table (titles kept whole)")
     g.add_argument("--title_width", type=positive_int, default=60,
                    help="the table cuts longer titles (and the request) to this many characters")

@@ -140,7 +140,7 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     prompt id and score. With ``world_size`` > 1 this rank scores its shard and ``gather``
     (all_gather_object) brings every shard to rank 0, which computes the metrics and writes the
     files. Returns the first decoding's results on rank 0."""
-    from modeling import load_for_inference
+    from modeling import cast_linear_weights, load_for_inference, pack_linear_weights
 
     check_test_args(args)
     modes = list(args.decoding)
@@ -180,6 +180,9 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
     autocast = cpu_autocast_bf16(device, args.cpu_bf16)
     if autocast and rank == 0:
         log.info("decoding under bf16 autocast on the CPU (--cpu_bf16 %s); beam scores stay fp32", args.cpu_bf16)
+    if autocast and not args.no_pack_weights:  # autocast's weight casts made once, laid out for oneDNN: same scores
+        cast_linear_weights(model, torch.bfloat16)
+        pack_linear_weights(model, rows=args.num_beams)
     results = [evaluate_decoding(args, model, tokenizer, decoder, prompts, prompt_ids, files[decoder.mode], autocast,
                                  rank, world_size, gather, label=DECODING_LABELS[decoder.mode] if len(modes) > 1 else "")
                for decoder in decoders]

@@ -251,6 +251,49 @@ def cast_linear_weights(model, dtype) -> int:
     return cast
 
 
+def can_pack_linear_weights() -> bool:
+    """Whether this torch has oneDNN's packed linear (the ops inductor's CPU freezing uses)."""
+    import torch
+
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _packed_linear_forward(self, x):  # bound to an nn.Linear by pack_linear_weights
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x.to(self.weight.dtype), self.packed_weight, self.bias, "none", [], "")
+
+
+def pack_linear_weights(model, rows: int = 20) -> int:
+    """Gives every CPU linear layer whose weight is bf16 (``cast_linear_weights``) a copy of it in
+    oneDNN's blocked layout, and routes its forward through oneDNN's linear on that copy; returns
+    the layers packed (0 where this torch lacks the ops: ``can_pack_linear_weights``).
+
+    A plain bf16 matmul re-lays out the weight at every call; with it laid out once, an answer of
+    recommend.py (a 173-row prefill, then steps of 20 rows) took about 15% less on a 2-core CPU with
+    avx512_bf16. The products are bit-identical to ``F.linear`` (and so to fp32 weights under bf16
+    autocast): answers do not change. ``rows`` is the row count the layout is chosen for (the
+    beams of a decoding step; 20 and 173 measured alike, none at all much slower for long prompts).
+    The dense weight stays (other code reads it), so the linear weights take twice their memory.
+    Inference only: the packed path has no gradient."""
+    import types
+
+    import torch
+    from torch import nn
+
+    if not can_pack_linear_weights():
+        return 0
+    packed = 0
+    for module in model.modules():
+        if (isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16
+                and module.weight.device.type == "cpu"):
+            module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows)
+            module.forward = types.MethodType(_packed_linear_forward, module)
+            packed += 1
+    return packed
+
+
 def keeps_logits(model) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (every recent causal LM of transformers),
     looking through a PEFT wrapper; training (response-only logits), decoding and reinforcement ask here."""

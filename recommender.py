@@ -75,7 +75,7 @@ class Recommender:
         from collator import TestCollator
         from evaluation import checkpoint_prior, checkpoint_softmax, prompt_budget
         from generation import Decoder
-        from modeling import cast_linear_weights, load_for_inference
+        from modeling import cast_linear_weights, load_for_inference, pack_linear_weights
         from utils import cpu_autocast_bf16, default_dtype, get_device
 
         if not args.ckpt_path:
@@ -112,9 +112,37 @@ class Recommender:
         self.collate = TestCollator(self.tokenizer, prompt_budget(args.model_max_length, index_len))
         self.device = device
         self.bf16_autocast = cpu_autocast_bf16(device, args.cpu_bf16)  # as test.py decodes (--cpu_bf16)
-        if self.bf16_autocast:  # the casts autocast would make at every request, made once
+        if self.bf16_autocast:  # the casts autocast would make at every request, made once, laid out for oneDNN
             cast_linear_weights(self.model, torch.bfloat16)
+            if not args.no_pack_weights:
+                pack_linear_weights(self.model, rows=self.num_beams)
+        self.decoder.prefixes = None if args.no_prefix_cache else self.prompt_prefixes()
         self.lock = threading.Lock()  # one request at a time on the model
+
+    def prompt_prefixes(self) -> "PromptPrefixes":  # noqa: F821
+        """The cached beginnings of the prompts ``build_prompt`` makes: for each kind of request, the
+        tokens that two requests with other fields share (the wrapper and the template's first words)."""
+        import torch
+
+        from generation import PromptPrefixes, common_prefix
+
+        prefixes = PromptPrefixes()
+        items = list(self.indices)
+        # two histories whose first index tokens differ, so the shared part ends where histories begin
+        other = [i for i in items if self.indices[i][0] != self.indices[items[0]][0]] or items[1:]
+        if not other:
+            return prefixes
+        first, others = items[:1], other[:2]
+        pairs = [((first, None), (others, None))]
+        if self.query_template is not None:
+            pairs.append((([], "a comedy"), ([], "films about space travel")))
+        if self.history_query_template is not None:
+            pairs.append(((first, "a comedy"), (others, "films about space travel")))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16_autocast):
+            for pair in pairs:
+                ids = [self.collate.encode(self.build_prompt(*fields))[0] for fields in pair]
+                prefixes.add(self.model, common_prefix(ids))
+        return prefixes
 
     # ------------------------------------------------------------------ inputs
     def user_history(self, user: str) -> tuple[list[str], str]:

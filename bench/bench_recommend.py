@@ -34,8 +34,6 @@ from utils import cpu_description, exit_on_data_error
 SMOLLM2 = Path("~/.cache/lcrec/SmolLM2-135M-Instruct").expanduser()
 
 
-
-
 def stand_in_data(data_path: Path, dataset: str, index_file: str, work_dir: Path) -> Path:
     """``data_path`` itself when it has an index file; else a copy of its interaction and item files
     with random indices, under ``work_dir``."""
@@ -103,6 +101,13 @@ def main() -> None:
     p.add_argument("--keep_history", action="store_true", help="do not leave the history's items out")
     p.add_argument("--copy_prompt_cache", action="store_true",
                    help="give every beam its own copy of the prompt cache (the search before tree decoding)")
+    p.add_argument("--no_prefix_cache", action="store_true",
+                   help="run every prompt whole (recommend.py --no_prefix_cache)")
+    p.add_argument("--compare_fp32", action="store_true",
+                   help="afterwards load the model again in fp32 (--cpu_bf16 off, whole prompts), ask every user "
+                        "again and report how many answers keep the same items, order and first item")
+    p.add_argument("--no_pack_weights", action="store_true",
+                   help="plain linear layers, no oneDNN-packed weight copies (recommend.py --no_pack_weights)")
     p.add_argument("--score_eos", action="store_true", help="score each item's EOS too (recommend.py --score_eos)")
     p.add_argument("--compare_score_eos", action="store_true",
                    help="afterwards ask every user again with the EOS term flipped and report how many answers "
@@ -125,7 +130,8 @@ def main() -> None:
         "--ckpt_path", str(ckpt), "--dataset", args.dataset, "--data_path", str(data_path), "--index_file",
         args.index_file, "--num_beams", str(args.num_beams), "--max_his_len", str(args.max_his_len),
         "--cpu_bf16", args.cpu_bf16, *(["--copy_prompt_cache"] if args.copy_prompt_cache else []),
-        *(["--score_eos"] if args.score_eos else [])]))
+        *(["--score_eos"] if args.score_eos else []), *(["--no_pack_weights"] if args.no_pack_weights else []),
+        *(["--no_prefix_cache"] if args.no_prefix_cache else [])]))
     users = sorted(rec.files.inters, key=lambda u: (len(u), u))
     users = random.Random(args.seed).sample(users, min(args.users + args.warmup, len(users)))
 
@@ -165,7 +171,10 @@ def main() -> None:
         return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
     print(f"cpu: {cpu_description()}")
-    print(f"threads: {torch.get_num_threads()}; bf16 autocast: {rec.bf16_autocast}; torch {torch.__version__}")
+    packed = sum(hasattr(m, "packed_weight") for m in rec.model.modules())
+    prefixes = [len(ids) for ids, _ in rec.decoder.prefixes.entries] if rec.decoder.prefixes else []
+    print(f"threads: {torch.get_num_threads()}; bf16 autocast: {rec.bf16_autocast}; linear layers packed: {packed}; "
+          f"cached prompt prefixes (tokens): {prefixes or 'none'}; torch {torch.__version__}")
     print(f"load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}; "
           f"after: {' '.join(f'{x:.2f}' for x in load_after)}")
     print(f"asked: {len(wall)} users of {args.dataset}, {args.k} items from {rec.num_beams} beams, "
@@ -175,15 +184,25 @@ def main() -> None:
     # CPU time of the process (all its threads): what the answer costs whatever else runs on the machine
     for name, xs in (("answer", wall), ("model (latency_ms)", inside), ("CPU time", cpu)):
         print(f"{name} ms: p50 {pct(xs, 50):.0f}  p90 {pct(xs, 90):.0f}  min {min(xs):.0f}  max {max(xs):.0f}")
+    def agreement(other: list[list[str]]) -> str:
+        n = len(other)
+        return (f"{n} users: same items {sum(set(a) == set(b) for a, b in zip(answers, other))}/{n}, same order "
+                f"{sum(a == b for a, b in zip(answers, other))}/{n}, same first item "
+                f"{sum(a[:1] == b[:1] for a, b in zip(answers, other))}/{n}")
+
     if args.compare_score_eos:  # the same users with the EOS term flipped: what leaving it out changes
         rec.decoder.score_eos = not rec.decoder.score_eos
         other = [[r["item"] for r in ask({"user": u, "k": args.k, "keep_history": args.keep_history})["items"]]
                  for u in tqdm(users[args.warmup:], desc="EOS flipped", dynamic_ncols=True)]
-        n = len(other)
-        print(f"the answers with the EOS term scored and left out, {n} users: same items "
-              f"{sum(set(a) == set(b) for a, b in zip(answers, other))}/{n}, same order "
-              f"{sum(a == b for a, b in zip(answers, other))}/{n}, same first item "
-              f"{sum(a[:1] == b[:1] for a, b in zip(answers, other))}/{n}")
+        print(f"the answers with the EOS term scored and left out, {agreement(other)}")
+    if args.compare_fp32:  # bf16 rounding alone reorders close items: the fp32 answers are the reference
+        fp32 = Recommender(parse_args("recommend", [
+            "--ckpt_path", str(ckpt), "--dataset", args.dataset, "--data_path", str(data_path), "--index_file",
+            args.index_file, "--num_beams", str(args.num_beams), "--max_his_len", str(args.max_his_len),
+            "--cpu_bf16", "off", "--no_prefix_cache", *(["--score_eos"] if rec.decoder.score_eos else [])]))
+        other = [[r["item"] for r in fp32.answer(u, k=args.k, keep_history=args.keep_history)["items"]]
+                 for u in tqdm(users[args.warmup:], desc="fp32", dynamic_ncols=True)]
+        print(f"these answers and fp32's (whole prompts), {agreement(other)}")
 
 
 if __name__ == "__main__":

@@ -645,3 +645,74 @@ def test_linear_weights_cast_once_give_what_autocast_gives(tiny_indexed, tie_fre
     assert model.get_input_embeddings().weight.dtype == torch.float32
     assert model.get_output_embeddings().weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
+
+
+@pytest.mark.skipif(not __import__("modeling").can_pack_linear_weights(), reason="this torch has no oneDNN packed linear")
+def test_packed_linear_weights_give_exactly_what_plain_bf16_weights_give(tiny_indexed, tie_free_model):
+    """oneDNN-packed copies of the bf16 linear weights: every product bit-identical to F.linear (2D
+    and 3D inputs, fp32 inputs cast as autocast casts them), so the decoded ranking is unchanged."""
+    from modeling import cast_linear_weights, pack_linear_weights
+
+    tok, _, indices = tiny_indexed
+    model = copy.deepcopy(tie_free_model)
+    enc = _encode(tok, TEXTS)
+    decoder = Decoder.build(tok, indices)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_linear_weights(model, torch.bfloat16)
+        before = decoder.rank(model, enc, 10)
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert pack_linear_weights(model, rows=10) == len(linears) > 0
+        after = decoder.rank(model, enc, 10)
+    assert before == after
+    layer = linears[0]
+    for shape in ((7, layer.in_features), (2, 5, layer.in_features)):
+        x = torch.randn(shape)
+        assert torch.equal(layer(x), torch.nn.functional.linear(x.to(torch.bfloat16), layer.weight, layer.bias))
+
+
+def test_only_bf16_linear_weights_are_packed(tiny_indexed, tie_free_model, monkeypatch):
+    """fp32 weights (no --cpu_bf16) stay plain, and a torch without the oneDNN ops packs nothing."""
+    import modeling
+
+    model = copy.deepcopy(tie_free_model)
+    assert modeling.pack_linear_weights(model) == 0
+    assert not any(hasattr(m, "packed_weight") for m in model.modules())
+    modeling.cast_linear_weights(model, torch.bfloat16)
+    monkeypatch.setattr(modeling, "can_pack_linear_weights", lambda: False)
+    assert modeling.pack_linear_weights(model) == 0
+
+
+def test_a_cached_prompt_prefix_ranks_like_the_whole_prompt(tiny_indexed, tie_free_model_attn):
+    """A prompt that starts with a cached prefix runs only its other tokens and ranks the same items
+    with the same scores (fp32); the cached prefix is copied, so a second request is unchanged; a
+    prompt the prefix does not start, a batch of two and a padded prompt run whole."""
+    from generation import PromptPrefixes, common_prefix
+
+    tok, _, indices = tiny_indexed
+    model = tie_free_model_attn
+    texts = ["a blue night over the city river and a long road home", "a blue night over the city of stars"]
+    rows = [tok(t)["input_ids"] for t in texts]
+    shared = common_prefix(rows)
+    assert 3 <= len(shared) < min(map(len, rows))
+    prefixes = PromptPrefixes()
+    assert prefixes.add(model, shared) and not prefixes.add(model, shared)  # a known prefix is not added twice
+    plain, cached = Decoder.build(tok, indices), Decoder.build(tok, indices)
+    cached.prefixes = prefixes
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        for text in texts + texts[:1]:
+            enc = _encode(tok, [text])
+            calls.clear()
+            got = cached.rank(model, enc, 8)
+            assert calls[0] == enc["input_ids"].shape[1] - len(shared)  # only the tokens after the prefix
+            _assert_same_ranking(got, plain.rank(model, enc, 8))
+        for batch in (["star over the city"], TEXTS[:2]):  # no prefix / a padded batch of two
+            enc = _encode(tok, batch)
+            calls.clear()
+            cached.rank(model, enc, 8)
+            assert calls[0] == enc["input_ids"].shape[1]
+    finally:
+        hook.remove()
+    padded = {"input_ids": torch.tensor([[tok.pad_token_id or 0, *rows[0]]]), "attention_mask": torch.tensor([[0] + [1] * len(rows[0])])}
+    assert prefixes.start(model, padded["input_ids"], padded["attention_mask"])[1] == 0

@@ -137,6 +137,41 @@ def test_eos_is_scored_only_with_score_eos(ckpt_and_data, capsys, monkeypatch):
         assert_real_distinct(out, 5, titles)
 
 
+def test_prompt_prefixes_are_cached_for_each_request_kind_unless_switched_off(ckpt_and_data, capsys, monkeypatch):
+    """The words every prompt of a kind starts with are run once at start-up: a request then runs
+    only the rest of its prompt and answers as the whole prompt does (fp32); --no_prefix_cache
+    runs every prompt whole."""
+    from arguments import parse_args
+    from recommender import Recommender
+
+    ckpt, data_path, titles, _ = ckpt_and_data
+    widths = []
+    answers = {}
+    for extra in ((), ("--no_prefix_cache",)):
+        rec = Recommender(parse_args("recommend", base_args(ckpt, data_path, "--cpu_bf16", "off", *extra)))
+        hook = rec.model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                                   with_kwargs=True)
+        requests = (({"user": "3"}, rec.user_history("3")[0], None), ({"query": "a story"}, [], "a story"),
+                    ({"history_ids": "1,2", "query": "a story"}, ["1", "2"], "a story"))
+        for request, history, query in requests:
+            widths.clear()
+            out = rec.answer(**request, k=5)
+            assert_real_distinct(out, 5, titles)
+            whole = len(rec.collate.encode(rec.build_prompt(history, query))[0])
+            answers.setdefault(str(request), []).append([(r["item"], r["score"]) for r in out["items"]])
+            if extra:
+                assert rec.decoder.prefixes is None and widths[0] == whole
+            else:
+                assert 0 < widths[0] < whole  # the prompt's first words came from the cache
+                index_ids = {i for toks in rec.indices.values() for i in rec.tokenizer.convert_tokens_to_ids(toks)}
+                assert len(rec.decoder.prefixes.entries) == 3  # history, query, history and query
+                assert not any(set(ids.tolist()) & index_ids for ids, _ in rec.decoder.prefixes.entries)
+        hook.remove()
+    for cached, whole in answers.values():
+        assert [i for i, _ in cached] == [i for i, _ in whole]
+        assert all(abs(a - b) <= 1.5e-4 for (_, a), (_, b) in zip(cached, whole))  # scores rounded to 4 places
+
+
 def test_typed_titles_match_closest_or_fail_with_suggestions():
     titles = {"1": "Star Wars", "2": "Fargo", "3": "The Empire Strikes Back"}
     assert match_title("fargo", titles) == ("2", None)
