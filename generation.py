@@ -171,7 +171,8 @@ class PromptPrefixes:
         if input_ids.shape[0] == 1 and bool(attention_mask.all()):
             for ids, cache in self.entries:
                 n = ids.shape[0]
-                if n < input_ids.shape[1] and (best is None or n > best[0].shape[0]) and torch.equal(input_ids[0, :n], ids):
+                longer = best is None or n > best[0].shape[0]
+                if n < input_ids.shape[1] and longer and torch.equal(input_ids[0, :n], ids):
                     best = (ids, cache)
         copy = DynamicCache(config=model.config)
         if best is None:

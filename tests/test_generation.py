@@ -647,7 +647,8 @@ def test_linear_weights_cast_once_give_what_autocast_gives(tiny_indexed, tie_fre
     assert all(p.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
 
 
-@pytest.mark.skipif(not __import__("modeling").can_pack_linear_weights(), reason="this torch has no oneDNN packed linear")
+@pytest.mark.skipif(not __import__("modeling").can_pack_linear_weights(),
+                    reason="this torch has no oneDNN packed linear")
 def test_packed_linear_weights_give_exactly_what_plain_bf16_weights_give(tiny_indexed, tie_free_model):
     """oneDNN-packed copies of the bf16 linear weights: every product bit-identical to F.linear (2D
     and 3D inputs, fp32 inputs cast as autocast casts them), so the decoded ranking is unchanged."""
@@ -714,5 +715,6 @@ def test_a_cached_prompt_prefix_ranks_like_the_whole_prompt(tiny_indexed, tie_fr
             assert calls[0] == enc["input_ids"].shape[1]
     finally:
         hook.remove()
-    padded = {"input_ids": torch.tensor([[tok.pad_token_id or 0, *rows[0]]]), "attention_mask": torch.tensor([[0] + [1] * len(rows[0])])}
-    assert prefixes.start(model, padded["input_ids"], padded["attention_mask"])[1] == 0
+    padded_ids = torch.tensor([[tok.pad_token_id or 0, *rows[0]]])
+    padded_mask = torch.tensor([[0] + [1] * len(rows[0])])
+    assert prefixes.start(model, padded_ids, padded_mask)[1] == 0

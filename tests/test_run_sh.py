@@ -323,11 +323,14 @@ def test_reinforcement_is_off_by_default_and_on_by_flag_in_every_profile(profile
     on, _ = run_sh_settings(PROFILE=profile, DATASET="Instruments", REINFORCE="1")
     assert on["REINFORCE"] == "1" and on["RL_GENERATIONS"] == "16" and float(on["RL_LR"]) == 1e-5
     assert float(on["RL_BETA"]) == 1e-3 and int(on["RL_BATCH"]) >= 1 and on["RL_STEPS"] != "0"
+    # the hit reward alone where it measured better (the CPU profiles), MiniOneRec's two rewards elsewhere
+    assert on["RL_REWARDS"] == ("rule" if profile in ("quick", "cpu") else "rule,rank")
 
 
 def test_reinforcement_settings_are_taken_and_checked():
-    given, _ = run_sh_settings(PROFILE="cpu", REINFORCE="1", RL_STEPS="7", RL_FLAGS="--rollout sample")
-    assert (given["RL_STEPS"], given["RL_FLAGS"]) == ("7", "--rollout sample")
+    given, _ = run_sh_settings(PROFILE="cpu", REINFORCE="1", RL_STEPS="7", RL_FLAGS="--rollout sample",
+                               RL_REWARDS="rule,rank")
+    assert (given["RL_STEPS"], given["RL_FLAGS"], given["RL_REWARDS"]) == ("7", "--rollout sample", "rule,rank")
     bad = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**os.environ, "DRY_RUN": "1", "REINFORCE": "yes"},
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "REINFORCE must be 0 or 1" in bad.stderr
