@@ -184,6 +184,7 @@ def main() -> None:
     # CPU time of the process (all its threads): what the answer costs whatever else runs on the machine
     for name, xs in (("answer", wall), ("model (latency_ms)", inside), ("CPU time", cpu)):
         print(f"{name} ms: p50 {pct(xs, 50):.0f}  p90 {pct(xs, 90):.0f}  min {min(xs):.0f}  max {max(xs):.0f}")
+
     def agreement(other: list[list[str]]) -> str:
         n = len(other)
         return (f"{n} users: same items {sum(set(a) == set(b) for a, b in zip(answers, other))}/{n}, same order "
