@@ -137,7 +137,7 @@ def test_eos_is_scored_only_with_score_eos(ckpt_and_data, capsys, monkeypatch):
         assert_real_distinct(out, 5, titles)
 
 
-def test_prompt_prefixes_are_cached_for_each_request_kind_unless_switched_off(ckpt_and_data, capsys, monkeypatch):
+def test_prompt_prefixes_are_cached_for_each_request_kind_unless_switched_off(ckpt_and_data):
     """The words every prompt of a kind starts with are run once at start-up: a request then runs
     only the rest of its prompt and answers as the whole prompt does (fp32); --no_prefix_cache
     runs every prompt whole."""
