@@ -120,8 +120,9 @@ def prefill(model, input_ids: torch.LongTensor, attention_mask: torch.LongTensor
     """Runs left-padded prompts [batch, len] into a fresh ``DynamicCache``; only the last position's
     logits are computed where the model allows it. Returns the model output (``.cache``, ``.logits``).
     A single unpadded prompt that starts with one of ``prefixes`` runs only the tokens after it."""
-    cache, start = DynamicCache(config=model.config), 0
-    if prefixes is not None:
+    if prefixes is None:
+        cache, start = DynamicCache(config=model.config), 0
+    else:
         cache, start = prefixes.start(model, input_ids, attention_mask)
     return model(input_ids=input_ids[:, start:], attention_mask=attention_mask,
                  position_ids=prompt_position_ids(attention_mask)[:, start:], cache=cache, use_cache=True,

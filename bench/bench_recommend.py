@@ -126,10 +126,10 @@ def main() -> None:
         Path(args.base_model), load_indices(dataset_file(data_path, args.dataset, args.index_file)), work_dir)
     if args.threads:
         torch.set_num_threads(args.threads)
+    model_flags = ["--ckpt_path", str(ckpt), "--dataset", args.dataset, "--data_path", str(data_path), "--index_file",
+                   args.index_file, "--num_beams", str(args.num_beams), "--max_his_len", str(args.max_his_len)]
     rec = Recommender(parse_args("recommend", [
-        "--ckpt_path", str(ckpt), "--dataset", args.dataset, "--data_path", str(data_path), "--index_file",
-        args.index_file, "--num_beams", str(args.num_beams), "--max_his_len", str(args.max_his_len),
-        "--cpu_bf16", args.cpu_bf16, *(["--copy_prompt_cache"] if args.copy_prompt_cache else []),
+        *model_flags, "--cpu_bf16", args.cpu_bf16, *(["--copy_prompt_cache"] if args.copy_prompt_cache else []),
         *(["--score_eos"] if args.score_eos else []), *(["--no_pack_weights"] if args.no_pack_weights else []),
         *(["--no_prefix_cache"] if args.no_prefix_cache else [])]))
     users = sorted(rec.files.inters, key=lambda u: (len(u), u))
@@ -198,9 +198,8 @@ def main() -> None:
         print(f"the answers with the EOS term scored and left out, {agreement(other)}")
     if args.compare_fp32:  # bf16 rounding alone reorders close items: the fp32 answers are the reference
         fp32 = Recommender(parse_args("recommend", [
-            "--ckpt_path", str(ckpt), "--dataset", args.dataset, "--data_path", str(data_path), "--index_file",
-            args.index_file, "--num_beams", str(args.num_beams), "--max_his_len", str(args.max_his_len),
-            "--cpu_bf16", "off", "--no_prefix_cache", *(["--score_eos"] if rec.decoder.score_eos else [])]))
+            *model_flags, "--cpu_bf16", "off", "--no_prefix_cache",
+            *(["--score_eos"] if rec.decoder.score_eos else [])]))
         other = [[r["item"] for r in fp32.answer(u, k=args.k, keep_history=args.keep_history)["items"]]
                  for u in tqdm(users[args.warmup:], desc="fp32", dynamic_ncols=True)]
         print(f"these answers and fp32's (whole prompts), {agreement(other)}")
