@@ -164,6 +164,7 @@ case "$PROFILE:$PRECISION" in
   # native bf16 makes a step about 3x cheaper, and three times the steps still fit 2 hours (1,350 scored
   # above 450 on the same CPU)
   # (5 learning-curve points of about 90 s each: 9 took the run past its 2 hours; they do not change the training)
+  # 1,500 steps fit the 2 hours too and scored no better (NDCG@10 -1.0 SE paired; docs/experiments.md)
   cpu:bf16) : "${MAX_STEPS:=1350}" "${SAVE_STEPS:=450}" "${CURVE_STEPS:=270}" ;;
   cpu:fp32) : "${MAX_STEPS:=450}" "${SAVE_STEPS:=150}" "${CURVE_STEPS:=150}" ;;
   # native bf16 (GPUs; CPUs with AMX or avx512_bf16) makes a step about 2.5x cheaper, enough for the cpu
