@@ -159,6 +159,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "with the prior) runs on its scores divided by this; below 1 it sharpens the softmax, so "
                         "the loss weighs the hard negatives more. 1 (default): the plain loss of the paper. "
                         "test.py scores with the plain softmax, as LETTER's does")
+    g.add_argument("--teacher_weight", type=float, default=0.0,
+                   help="with --index_softmax trie: mix each index token's loss with the cross-entropy of a teacher "
+                        "over the same children, (1 - w) x true token + w x teacher; the teacher is which items "
+                        "followed the row's last --teacher_context items in the training parts (item_teacher.py). "
+                        "0 (default): off, the paper's loss")
+    g.add_argument("--teacher_context", type=int, default=5,
+                   help="history items the --teacher_weight teacher reads before each target (and the window, in "
+                        "steps, of its counts)")
     g.add_argument("--full_logits", dest="response_logits_only", action="store_false",
                    help="run the output layer on every token; by default (with --only_train_response) it runs "
                         "on the response positions only, which gives the same loss and gradients, faster")
@@ -346,6 +354,14 @@ def check_task_args(args: argparse.Namespace) -> None:
     if not (0 < args.loss_temperature < math.inf):  # NaN fails too
         raise DataError(f"--loss_temperature: {args.loss_temperature} is not allowed; expected a positive number "
                         "(1 = the plain loss, below 1 sharper)")
+    if not 0 <= args.teacher_weight <= 1:  # NaN fails too
+        raise DataError(f"--teacher_weight: {args.teacher_weight} is not allowed; expected a weight in [0, 1] "
+                        "(0 = off)")
+    if args.teacher_weight > 0 and args.index_softmax != "trie":
+        raise DataError(f"--teacher_weight needs --index_softmax trie (the teacher's mass is over the trie's "
+                        f"children), got --index_softmax {args.index_softmax}")
+    if args.teacher_context < 1:
+        raise DataError(f"--teacher_context: {args.teacher_context} is not allowed; expected at least 1 item")
     if args.index_prior != "none" and args.index_softmax != "trie":
         raise DataError(f"--index_prior {args.index_prior} needs --index_softmax trie (the prior is over the trie's "
                         f"codes), got --index_softmax {args.index_softmax}")

@@ -210,7 +210,14 @@ def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -
             weights = None if prior is None else [prior[item] for item in indices]
             trie = IndexTrie(item_ids, tokenizer.eos_token_id, weights=weights)
         mode = "full" if args.index_softmax == "none" else args.index_softmax
-        loss = IndexSoftmax(trie, len(tokenizer), mode, temperature=args.loss_temperature)
+        teacher = None
+        if args.teacher_weight > 0:  # soft targets from the training parts' item co-occurrence
+            from item_teacher import CooccurrenceTeacher
+
+            teacher = CooccurrenceTeacher.build(data.load_files(args).inters, list(indices), trie, item_ids,
+                                                context=args.teacher_context, window=args.teacher_context)
+        loss = IndexSoftmax(trie, len(tokenizer), mode, temperature=args.loss_temperature, teacher=teacher,
+                            teacher_weight=args.teacher_weight)
         trainer_class, extra = IndexSoftmaxTrainer, {"index_softmax": loss}
     if args.index_lr is not None:
         first_index_row = min(tokenizer.convert_tokens_to_ids(index_tokens(indices)))
@@ -378,6 +385,8 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=
         model.config.index_prior = args.index_prior
     if args.loss_temperature != 1:  # a record only: test.py scores with the plain softmax, as LETTER's does
         model.config.loss_temperature = args.loss_temperature
+    if args.teacher_weight > 0:  # a record only: scoring does not read it
+        model.config.teacher = {"weight": args.teacher_weight, "context": args.teacher_context}
     # index hash, prompt settings, tasks, templates: test.py, recommend.py and a resume check them
     setattr(model.config, RECORD_KEY, record)
     if adapt_model is not None:

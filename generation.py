@@ -240,14 +240,16 @@ def tree_attention(model, prompt_width: int, new_tokens: int) -> bool:
 
 
 def tree_step_mask(attention_mask: torch.LongTensor, columns: torch.LongTensor, dtype: torch.dtype,
-                   boolean: bool) -> torch.Tensor:
+                   boolean: bool, generated: int | None = None) -> torch.Tensor:
     """The 4D mask of one tree step: the prompts' padding mask [batch, width] and the cache columns
     of each row's tokens so far [batch, rows, t + 1] (generated tokens only, its new one last) ->
     [batch, 1, rows, width + (t + 1) * rows] where each new token sees its prompt and its own tokens.
-    Boolean (True = seen) for sdpa; additive (0 / dtype's min) for eager."""
+    Boolean (True = seen) for sdpa; additive (0 / dtype's min) for eager. ``generated``: the cache's
+    generated columns so far, this step's included, where a step ran fewer rows than the earlier ones
+    (default: every step ``rows``)."""
     batch, rows, steps = columns.shape
     width = attention_mask.shape[1]
-    generated = steps * rows  # the cache's generated columns so far, this step's included
+    generated = steps * rows if generated is None else generated
     seen = torch.zeros((batch, rows, generated), dtype=torch.bool, device=columns.device)
     seen.scatter_(2, columns - width, True)
     mask = torch.cat([attention_mask.bool()[:, None].expand(batch, rows, width), seen], 2)[:, None]
@@ -257,21 +259,83 @@ def tree_step_mask(attention_mask: torch.LongTensor, columns: torch.LongTensor, 
 
 
 def tree_forward(model, tokens: torch.LongTensor, columns: torch.LongTensor, attention_mask: torch.LongTensor,
-                 position: torch.LongTensor, cache: DynamicCache) -> torch.Tensor:
+                 position: torch.LongTensor, cache: DynamicCache, generated: int | None = None) -> torch.Tensor:
     """One tree step: this step's tokens [batch, rows] at cache columns ``columns[..., -1]``, each
     after its own earlier tokens (``columns``) and its prompt, all at position ``position`` [batch, 1]
     -> logits [batch * rows, vocab]. The rows' tokens are appended to the prompt's cache."""
     batch, rows = tokens.shape
     eager = model.config._attn_implementation == "eager"
-    mask = tree_step_mask(attention_mask, columns, model.dtype, boolean=not eager)
+    mask = tree_step_mask(attention_mask, columns, model.dtype, boolean=not eager, generated=generated)
     logits = model(input_ids=tokens, attention_mask=mask, position_ids=position.expand(batch, rows),
                    cache=cache, use_cache=True).logits  # [batch, rows, vocab]
     return logits.reshape(batch * rows, -1)
 
 
+def last_level_forward(model, trie: IndexTrie, state: torch.LongTensor, tokens: torch.LongTensor,
+                       columns: torch.LongTensor, attention_mask: torch.LongTensor, position: torch.LongTensor,
+                       cache: DynamicCache, codes: torch.LongTensor | None = None) -> torch.Tensor:
+    """``tree_forward`` for the step whose logits choose the last index token, under the trie softmax
+    with no EOS term after it: only the beams whose prefix (``state`` [batch, rows]) has more than one
+    child run. A single child's trie-softmax log-probability is 0 whatever its logit (prior included),
+    and no later step reads this step's keys, so the others need nothing; on ml-100k most last-level
+    prefixes have one child, and often every beam's has, when the forward is skipped altogether.
+    -> the logits of each state's allowed children [batch, rows, max_children] (``child_logprobs``
+    with ``gathered``), zeros for the rows that did not run: the scores are the same. ``codes``: the
+    last level's token ids, where the model's output layer is cut to them (``level_heads``)."""
+    batch, rows = tokens.shape
+    allowed = trie.allowed[state]  # [batch, rows, children]
+    children = torch.zeros(allowed.shape, device=tokens.device)
+    choice = trie.num_children[state] > 1  # [batch, rows]
+    keep = int(choice.sum(1).max())  # the rows each example runs: its beams with a choice first
+    if keep == 0:
+        return children
+    order = choice.int().argsort(dim=1, descending=True, stable=True)[:, :keep]  # [batch, keep]
+    picked = columns.gather(1, order[..., None].expand(-1, -1, columns.shape[2])).clone()
+    earlier = (columns.shape[2] - 1) * rows  # the cache's generated columns before this step
+    picked[..., -1] = attention_mask.shape[1] + earlier + torch.arange(keep, device=tokens.device)
+    out = tree_forward(model, tokens.gather(1, order), picked, attention_mask, position, cache,
+                       generated=earlier + keep)  # [batch * keep, vocab]
+    index = order[..., None].expand(-1, -1, allowed.shape[2])
+    wanted = allowed.gather(1, index)  # [batch, keep, children] token ids
+    if codes is not None:  # the output layer was cut to the last level's codes (``level_heads``)
+        wanted = torch.searchsorted(codes, wanted.contiguous()).clamp_(max=len(codes) - 1)
+    return children.scatter_(1, index, out.view(batch, keep, -1).gather(2, wanted).float())
+
+
+def level_heads(model, trie: IndexTrie) -> list[torch.nn.Linear] | None:
+    """The output layer cut to each index level's codes (one linear layer per level, rows in the
+    order of ``trie.level_tokens``), or None where the model's output layer is not a plain linear
+    layer that can be swapped. Under the trie softmax a step reads only the logits of its level's
+    codes, and the whole layer (about 50k rows for SmolLM2, a quarter of its weights) cost a few
+    milliseconds of every decoding step. Cut from the current weights at every search, so a model
+    that trains between searches (reinforcement) is always scored with its own head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or not hasattr(model, "set_output_embeddings") or hasattr(head, "_hf_hook"):
+        return None
+    cuts = []
+    for codes in trie.level_tokens:
+        cut = torch.nn.Linear(head.in_features, len(codes), bias=head.bias is not None, device=head.weight.device,
+                              dtype=head.weight.dtype)
+        cut.weight = torch.nn.Parameter(head.weight.detach()[codes], requires_grad=False)
+        if head.bias is not None:
+            cut.bias = torch.nn.Parameter(head.bias.detach()[codes], requires_grad=False)
+        cuts.append(cut)
+    return cuts
+
+
+def level_children(logits: torch.Tensor, trie: IndexTrie, state: torch.LongTensor, t: int) -> torch.Tensor:
+    """Logits over level ``t``'s codes [batch, 1 or beams, codes] (``level_heads``) and trie states
+    [batch, beams] -> the logits of each state's allowed children [batch, beams, max_children]
+    (``child_logprobs`` with ``gathered``). A child that is no code of the level (EOS of a dead or
+    finished beam, whose score is fixed anyway) reads some code's logit."""
+    codes = trie.level_tokens[t]
+    slots = torch.searchsorted(codes, trie.allowed[state].contiguous()).clamp_(max=len(codes) - 1)
+    return logits.expand(state.shape[0], state.shape[1], -1).gather(2, slots)
+
+
 # --------------------------------------------------------------------------- trie-native beam search
 def child_logprobs(logits: torch.Tensor, trie: IndexTrie, state: torch.LongTensor, t: int,
-                   softmax: str = "full") -> tuple[torch.Tensor, torch.LongTensor]:
+                   softmax: str = "full", gathered: bool = False) -> tuple[torch.Tensor, torch.LongTensor]:
     """Next-token logits [batch, 1 or beams, vocab] and trie states [batch, beams] at index position
     ``t`` -> (log-probabilities [batch, beams, children] of each state's allowed children, -inf on
     padding slots; those children's token ids [batch, beams, children]).
@@ -279,17 +343,21 @@ def child_logprobs(logits: torch.Tensor, trie: IndexTrie, state: torch.LongTenso
     The one definition of a step's score, shared by the beam search, sampling within the trie and
     the log-probabilities reinforcement trains: normalised in float32 over the whole vocabulary
     (full, as generate does), the codes of level ``t`` (level), or the real children of the state
-    (trie), after adding the trie's ``log_prior`` where it has one."""
+    (trie), after adding the trie's ``log_prior`` where it has one. ``gathered``: ``logits`` are already
+    those of each state's allowed children [batch, beams, children] (trie softmax only)."""
     batch, beams = state.shape
     allowed = trie.allowed[state]  # [batch, beams, children]
     real = torch.arange(allowed.shape[-1], device=state.device) < trie.num_children[state][..., None]
-    logits = logits.float()
     if softmax == "trie":  # normalised over the real children of each beam's prefix
-        raw = logits.expand(batch, beams, -1).gather(2, allowed)
+        # the children gathered before the float cast: a [beams, vocab] copy was a fresh 4 MB each step
+        raw = (logits if gathered else logits.expand(batch, beams, -1).gather(2, allowed)).float()
         if trie.log_prior is not None:  # --index_prior: the model's logits are a residual on the prior
             raw = raw + trie.log_prior[state]
         cand = raw.masked_fill(~real, -math.inf).log_softmax(-1)
     else:
+        if gathered:
+            raise ValueError("gathered children logits need the trie softmax")
+        logits = logits.float()
         if softmax == "level":
             logprobs = logits - logits[..., trie.level_tokens[t]].logsumexp(-1, keepdim=True)
         else:
@@ -406,51 +474,78 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
     batch, width = input_ids.shape
     device, L = input_ids.device, trie.index_len
     tree = tree and tree_attention(model, width, L * num_beams)
-    out = prefill(model, input_ids, attention_mask, prefixes)
-    cache, logits = out.cache, out.logits[:, -1]  # logits [batch, vocab]
-    position = prompt_position_ids(attention_mask)[:, -1:] + 1  # [batch, 1]
-    if not tree:  # one copy of the prompt cache per beam, reordered as beams move
-        cache.batch_repeat_interleave(num_beams)
-        position = position.repeat_interleave(num_beams, 0)  # [rows, 1]
-    padded = bool((attention_mask == 0).any())
-    mask = attention_mask.repeat_interleave(num_beams, 0) if padded and not tree else None  # [rows, width + t]
-    columns = torch.empty((batch, num_beams, 0), dtype=torch.long, device=device)  # tree: each beam's tokens
+    # under the trie softmax each step reads only its level's codes: the output layer is cut to them
+    # (the whole vocabulary again for the EOS term) and put back whatever happens
+    heads = level_heads(model, trie) if softmax == "trie" else None
+    full_head = model.get_output_embeddings() if heads is not None else None
 
-    # one live beam per example at first (the others start at -inf, as generate's -1e9)
-    scores = torch.full((batch, num_beams), -math.inf, device=device)
-    scores[:, 0] = 0.0
-    state = torch.full((batch, num_beams), trie.ROOT, dtype=torch.long, device=device)
-    tokens = torch.empty((batch, num_beams, 0), dtype=torch.long, device=device)
-    offset = torch.arange(batch, device=device)[:, None] * num_beams  # [batch, 1] first row of each example
-    children = trie.allowed.shape[1]
-    for t in range(L):
-        cand, allowed = child_logprobs(logits.view(batch, -1, logits.shape[-1]), trie, state, t, softmax)
-        if excluded is not None:  # children whose every item is excluded for this example
-            gone = excluded.gather(1, trie.child_state[state].flatten(1)).view_as(cand)
-            cand = cand.masked_fill(gone, -math.inf)
-        cand = cand + scores[..., None]  # -inf on padding slots stays -inf
-        scores, flat = cand.view(batch, -1).topk(num_beams, dim=1)  # [batch, beams]
-        beam, slot = flat // children, flat % children
-        chosen = allowed.gather(1, beam[..., None].expand(-1, -1, children)).gather(2, slot[..., None])  # [b, k, 1]
-        state = trie.child_state[state.gather(1, beam), slot]
-        tokens = torch.cat([tokens.gather(1, beam[..., None].expand(-1, -1, t)), chosen], 2)
-        if t == L - 1 and not score_eos:
-            return tokens, scores / L
-        if tree:  # a beam's earlier tokens are its parent's; its new one goes to the next free column
-            new = width + t * num_beams + torch.arange(num_beams, device=device)
-            columns = torch.cat([columns.gather(1, beam[..., None].expand(-1, -1, t)),
-                                 new.expand(batch, -1)[..., None]], 2)
-            logits = tree_forward(model, chosen[..., 0], columns, attention_mask, position + t, cache)
-            continue
-        if t > 0:  # at t = 0 every row of an example holds the same prompt cache
-            cache.reorder_cache((beam + offset).flatten())
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        logits = model(input_ids=chosen.view(-1, 1), attention_mask=mask, position_ids=position + t,
-                       cache=cache, use_cache=True).logits[:, -1]  # [rows, vocab]
-    # every live beam is at a leaf, where only EOS is allowed: score it and normalise by the length
-    eos = torch.log_softmax(logits.float(), -1)[:, eos_token_id].view(batch, num_beams)
-    return tokens, (scores + eos) / (L + 1)
+    def use_head(level: int) -> None:  # the output layer of the next forward, which scores level ``level``
+        if heads is not None:
+            model.set_output_embeddings(heads[level] if level < L else full_head)
+
+    try:
+        use_head(0)
+        out = prefill(model, input_ids, attention_mask, prefixes)
+        cache, logits = out.cache, out.logits[:, -1]  # logits [batch, vocab]
+        position = prompt_position_ids(attention_mask)[:, -1:] + 1  # [batch, 1]
+        if not tree:  # one copy of the prompt cache per beam, reordered as beams move
+            cache.batch_repeat_interleave(num_beams)
+            position = position.repeat_interleave(num_beams, 0)  # [rows, 1]
+        padded = bool((attention_mask == 0).any())
+        mask = attention_mask.repeat_interleave(num_beams, 0) if padded and not tree else None  # [rows, width + t]
+        columns = torch.empty((batch, num_beams, 0), dtype=torch.long, device=device)  # tree: each beam's tokens
+
+        # one live beam per example at first (the others start at -inf, as generate's -1e9)
+        scores = torch.full((batch, num_beams), -math.inf, device=device)
+        scores[:, 0] = 0.0
+        state = torch.full((batch, num_beams), trie.ROOT, dtype=torch.long, device=device)
+        tokens = torch.empty((batch, num_beams, 0), dtype=torch.long, device=device)
+        offset = torch.arange(batch, device=device)[:, None] * num_beams  # [batch, 1] first row of each example
+        children = trie.allowed.shape[1]
+        gathered = False  # whether ``logits`` hold only each state's children (``last_level_forward``)
+        for t in range(L):
+            logits = logits.view(batch, -1, logits.shape[-1])
+            if heads is not None and not gathered:  # logits over level t's codes only
+                logits, gathered = level_children(logits, trie, state, t), True
+            cand, allowed = child_logprobs(logits, trie, state, t, softmax, gathered)
+            gathered = False
+            if excluded is not None:  # children whose every item is excluded for this example
+                gone = excluded.gather(1, trie.child_state[state].flatten(1)).view_as(cand)
+                cand = cand.masked_fill(gone, -math.inf)
+            cand = cand + scores[..., None]  # -inf on padding slots stays -inf
+            scores, flat = cand.view(batch, -1).topk(num_beams, dim=1)  # [batch, beams]
+            beam, slot = flat // children, flat % children
+            chosen = allowed.gather(1, beam[..., None].expand(-1, -1, children)).gather(2, slot[..., None])  # [b, k, 1]
+            state = trie.child_state[state.gather(1, beam), slot]
+            tokens = torch.cat([tokens.gather(1, beam[..., None].expand(-1, -1, t)), chosen], 2)
+            if t == L - 1 and not score_eos:
+                return tokens, scores / L
+            if tree:  # a beam's earlier tokens are its parent's; its new one goes to the next free column
+                new = width + t * num_beams + torch.arange(num_beams, device=device)
+                columns = torch.cat([columns.gather(1, beam[..., None].expand(-1, -1, t)),
+                                     new.expand(batch, -1)[..., None]], 2)
+                use_head(t + 1)
+                if t == L - 2 and not score_eos and softmax == "trie":
+                    codes = None if heads is None else trie.level_tokens[L - 1]
+                    logits = last_level_forward(model, trie, state, chosen[..., 0], columns, attention_mask,
+                                                position + t, cache, codes)
+                    gathered = True
+                    continue
+                logits = tree_forward(model, chosen[..., 0], columns, attention_mask, position + t, cache)
+                continue
+            if t > 0:  # at t = 0 every row of an example holds the same prompt cache
+                cache.reorder_cache((beam + offset).flatten())
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            use_head(t + 1)
+            logits = model(input_ids=chosen.view(-1, 1), attention_mask=mask, position_ids=position + t,
+                           cache=cache, use_cache=True).logits[:, -1]  # [rows, vocab]
+        # every live beam is at a leaf, where only EOS is allowed: score it and normalise by the length
+        eos = torch.log_softmax(logits.float(), -1)[:, eos_token_id].view(batch, num_beams)
+        return tokens, (scores + eos) / (L + 1)
+    finally:
+        if heads is not None:
+            model.set_output_embeddings(full_head)
 
 
 # --------------------------------------------------------------------------- one batch

@@ -44,12 +44,16 @@ class IndexSoftmax:
     alone would weigh the prior more at test time than in training.
     """
 
-    def __init__(self, trie, vocab_size: int, mode: str = "level", temperature: float = 1.0):
+    def __init__(self, trie, vocab_size: int, mode: str = "level", temperature: float = 1.0,
+                 teacher=None, teacher_weight: float = 0.0):
         if mode not in ("level", "trie", "full"):
             raise ValueError(f"mode must be 'level', 'trie' or 'full', got {mode!r}")
         if not (0 < temperature < float("inf")):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if teacher is not None and (mode != "trie" or not 0 <= teacher_weight <= 1):
+            raise ValueError(f"a teacher needs the trie mode and a weight in [0, 1], got {mode!r}, {teacher_weight!r}")
         self.mode, self.trie, self.temperature = mode, trie, temperature
+        self.teacher, self.teacher_weight = teacher, float(teacher_weight)  # item_teacher.CooccurrenceTeacher
         self.level_of = torch.full((vocab_size,), -1, dtype=torch.long)  # [V] level of each token, -1: text
         self.slot_of = torch.zeros(vocab_size, dtype=torch.long)  # [V] position among its level's codes
         for level, ids in enumerate(self.level_ids):
@@ -81,6 +85,7 @@ class IndexSoftmax:
         # gradient in backward (114 MB for SmolLM2, mostly zeros to write), so one gather, not one a level
         level_ids = self.level_ids
         weights = head.weight[torch.cat(level_ids)].split([len(ids) for ids in level_ids]) if level_ids else []
+        teacher_of, q = self.teacher.targets(input_ids, level_of) if self.teacher is not None else (None, None)
         for lv, ids in enumerate(level_ids):
             rows, cols = (level == lv).nonzero(as_tuple=True)  # target token at column cols + 1
             if len(rows) == 0:
@@ -90,8 +95,21 @@ class IndexSoftmax:
                 logits = logits + head.bias[ids]
             logits, y = logits.float(), slot_of[target[rows, cols]]
             if self.mode == "trie":
-                logits, y = self.within_trie(logits, y, input_ids, rows, cols + 1, lv, slot_of)
-            total = total + F.cross_entropy(logits / self.temperature, y, reduction="sum")  # after the prior
+                logits, y, state = self.within_trie(logits, y, input_ids, rows, cols + 1, lv, slot_of)
+            if teacher_of is None:
+                total = total + F.cross_entropy(logits / self.temperature, y, reduction="sum")  # after the prior
+                continue
+            logp = (logits / self.temperature).log_softmax(-1)  # [n, children]
+            hard = -logp.gather(1, y[:, None])[:, 0]  # [n]
+            start = cols + 1 - lv  # where the target's item starts; before the row's first column: cut, no teacher
+            taught = torch.where(start >= 0, teacher_of[rows, start.clamp(min=0)], -1)  # [n] teacher row, -1: none
+            has = (taught >= 0) & (state != self.trie.DEAD)
+            if has.any():  # the teacher's mass over the same children of the true prefix
+                p = self.teacher.children(q[taught[has]], state[has], lv)  # [h, max_children]
+                soft = -(p * logp[has][:, :p.shape[1]].masked_fill(p == 0, 0.0)).sum(1)
+                hard = hard.clone()
+                hard[has] = (1 - self.teacher_weight) * hard[has] + self.teacher_weight * soft
+            total = total + hard.sum()
         return total
 
     def to(self, device: torch.device) -> "IndexSoftmax":
@@ -104,7 +122,7 @@ class IndexSoftmax:
 
     def within_trie(self, logits, y, input_ids, rows, cols, lv: int, slot_of):
         """Level logits [n, codes] -> logits over the trie's children of each prefix [n, max_children]
-        (padding at -inf) and the target's position among them."""
+        (padding at -inf), the target's position among them, and each prefix's trie state [n]."""
         if input_ids is None:
             raise ValueError("the trie softmax needs the input ids (the prefix of each target)")
         prefix = torch.stack([input_ids[rows, cols - lv + k] for k in range(lv)], 1) if lv else \
@@ -121,12 +139,13 @@ class IndexSoftmax:
             children = children + trie.log_prior[state]
         children = children.masked_fill(~real, float("-inf"))
         if bool(found.all()):
-            return children, hit.float().argmax(1)
+            return children, hit.float().argmax(1), state
         # an unknown prefix: that row keeps the level softmax (both padded to one width with -inf)
         width = max(children.shape[1], logits.shape[1])
         children = F.pad(children, (0, width - children.shape[1]), value=float("-inf"))
         logits = F.pad(logits, (0, width - logits.shape[1]), value=float("-inf"))
-        return torch.where(found[:, None], children, logits), torch.where(found, hit.float().argmax(1), y)
+        return (torch.where(found[:, None], children, logits), torch.where(found, hit.float().argmax(1), y),
+                torch.where(found, state, trie.DEAD))
 
 
 class IndexSoftmaxTrainer(Trainer):

@@ -933,3 +933,33 @@ def test_eager_attention_trains_as_sdpa_does_and_the_flag_reaches_the_model(tiny
     with pytest.raises(RuntimeError, match="stop after loading"):
         finetune.main(cli(tiny_base_model, data_path, tmp_path / "out", "--attn_implementation", "eager"))
     assert seen["attn_implementation"] == "eager"
+
+
+def test_teacher_weight_trains_on_the_trie_loss_with_the_cooccurrence_teacher(tiny_data, tiny_base_model, tmp_path):
+    """--teacher_weight w: the trainer's loss is the trie loss with the co-occurrence teacher mixed in
+    (the same batch scores otherwise than at w = 0, which is the plain trie loss), and training runs
+    through finetune.main with history targets."""
+    data_path, _ = tiny_data
+    out = tmp_path / "teacher"
+    base = cli(tiny_base_model, data_path, out, "--save_and_eval_strategy", "no", "--tasks", "seqrec",
+               "--train_prompt_sample_num", "1", "--train_data_sample_num", "0", "--index_softmax", "trie",
+               "--history_loss")
+    model, tok = finetune.load_for_training(str(tiny_base_model), indices_of(data_path))
+    with torch.no_grad():  # index rows that tell the codes apart: on equal logits every target scores the same
+        rows = tok.convert_tokens_to_ids([t for toks in indices_of(data_path).values() for t in toks])
+        model.get_output_embeddings().weight[rows] = torch.randn(len(rows), model.config.hidden_size,
+                                                                  generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for weight in ("0", "0.5"):
+        args = parse_args("train", [*base, "--teacher_weight", weight])
+        train, valid = data.load_datasets(args)
+        trainer = finetune.build_trainer(args, finetune.training_arguments(args), model, tok, train, valid)
+        assert (trainer.index_softmax.teacher is not None) == (weight != "0")
+        batch = trainer.data_collator([train[i] for i in range(4)])
+        with torch.no_grad():
+            losses[weight] = trainer.compute_loss(model, dict(batch)).item()
+    assert all(0 < x < 100 for x in losses.values()) and abs(losses["0.5"] - losses["0"]) > 1e-4
+    finetune.main([*base, "--teacher_weight", "0.5"])
+    assert json.loads((out / "config.json").read_text())["teacher"] == {"weight": 0.5, "context": 5}
+    logged = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert logged and all(0 < x < 100 for x in logged)

@@ -718,3 +718,82 @@ def test_a_cached_prompt_prefix_ranks_like_the_whole_prompt(tiny_indexed, tie_fr
     padded_ids = torch.tensor([[tok.pad_token_id or 0, *rows[0]]])
     padded_mask = torch.tensor([[0] + [1] * len(rows[0])])
     assert prefixes.start(model, padded_ids, padded_mask)[1] == 0
+
+
+@pytest.mark.parametrize("shape", ["mixed", "single"])
+@pytest.mark.parametrize("batch_size,beams", [(1, 5), (3, 12)])
+def test_trie_softmax_search_runs_the_last_level_only_for_beams_with_a_choice(tiny_indexed, tie_free_model,
+                                                                              shape, batch_size, beams, monkeypatch):
+    """Under the trie softmax without the EOS term, a last-level prefix with one child adds 0 to its
+    beam's score whatever the logits, so the forward that scores the last level runs only the beams
+    with more than one child (none at all when every beam has one): the same items and scores as the
+    search that runs every beam (a prompt cache per beam), and as the search whose every step runs the
+    whole output layer (not cut to the level's codes), with a prior and with items left out."""
+    import generation
+
+    tok, _, _ = tiny_indexed
+    model = tie_free_model
+    if shape == "mixed":  # some (a, b) prefixes with 3 last codes, the others with one
+        indices = {f"{a}{b}{c}": [f"<a_{a}>", f"<b_{b}>", f"<c_{c}>"] for a in range(4) for b in range(4)
+                   for c in (range(3) if (a + b) % 3 == 0 else [(a * b) % 4])}
+    else:  # every (a, b) prefix has a single last code
+        indices = {f"{a}{b}": [f"<a_{a}>", f"<b_{b}>", f"<c_{(a + b) % 4}>"] for a in range(4) for b in range(4)}
+    prior = {item: 1.0 + (n % 5) for n, item in enumerate(indices)}
+    enc = _encode(tok, TEXTS[:batch_size])
+    exclude = [list(indices)[i::4] for i in range(batch_size)]
+    decoder = Decoder.build(tok, indices, softmax="trie", prior=prior, score_eos=False)
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        tree = [decoder.rank(model, enc, beams), decoder.rank(model, enc, beams, exclude=exclude)]
+    finally:
+        hook.remove()
+    decoder.tree = False
+    copies = [decoder.rank(model, enc, beams), decoder.rank(model, enc, beams, exclude=exclude)]
+    head = model.get_output_embeddings()
+    monkeypatch.setattr(generation, "level_heads", lambda *a: None)  # every step through the whole output layer
+    whole = [decoder.rank(model, enc, beams), decoder.rank(model, enc, beams, exclude=exclude)]
+    assert model.get_output_embeddings() is head  # the cut layers were put back
+    for a, b, c in zip(tree, copies, whole):
+        _assert_same_ranking(a, b)
+        _assert_same_ranking(a, c)
+        assert all(len(r) == beams for r in a)
+    # per search: the prompt, the step after the first token (every beam), then the last level's step
+    per_search = [rows[:len(rows) // 2], rows[len(rows) // 2:]]
+    for calls in per_search:
+        assert calls[1] == (batch_size, beams)
+        if shape == "single":
+            assert len(calls) == 2  # no beam has a choice at the last level: its forward never runs
+        else:
+            assert len(calls) == 3 and 0 < calls[2][1] < beams
+
+
+@pytest.mark.parametrize("score_eos", [True, False])
+def test_trie_softmax_search_scores_each_level_with_the_output_layer_cut_to_its_codes(tiny_indexed, tie_free_model,
+                                                                                    score_eos, monkeypatch):
+    """Under the trie softmax each step's forward computes the logits of its level's codes only
+    (``level_heads``), and the EOS term the whole vocabulary's: the same items and scores as every
+    step through the whole output layer, which is put back afterwards (also after an error)."""
+    import generation
+
+    tok, _, indices = tiny_indexed
+    model = tie_free_model
+    enc = _encode(tok, TEXTS)
+    decoder = Decoder.build(tok, indices, softmax="trie", score_eos=score_eos)
+    head = model.get_output_embeddings()
+    widths = []
+    hook = model.register_forward_hook(lambda m, a, out: widths.append(out.logits.shape[-1]))
+    try:
+        cut = decoder.rank(model, enc, 7)
+    finally:
+        hook.remove()
+    assert model.get_output_embeddings() is head
+    codes = [len(c) for c in decoder.trie.level_tokens]
+    assert widths == codes + ([head.out_features] if score_eos else [])  # prefill, steps; EOS: the whole layer
+    monkeypatch.setattr(generation, "level_heads", lambda *a: None)
+    _assert_same_ranking(cut, decoder.rank(model, enc, 7))
+    monkeypatch.undo()
+    monkeypatch.setattr(generation, "tree_forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        decoder.rank(model, enc, 7)
+    assert model.get_output_embeddings() is head
