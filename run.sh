@@ -57,6 +57,7 @@ case "$PROFILE" in
     # the body at 1e-4 and the new index rows at 2e-3: the measured best here (README, Results); with one
     # rate of 5e-4 the rows barely move and the model stays at popularity; 450 steps score above 300, and rows
     # started from which items are watched together (collab) above rows started from the titles (README)
+    # (a body at 2e-4 scored no better over 1,350 steps: NDCG@10 -0.7 SE paired, docs/experiments.md)
     : "${EPOCHS:=1}" "${GRAD_ACC:=1}" "${LR:=1e-4}"   # 8 examples a step (BATCH below)
     collab_recipe 2e-3
     : "${SAVE_STRATEGY:=steps}" "${VALID_USERS:=100}" "${VALID_PROMPTS:=1}" "${LOGGING_STEPS:=10}"
