@@ -312,6 +312,8 @@ def level_heads(model, trie: IndexTrie) -> list[torch.nn.Linear] | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or not hasattr(model, "set_output_embeddings") or hasattr(head, "_hf_hook"):
         return None
+    if hasattr(head.weight, "ds_id") or head.weight.numel() != head.in_features * head.out_features:
+        return None  # partitioned (DeepSpeed ZeRO-3): the rows are not here to cut
     cuts = []
     for codes in trie.level_tokens:
         cut = torch.nn.Linear(head.in_features, len(codes), bias=head.bias is not None, device=head.weight.device,
