@@ -13,6 +13,9 @@ full softmax. Off by default: the original trains with the plain loss.
 softmax of the loss runs on its scores divided by tau, so that tau < 1 sharpens it and the gradient
 goes mostly to the negatives scored close to the target (the hard ones). ``full`` mode is that loss
 over the whole vocabulary, for a run without --index_softmax. tau = 1 is the plain loss.
+
+--teacher_weight w (trie mode): each index token's loss mixes in the cross-entropy of a teacher's
+distribution over the same children (item_teacher.py: the training parts' item co-occurrence).
 """
 
 from __future__ import annotations
