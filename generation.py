@@ -298,7 +298,7 @@ def last_level_forward(model, trie: IndexTrie, state: torch.LongTensor, tokens: 
     index = order[..., None].expand(-1, -1, allowed.shape[2])
     wanted = allowed.gather(1, index)  # [batch, keep, children] token ids
     if codes is not None:  # the output layer was cut to the last level's codes (``level_heads``)
-        wanted = torch.searchsorted(codes, wanted.contiguous()).clamp_(max=len(codes) - 1)
+        wanted = code_slots(codes, wanted)
     return children.scatter_(1, index, out.view(batch, keep, -1).gather(2, wanted).float())
 
 
@@ -325,13 +325,18 @@ def level_heads(model, trie: IndexTrie) -> list[torch.nn.Linear] | None:
     return cuts
 
 
+def code_slots(codes: torch.LongTensor, tokens: torch.LongTensor) -> torch.LongTensor:
+    """Token ids -> their positions among a level's sorted ``codes`` (the columns of a ``level_heads``
+    layer); a token that is no code of the level gets some code's position."""
+    return torch.searchsorted(codes, tokens.contiguous()).clamp_(max=len(codes) - 1)
+
+
 def level_children(logits: torch.Tensor, trie: IndexTrie, state: torch.LongTensor, t: int) -> torch.Tensor:
     """Logits over level ``t``'s codes [batch, 1 or beams, codes] (``level_heads``) and trie states
     [batch, beams] -> the logits of each state's allowed children [batch, beams, max_children]
     (``child_logprobs`` with ``gathered``). A child that is no code of the level (EOS of a dead or
     finished beam, whose score is fixed anyway) reads some code's logit."""
-    codes = trie.level_tokens[t]
-    slots = torch.searchsorted(codes, trie.allowed[state].contiguous()).clamp_(max=len(codes) - 1)
+    slots = code_slots(trie.level_tokens[t], trie.allowed[state])
     return logits.expand(state.shape[0], state.shape[1], -1).gather(2, slots)
 
 

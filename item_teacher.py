@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dataset_files import train_part
+from item_prior import popularity_prior
 from item_trie import IndexTrie
 from item_vectors import follow_counts
 
@@ -45,10 +46,7 @@ class CooccurrenceTeacher:
         self.popularity = popularity / popularity.sum()  # [N]
         self.trie, self.context, self.window, self.smoothing = trie, int(context), int(window), float(smoothing)
         tokens = torch.as_tensor([list(t) for t in item_tokens], dtype=torch.long)  # [N, L]
-        path = [torch.full((n,), trie.ROOT, dtype=torch.long)]
-        for t in range(tokens.shape[1]):
-            path.append(trie.step(path[-1], tokens[:, t]))
-        self.paths = torch.stack(path[1:], 1)  # [N, L] the state after each token of each item
+        self.paths = trie.paths(tokens)  # [N, L] the state after each token of each item
         self.leaf_item = torch.full((len(trie.items_below),), -1, dtype=torch.long)  # [S] item at a leaf
         self.leaf_item[self.paths[:, -1]] = torch.arange(n)
 
@@ -61,9 +59,8 @@ class CooccurrenceTeacher:
         seqs = [[pos[str(i)] for i in train_part(seq) if str(i) in pos] for seq in inters.values()]
         n = len(items)
         counts = torch.from_numpy(follow_counts(seqs, np.arange(n), n, window).toarray())
-        popularity = torch.ones(n)
-        for seq in seqs:
-            popularity += torch.bincount(torch.as_tensor(seq, dtype=torch.long), minlength=n).float()
+        prior = popularity_prior(inters, items)  # training counts + 1, as --index_prior popularity
+        popularity = torch.tensor([prior[str(item)] for item in items], dtype=torch.float32)
         return cls(counts.float(), popularity, trie, item_tokens, context, window, smoothing)
 
     def to(self, device: torch.device) -> "CooccurrenceTeacher":

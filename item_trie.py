@@ -136,6 +136,14 @@ class IndexTrie:
             state = self.step(state, generated[:, j])
         return state
 
+    def paths(self, tokens: torch.LongTensor) -> torch.LongTensor:
+        """Token ids [rows, t] -> the state after each of them [rows, t] (DEAD from a token on that no
+        item allows)."""
+        path = [torch.full((tokens.shape[0],), self.ROOT, dtype=torch.long, device=tokens.device)]
+        for j in range(tokens.shape[1]):
+            path.append(self.step(path[-1], tokens[:, j]))
+        return torch.stack(path[1:], 1)
+
     def excluded_states(self, excluded: Sequence[Sequence[Sequence[int]]]) -> torch.BoolTensor:
         """Per row, the token sequences of items to leave out -> [rows, num_states], True at the
         states all of whose items are left out: a beam entering one could reach no other item, so
@@ -146,11 +154,7 @@ class IndexTrie:
             seqs = sorted({tuple(s) for s in seqs if len(s) == self.index_len})
             if not seqs:
                 continue
-            toks = torch.tensor(seqs, dtype=torch.long, device=device)  # [n, L]
-            path = [torch.full((len(seqs),), self.ROOT, dtype=torch.long, device=device)]
-            for j in range(self.index_len):
-                path.append(self.step(path[-1], toks[:, j]))
-            path = torch.stack(path[1:], 1)  # [n, L] the states along each path
+            path = self.paths(torch.tensor(seqs, dtype=torch.long, device=device))  # [n, L] the states along each path
             path = path[path[:, -1] != self.DEAD]  # real items only: a dead end counts nowhere
             left_out = torch.zeros(len(self.items_below), dtype=torch.long, device=device)
             left_out.index_add_(0, path.flatten(), torch.ones(path.numel(), dtype=torch.long, device=device))
