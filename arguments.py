@@ -54,6 +54,17 @@ def positive_int(value: str) -> int:
     return n
 
 
+def non_negative_float(value: str) -> float:
+    """The argparse type of weights that must be finite and at least 0."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return x
+
+
 def _add_global_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("global")
     g.add_argument("--seed", type=int, default=42)
@@ -229,6 +240,13 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score_prior", type=str, default="auto", choices=["auto", "none", "popularity"],
                    help="add the popularity prior to the beam scores (popularity) or not (none); auto: what the "
                         "checkpoint's config.json records (finetune.py --index_prior); needs the trie softmax")
+    g.add_argument("--fusion_weight", type=non_negative_float, default=0.0,
+                   help="shallow fusion: add W x the log-probability that the item co-occurrence ranker (which items "
+                        "followed the history's last --fusion_context items in the training parts) gives each item "
+                        "to its beam score; 0 (default): off, the model alone; needs the trie search "
+                        "(docs/evaluation.md)")
+    g.add_argument("--fusion_context", type=positive_int, default=5,
+                   help="the most recent history items whose followers the co-occurrence ranker of --fusion_weight counts")
     g.add_argument("--allow_index_mismatch", action="store_true",
                    help="evaluate with an index file other than the one the checkpoint was trained with")
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
@@ -302,16 +320,21 @@ def _add_reinforce_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser(stage: str, description: str | None = None) -> argparse.ArgumentParser:
     """The one parser. ``stage`` is "train" (finetune.py, lora_finetune.py), "test" (test.py,
-    test_ddp.py), "recommend" (the test flags and the request flags) or "reinforce" (the training
-    flags and those of reinforce.py)."""
-    if stage not in ("train", "test", "recommend", "reinforce"):
-        raise ValueError(f"stage must be 'train', 'test', 'recommend' or 'reinforce', got {stage!r}")
+    test_ddp.py), "baseline" (the test flags and baseline.py's), "recommend" (the test flags and the
+    request flags) or "reinforce" (the training flags and those of reinforce.py)."""
+    if stage not in ("train", "test", "baseline", "recommend", "reinforce"):
+        raise ValueError(f"stage must be 'train', 'test', 'baseline', 'recommend' or 'reinforce', got {stage!r}")
     p = argparse.ArgumentParser(description=description, conflict_handler="resolve")
     _add_global_args(p)
     _add_dataset_args(p)
     (_add_train_args if stage in ("train", "reinforce") else _add_test_args)(p)
     if stage == "test":
         _add_evaluation_args(p)
+    if stage == "baseline":
+        p.add_argument_group("baseline.py only").add_argument(
+            "--ranker", type=str, default="popularity", choices=["popularity", "cooccurrence"],
+            help="popularity: the training parts' most frequent items; cooccurrence: the items that followed the "
+                 "history's last --fusion_context items there (the ranker --fusion_weight fuses with LC-Rec)")
     if stage == "recommend":
         _add_recommend_args(p)
     if stage == "reinforce":
@@ -382,7 +405,7 @@ def check_task_args(args: argparse.Namespace) -> None:
 def parse_args(stage: str, argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
     parser = build_parser(stage, description)
     args = parser.parse_args(argv)
-    if stage == "test":
+    if stage in ("test", "baseline"):
         args.test_task = args.test_task.lower()  # the original accepts any case
     if stage == "train":
         try:

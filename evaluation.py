@@ -84,11 +84,13 @@ def shard_range(n: int, rank: int, world_size: int) -> range:
 
 def evaluate_prompt(model, tokenizer, dataset, decoder: Decoder, metrics: list[str], positions: Sequence[int], *,
                     batch_size: int, num_beams: int, oom_backoff: bool = False, desc: str = "", show: bool = True,
-                    max_prompt_length: int | None = None, exclude: dict[str, list[str]] | None = None) -> list[dict]:
+                    max_prompt_length: int | None = None, exclude: dict[str, list[str]] | None = None,
+                    histories: dict[str, list[str]] | None = None) -> list[dict]:
     """Score ``dataset[i]`` for i in ``positions``, ``batch_size`` prompts at a time with
     ``num_beams`` beams; one record per example (its position, the target item, its rank, the
     ranked items and scores, whether its prompt was cut to ``max_prompt_length`` tokens).
-    ``exclude``: user -> items the search leaves out of that user's ranking (--exclude_history)."""
+    ``exclude``: user -> items the search leaves out of that user's ranking (--exclude_history).
+    ``histories``: user -> the items of that user's history, oldest first (--fusion_weight)."""
     from collator import TestCollator
 
     collate = TestCollator(tokenizer, max_prompt_length)
@@ -106,7 +108,9 @@ def evaluate_prompt(model, tokenizer, dataset, decoder: Decoder, metrics: list[s
         ranked, beams = rank_batch_with_backoff(decoder, model, encodings, num_beams, oom_backoff,
                                                 on_backoff=lambda old, new: backoffs.append((old, new)),
                                                 exclude=None if exclude is None else
-                                                [exclude.get(str(ex.get("user")), []) for ex in batch])
+                                                [exclude.get(str(ex.get("user")), []) for ex in batch],
+                                                histories=None if histories is None else
+                                                [histories.get(str(ex.get("user")), []) for ex in batch])
         for pos, example, target, items, cut in zip(chunk, batch, targets, ranked, collate.last_cut):
             target_item = decoder.item_of_string(target)
             names = [i for i, _ in items]
@@ -171,11 +175,14 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
                                                pad_token_id=tokenizer.pad_token_id)
     # every decoder is built before any is run: a decoding the checkpoint cannot use fails at once
     # (the popularity prior of --score_prior auto is for the trie only, as its softmax)
+    fusion_inters = data.load_files(args).inters if args.fusion_weight > 0 else None
     decoders = [Decoder.build(tokenizer, indices, mode, args.filter_items, device,
                               share_prefill=not args.no_share_prefill, search=args.beam_search, tree=not args.copy_prompt_cache,
                               softmax=checkpoint_softmax(args.score_softmax, model, mode, args.beam_search),
                               prior=checkpoint_prior("none" if mode != "trie" and args.score_prior == "auto"
-                                                     else args.score_prior, model, args, indices))
+                                                     else args.score_prior, model, args, indices),
+                              fusion_inters=fusion_inters, fusion_weight=args.fusion_weight,
+                              fusion_context=args.fusion_context)
                 for mode in modes]
     autocast = cpu_autocast_bf16(device, args.cpu_bf16)
     if autocast and rank == 0:
@@ -196,10 +203,12 @@ def evaluate_decoding(args: argparse.Namespace, model, tokenizer, decoder: Decod
     predictions beside it), printing its table under ``label``, and returns the results."""
     metrics = parse_metrics(args.metrics)
     max_prompt_length = prompt_budget(args.model_max_length, decoder.trie.index_len)
-    exclude = None
-    if getattr(args, "exclude_history", False):  # test.py's option; the paper ranks every item
+    exclude = histories = None
+    if getattr(args, "exclude_history", False) or decoder.fusion is not None:
         inters = data.load_files(args).inters
-        exclude = {user: [str(i) for i in held_out(seq, "test")[0]] for user, seq in inters.items()}
+        histories = {user: [str(i) for i in held_out(seq, "test")[0]] for user, seq in inters.items()}
+    if getattr(args, "exclude_history", False):  # test.py's option; the paper ranks every item
+        exclude = histories
         if rank == 0:
             log.warning("--exclude_history: each user's history is left out of the ranking; NOT the paper's "
                         "protocol, so the metrics do not compare with its tables")
@@ -221,7 +230,8 @@ def evaluate_decoding(args: argparse.Namespace, model, tokenizer, decoder: Decod
                                       batch_size=args.test_batch_size, num_beams=args.num_beams,
                                       oom_backoff=args.oom_backoff,
                                       desc=f"{args.test_task} prompt {pid} ({decoder.mode})",
-                                      show=rank == 0, max_prompt_length=max_prompt_length, exclude=exclude)
+                                      show=rank == 0, max_prompt_length=max_prompt_length, exclude=exclude,
+                                      histories=histories if decoder.fusion is not None else None)
         if world_size > 1:
             records = [r for part in gather(records) for r in part]
         if rank != 0:
@@ -256,6 +266,7 @@ def evaluate_decoding(args: argparse.Namespace, model, tokenizer, decoder: Decod
         **{name: getattr(args, name) for name in ("max_his_len", "his_sep", "add_prefix")},
         "decoding": decoder.mode, "beam_search": decoder.search, "filter_items": bool(args.filter_items), "num_beams": args.num_beams,
         "exclude_history": exclude is not None,
+        "fusion_weight": decoder.fusion_weight, "fusion_context": args.fusion_context if decoder.fusion else None,
         "test_batch_size": args.test_batch_size, "sample_num": args.sample_num, "world_size": world_size,
         "cpu_bf16_autocast": autocast,
         "metrics": metrics, "prompt_ids": prompt_ids, "num_examples": n_examples,

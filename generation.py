@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -43,6 +43,9 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from item_trie import IndexTrie
 from modeling import keeps_logits
 from utils import DataError
+
+if TYPE_CHECKING:
+    from item_teacher import CooccurrenceTeacher
 
 log = logging.getLogger("lcrec.eval")
 
@@ -442,8 +445,8 @@ def trie_sample(model, trie: IndexTrie, input_ids: torch.LongTensor, attention_m
 def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attention_mask: torch.LongTensor,
                      num_beams: int, eos_token_id: int, softmax: str = "full",
                      excluded: torch.BoolTensor | None = None, tree: bool = True,
-                     score_eos: bool = True,
-                     prefixes: PromptPrefixes | None = None) -> tuple[torch.LongTensor, torch.FloatTensor]:
+                     score_eos: bool = True, prefixes: PromptPrefixes | None = None,
+                     state_bonus: torch.Tensor | None = None) -> tuple[torch.LongTensor, torch.FloatTensor]:
     """Beam search over the trie's items only -> (index tokens [batch, beams, L], scores [batch, beams]).
 
     The same search and scores as ``generate``'s beam search with ``TrieLogitsProcessor`` (length
@@ -477,6 +480,10 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
     nearly all its mass at every leaf (recommend.md has the measured effect on the ranking).
 
     ``prefixes``: a ``PromptPrefixes`` whose known prompt beginnings a single prompt does not run again.
+
+    ``state_bonus``: [batch, num_states] log-weights of the trie states (``Decoder.fusion``): a beam that
+    steps from a state into a child gains the child's weight less the state's, so an item's score gains
+    its leaf's weight (less the root's) and the beams are pruned by their prefixes' weights on the way.
     """
     batch, width = input_ids.shape
     device, L = input_ids.device, trie.index_len
@@ -519,6 +526,9 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
             if excluded is not None:  # children whose every item is excluded for this example
                 gone = excluded.gather(1, trie.child_state[state].flatten(1)).view_as(cand)
                 cand = cand.masked_fill(gone, -math.inf)
+            if state_bonus is not None:  # the children's weights less their parent's
+                cand = (cand + state_bonus.gather(1, trie.child_state[state].flatten(1)).view_as(cand)
+                        - state_bonus.gather(1, state)[..., None])
             cand = cand + scores[..., None]  # -inf on padding slots stays -inf
             scores, flat = cand.view(batch, -1).topk(num_beams, dim=1)  # [batch, beams]
             beam, slot = flat // children, flat % children
@@ -573,18 +583,27 @@ class Decoder:
     tree: bool = True  # the trie search's beams share one prompt cache where the model allows it (``tree_attention``)
     score_eos: bool = True  # the trie search adds each item's EOS log-probability (see ``trie_beam_search``)
     prefixes: PromptPrefixes | None = None  # prompt beginnings whose cache the trie search reuses
+    fusion: CooccurrenceTeacher | None = None  # --fusion_weight: the item co-occurrence ranker
+    fusion_weight: float = 0.0
+    position_of: dict[str, int] = field(default_factory=dict)  # item id -> its position in the trie's order
 
     @classmethod
     def build(cls, tokenizer, indices: dict[str, list[str]], mode: str = "trie", filter_items: bool = False,
               device: torch.device | None = None, share_prefill: bool = True, search: str = "trie",
               softmax: str = "full", prior: dict[str, float] | None = None, tree: bool = True,
-              score_eos: bool = True) -> "Decoder":
+              score_eos: bool = True, fusion_inters: dict[str, list] | None = None, fusion_weight: float = 0.0,
+              fusion_context: int = 5) -> "Decoder":
         """From the index file's ``{item: [token, ...]}``, whose tokens were checked when the model
         and tokenizer were loaded (modeling.index_token_ids); the options were checked by the parser.
         A softmax other than full needs the trie search (mode and search "trie"). ``prior``: item ->
         weight, the popularity prior of a model trained with ``--index_prior`` (trie softmax only).
         ``tree``: False gives each beam of the trie search its own copy of the prompt cache.
-        ``score_eos``: False leaves the EOS term out of the trie search's scores (generate keeps it)."""
+        ``score_eos``: False leaves the EOS term out of the trie search's scores (generate keeps it).
+        ``fusion_weight`` > 0: each item's beam score gains that weight times the log-probability the
+        item co-occurrence ranker gives it after the example's history (``item_teacher.CooccurrenceRanker``
+        counted on ``fusion_inters``' training parts, reading its last ``fusion_context`` items, mapped onto
+        the trie by ``CooccurrenceTeacher``; shallow fusion, trie search only); ``rank`` then needs each
+        example's history."""
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         if eos is None:
             raise DataError("the tokenizer has no EOS token; decoding needs one to end an index")
@@ -593,13 +612,27 @@ class Decoder:
                             f"got softmax {softmax!r}, decoding {mode!r}, beam search {search!r}")
         pad = eos if pad is None else pad
         item_ids = {item: tokenizer.convert_tokens_to_ids(toks) for item, toks in indices.items()}
+        if fusion_weight < 0 or (fusion_weight > 0 and fusion_inters is None):
+            raise ValueError(f"fusion needs a weight >= 0 and the interactions to count, got {fusion_weight}")
+        if fusion_weight > 0 and (mode, search) != ("trie", "trie"):
+            raise DataError(f"--fusion_weight {fusion_weight} needs the trie search (--decoding trie --beam_search "
+                            f"trie), got decoding {mode!r}, beam search {search!r}")
         weights = None if prior is None else [prior[item] for item in item_ids]
         trie = IndexTrie(list(item_ids.values()), eos, pad, weights)
+        fusion = None
+        if fusion_weight > 0:
+            from item_teacher import CooccurrenceTeacher
+
+            fusion = CooccurrenceTeacher.build(fusion_inters, list(item_ids), trie, list(item_ids.values()),
+                                               context=fusion_context)
         if device is not None:
             trie.to(device)
+            if fusion is not None:
+                fusion.to(device)
         return cls(trie, {tuple(v): k for k, v in item_ids.items()}, eos, pad, mode, filter_items,
                    {"".join(toks): item for item, toks in indices.items()}, share_prefill, search, softmax, tree,
-                   score_eos)
+                   score_eos, fusion=fusion, fusion_weight=float(fusion_weight),
+                   position_of={item: k for k, item in enumerate(item_ids)})
 
     def generation_config(self, num_beams: int) -> GenerationConfig:
         # do_sample=False explicitly: recent transformers may otherwise sample from the model's defaults.
@@ -631,16 +664,33 @@ class Decoder:
         tokens_of = {item: ids for ids, item in self.item_of.items()}
         return self.trie.excluded_states([[tokens_of[i] for i in items if i in tokens_of] for items in exclude])
 
+    def fusion_bonus(self, histories: Sequence[Sequence[str]]) -> torch.Tensor:
+        """Per example, its history's item ids (oldest first) -> ``fusion_weight`` x the log-mass the
+        co-occurrence ranker puts below each trie state [batch, num_states] (ids of no item are ignored)."""
+        q = self.fusion.next_item([[self.position_of[str(i)] for i in h if str(i) in self.position_of]
+                                   for h in histories])
+        return self.fusion_weight * self.fusion.state_log_mass(q)
+
     @torch.no_grad()
     def rank(self, model, encodings: dict[str, torch.Tensor], num_beams: int,
-             exclude: Sequence[Iterable[str]] | None = None) -> list[list[tuple[str | None, float]]]:
+             exclude: Sequence[Iterable[str]] | None = None,
+             histories: Sequence[Sequence[str]] | None = None) -> list[list[tuple[str | None, float]]]:
         """Beam-search one left-padded batch; per example, (item or None, score) best first.
-        ``exclude``: per example, item ids that must not be returned (the search ranks the others)."""
+        ``exclude``: per example, item ids that must not be returned (the search ranks the others).
+        ``histories``: per example, the item ids of its history, oldest first (needed with ``fusion``)."""
         input_ids, attention_mask = encodings["input_ids"], encodings["attention_mask"]
         excluded = None if exclude is None else self.excluded_states(exclude)
+        bonus = None
+        if self.fusion is not None:
+            if histories is None or len(histories) != input_ids.shape[0]:
+                raise ValueError("fusion with the co-occurrence ranker needs one history per example")
+            if not takes_cache(model):
+                raise DataError("--fusion_weight needs the trie search, which this model cannot run")
+            bonus = self.fusion_bonus(histories)
         if self.mode == "trie" and self.search == "trie" and takes_cache(model):
             tokens, scores = trie_beam_search(model, self.trie, input_ids, attention_mask, num_beams, self.eos_token_id,
-                                              self.softmax, excluded, self.tree, self.score_eos, self.prefixes)
+                                              self.softmax, excluded, self.tree, self.score_eos, self.prefixes,
+                                              bonus)
             return self.ranked(tokens.flatten(0, 1).tolist(), scores.flatten().tolist(), num_beams)
         prompt_len = input_ids.shape[1]
         kwargs = {}
@@ -689,13 +739,14 @@ class Decoder:
 
 def rank_batch_with_backoff(decoder: Decoder, model, encodings, num_beams: int, oom_backoff: bool,
                             on_backoff: Callable[[int, int], None] | None = None,
-                            exclude: Sequence[Iterable[str]] | None = None):
+                            exclude: Sequence[Iterable[str]] | None = None,
+                            histories: Sequence[Sequence[str]] | None = None):
     """``decoder.rank`` that, with ``oom_backoff``, retries the batch on CUDA out-of-memory with
     half the beams (down to 1). Returns (ranked, beams used)."""
     beams = num_beams
     while True:
         try:
-            return decoder.rank(model, encodings, beams, exclude=exclude), beams
+            return decoder.rank(model, encodings, beams, exclude=exclude, histories=histories), beams
         except torch.cuda.OutOfMemoryError:
             if not oom_backoff or beams == 1:
                 raise

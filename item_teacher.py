@@ -1,4 +1,7 @@
-"""--teacher_weight: soft next-item targets from the item co-occurrence of the training parts.
+"""The item co-occurrence count of the training parts, in three uses: a ranker on its own
+(``baseline.py --ranker cooccurrence``), a term added to the beam scores (``--fusion_weight``,
+``CooccurrenceRanker`` mapped onto the trie by ``CooccurrenceTeacher.state_log_mass``) and soft
+next-item targets in training (``--teacher_weight``, below).
 
 A training example shows the LLM one next item per history position; on ml-100k the `cpu` profile
 sees each of the training parts' transitions about twice in its 1,350 steps, while a count of which
@@ -14,6 +17,7 @@ below each child of the true prefix).
 The counts are of the training parts only (``s[:-2]``); each row's own pairs (its items within
 ``window`` steps of each other, which the counts include) are taken out of the teacher of that row,
 so the teacher does not hand the row its own answer. Off by default; needs ``--index_softmax trie``.
+At a row's end (``next_item``: the ranker and fusion) nothing is taken out and nothing is masked.
 """
 from __future__ import annotations
 
@@ -28,45 +32,93 @@ from item_trie import IndexTrie
 from item_vectors import follow_counts
 
 
-class CooccurrenceTeacher:
-    """Teacher distributions over items for the item targets of a batch, and over the trie's children
-    for each index token of those targets (``children``)."""
+class CooccurrenceRanker:
+    """The item co-occurrence count model: a distribution over the next item after a history (the
+    items that followed its last ``context`` items within ``window`` steps in the training parts, each
+    item's counts normalised over its row, smoothed with popularity). It ranks on its own
+    (``baseline.py --ranker cooccurrence``), fuses with the LLM's beam scores (``--fusion_weight``) and,
+    as ``CooccurrenceTeacher``, gives the soft targets of ``--teacher_weight``."""
 
-    def __init__(self, counts: torch.Tensor, popularity: torch.Tensor, trie: IndexTrie,
-                 item_tokens: Sequence[Sequence[int]], context: int = 5, window: int = 5, smoothing: float = 0.1):
+    tensors = ("follow", "increment", "popularity")  # what ``to`` moves
+
+    def __init__(self, counts: torch.Tensor, popularity: torch.Tensor, context: int = 5, window: int = 5,
+                 smoothing: float = 0.1):
         """``counts`` [N, N]: how often item j came within ``window`` steps after item i in the training
-        parts; ``popularity`` [N] training counts (any positive scale); ``item_tokens``: the token ids
-        of item n, in the order ``trie`` was built in; ``smoothing``: the popularity share of a teacher."""
+        parts; ``popularity`` [N] training counts (any positive scale); ``smoothing``: the popularity share."""
         if not 0 <= smoothing <= 1:
             raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
-        n = counts.shape[0]
         row = counts.sum(1)  # [N]
         self.follow = counts / (row[:, None] + 1)  # [N, N] P(j follows | i), with one pseudo-count of "nothing"
         self.increment = 1 / (row + 1)  # [N] what one pair adds to its row of ``follow``
         self.popularity = popularity / popularity.sum()  # [N]
-        self.trie, self.context, self.window, self.smoothing = trie, int(context), int(window), float(smoothing)
+        self.context, self.window, self.smoothing = int(context), int(window), float(smoothing)
+
+    @staticmethod
+    def count(inters: dict[str, list], items: Sequence[str], window: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """The interactions (user -> item ids, oldest first) and the items -> (follow counts [N, N],
+        popularity [N]) of the training parts, in the order of ``items``."""
+        pos = {str(item): k for k, item in enumerate(items)}
+        seqs = [[pos[str(i)] for i in train_part(seq) if str(i) in pos] for seq in inters.values()]
+        n = len(items)
+        counts = torch.from_numpy(follow_counts(seqs, np.arange(n), n, window).toarray()).float()
+        prior = popularity_prior(inters, items)  # training counts + 1, as --index_prior popularity
+        return counts, torch.tensor([prior[str(item)] for item in items], dtype=torch.float32)
+
+    @classmethod
+    def build(cls, inters: dict[str, list], items: Sequence[str], context: int = 5, window: int = 5,
+              smoothing: float = 0.1) -> "CooccurrenceRanker":
+        """From the interactions and the items (the order of the distributions' columns)."""
+        return cls(*cls.count(inters, items, window), context, window, smoothing)
+
+    def to(self, device: torch.device) -> "CooccurrenceRanker":
+        for name in self.tensors:
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def smoothed(self, scores: torch.Tensor) -> torch.Tensor:
+        """Summed follow rows [K, N] -> distributions [K, N]: their share ``1 - smoothing``, popularity
+        the rest (popularity alone where a row has no count)."""
+        total = scores.sum(1, keepdim=True)
+        return torch.where(total > 0, (1 - self.smoothing) * scores / total.clamp(min=1e-12)
+                           + self.smoothing * self.popularity, self.popularity.expand_as(scores))
+
+    def next_item(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Histories (positions of items in the columns' order, oldest first) -> the distribution over
+        the item after each [B, N]. No own pair is taken out (the next item is in no count) and no item
+        is masked (the ranking protocol ranks every item)."""
+        ctx = torch.full((len(histories), self.context), -1, dtype=torch.long)  # [B, R] the last items
+        for row, history in enumerate(histories):
+            last = list(history)[-self.context:]
+            ctx[row, :len(last)] = torch.as_tensor(last[::-1], dtype=torch.long)
+        ctx = ctx.to(self.follow.device)
+        scores = (self.follow[ctx.clamp(min=0)] * (ctx >= 0)[..., None]).sum(1)  # [B, N]
+        return self.smoothed(scores)
+
+
+class CooccurrenceTeacher(CooccurrenceRanker):
+    """The ranker's distributions for the item targets of a batch (``targets``), over the trie's
+    children for each index token of those targets (``children``) and over its states (``state_log_mass``)."""
+
+    tensors = CooccurrenceRanker.tensors + ("paths", "leaf_item")
+
+    def __init__(self, counts: torch.Tensor, popularity: torch.Tensor, trie: IndexTrie,
+                 item_tokens: Sequence[Sequence[int]], context: int = 5, window: int = 5, smoothing: float = 0.1):
+        """``counts`` and ``popularity`` as the ranker's; ``item_tokens``: the token ids of item n, in
+        the order ``trie`` was built in."""
+        super().__init__(counts, popularity, context, window, smoothing)
+        self.trie = trie
         tokens = torch.as_tensor([list(t) for t in item_tokens], dtype=torch.long)  # [N, L]
         self.paths = trie.paths(tokens)  # [N, L] the state after each token of each item
         self.leaf_item = torch.full((len(trie.items_below),), -1, dtype=torch.long)  # [S] item at a leaf
-        self.leaf_item[self.paths[:, -1]] = torch.arange(n)
+        self.leaf_item[self.paths[:, -1]] = torch.arange(counts.shape[0])
 
     @classmethod
     def build(cls, inters: dict[str, list], items: Sequence[str], trie: IndexTrie,
               item_tokens: Sequence[Sequence[int]], context: int = 5, window: int = 5,
               smoothing: float = 0.1) -> "CooccurrenceTeacher":
         """From the interactions (user -> item ids, oldest first) and the items in the trie's order."""
-        pos = {str(item): k for k, item in enumerate(items)}
-        seqs = [[pos[str(i)] for i in train_part(seq) if str(i) in pos] for seq in inters.values()]
-        n = len(items)
-        counts = torch.from_numpy(follow_counts(seqs, np.arange(n), n, window).toarray())
-        prior = popularity_prior(inters, items)  # training counts + 1, as --index_prior popularity
-        popularity = torch.tensor([prior[str(item)] for item in items], dtype=torch.float32)
-        return cls(counts.float(), popularity, trie, item_tokens, context, window, smoothing)
-
-    def to(self, device: torch.device) -> "CooccurrenceTeacher":
-        for name in ("follow", "increment", "popularity", "paths", "leaf_item"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
+        counts, popularity = cls.count(inters, items, window)
+        return cls(counts, popularity, trie, item_tokens, context, window, smoothing)
 
     def targets(self, input_ids: torch.LongTensor, level_of: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor]:
         """Rows of token ids [B, T] (``level_of`` [V]: each token's index level, -1 for text) ->
@@ -106,15 +158,21 @@ class CooccurrenceTeacher:
             both = (earlier[:, None] >= 0) & (later >= 0)
             drop = torch.where(both, -self.increment[earlier.clamp(min=0)][:, None], 0.0).to(scores.dtype)
             scores.scatter_add_(1, later.clamp(min=0), drop)
-        scores = scores.clamp(min=0)
-        total = scores.sum(1, keepdim=True)
-        q = torch.where(total > 0, (1 - self.smoothing) * scores / total.clamp(min=1e-12)
-                        + self.smoothing * self.popularity, self.popularity.expand_as(scores))
+        q = self.smoothed(scores.clamp(min=0))
         history = at(b, torch.arange(width, device=input_ids.device).expand(len(b), -1))  # [K, width]
         history = history.masked_fill(torch.arange(width, device=input_ids.device) >= m[:, None], -1)
         shown = torch.zeros_like(q, dtype=torch.long).scatter_add_(1, history.clamp(min=0), (history >= 0).long())
         q = q.masked_fill(shown > 0, 0.0)
         return teacher_of, q / q.sum(1, keepdim=True).clamp(min=1e-12)
+
+    def state_log_mass(self, q: torch.Tensor) -> torch.Tensor:
+        """Distributions over the items [B, N] -> the log of each trie state's mass (its items') [B, S];
+        a floor of 1e-30 keeps dead ends and unreachable states finite."""
+        mass = q.new_zeros((q.shape[0], len(self.leaf_item)))  # [B, S]
+        for level in range(self.paths.shape[1]):
+            mass.index_add_(1, self.paths[:, level], q)
+        mass[:, self.trie.ROOT] = q.sum(1)
+        return mass.clamp(min=1e-30).log()
 
     def children(self, q: torch.Tensor, state: torch.LongTensor, level: int) -> torch.Tensor:
         """Teacher distributions over items [n, N], the prefix states [n] of level-``level`` tokens ->

@@ -107,7 +107,9 @@ class Recommender:
                                      score_eos=args.score_eos,
                                      softmax=checkpoint_softmax(args.score_softmax, self.model),
                                      prior=checkpoint_prior(args.score_prior, self.model, args, self.indices,
-                                                            self.files.inters))
+                                                            self.files.inters),
+                                     fusion_inters=self.files.inters, fusion_weight=args.fusion_weight,
+                                     fusion_context=args.fusion_context)
         index_len = len(next(iter(self.indices.values())))
         self.collate = TestCollator(self.tokenizer, prompt_budget(args.model_max_length, index_len))
         self.device = device
@@ -218,7 +220,8 @@ class Recommender:
                 notes.append("the prompt was longer than --model_max_length; its oldest tokens were cut")
             encodings = {name: t.to(self.device) for name, t in encodings.items()}
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16_autocast):
-                ranked = self.decoder.rank(self.model, encodings, beams, exclude=None if keep_history else [seen])[0]
+                ranked = self.decoder.rank(self.model, encodings, beams, exclude=None if keep_history else [seen],
+                                           histories=[history])[0]
         items = [Recommendation(rank, item, self.titles.get(item, ""), "".join(self.indices[item]), round(score, 4),
                                 item in seen)
                  for rank, (item, score) in enumerate(((i, s) for i, s in ranked if i is not None), start=1)][:k]

@@ -45,6 +45,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--results_file", default="results/{model}.json", help="results JSON ({model} = family name)")
     g.add_argument("--metrics", default=DEFAULT_METRICS, help="comma-separated hit@K / ndcg@K")
+    g.add_argument("--exclude_history", action="store_true",
+                   help="NOT this repository's protocol (nor RecBole's for sequential models): score each test "
+                        "user's earlier items -inf (SASRec, GRU4Rec; test ranking only, early stopping unchanged)")
     g.add_argument("--save_item_emb", default=None, metavar="PATH",
                    help="SASRec, GRU4Rec: save the first run's trained item embeddings as an .npy [items, hidden], "
                         "row i = item i ({model} = family name), e.g. for index/main.py --collab_emb")
@@ -143,8 +146,12 @@ class ScoreAllItems(nn.Module):
         logits = self.encode(his)[keep] @ self.item_weights().T           # [labelled, I]
         return nn.functional.cross_entropy(logits, tgt[keep])
 
-    def rank(self, his: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rank(self, his: torch.Tensor, tgt: torch.Tensor,
+             exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``exclude`` [B, I]: items scored -inf (--exclude_history), so they rank below every other."""
         s = self.scores(his)                                   # [B, I]
+        if exclude is not None:
+            s = s.masked_fill(exclude, -math.inf)
         ranks = 1 + (s > s.gather(1, tgt[:, None])).sum(1)     # items scored strictly higher than the target
         return ranks, s.topk(min(10, s.shape[1]), dim=1).indices
 
@@ -158,13 +165,22 @@ def last_position(out: torch.Tensor, his: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- training and evaluation
 @torch.no_grad()
 def ranks_of(model: nn.Module, his: torch.Tensor, tgt: torch.Tensor, batch: int, device: torch.device,
-             desc: str, autocast: bool = False) -> tuple[list[int], list[list[int]]]:
-    """(target ranks, top-10 items) of every row; ``autocast``: under CPU bf16 autocast."""
+             desc: str, autocast: bool = False,
+             exclude: list[list[int]] | None = None) -> tuple[list[int], list[list[int]]]:
+    """(target ranks, top-10 items) of every row; ``autocast``: under CPU bf16 autocast; ``exclude``:
+    per row, item ids left out of its ranking (a ``ScoreAllItems`` model only)."""
     model.eval()
     ranks, tops = [], []
     for b in tqdm(range(0, len(tgt), batch), desc=desc, leave=False, mininterval=2):
+        extra = {}
+        if exclude is not None:
+            rows = exclude[b:b + batch]
+            mask = torch.zeros(len(rows), model.item_weights().shape[0], dtype=torch.bool)
+            for row, items in enumerate(rows):
+                mask[row, torch.as_tensor(items, dtype=torch.long)] = True
+            extra["exclude"] = mask.to(device)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            r, top = model.rank(his[b:b + batch].to(device), tgt[b:b + batch].to(device))
+            r, top = model.rank(his[b:b + batch].to(device), tgt[b:b + batch].to(device), **extra)
         ranks, tops = ranks + r.tolist(), tops + [[i for i in row if i >= 0] for row in top.tolist()]
     return ranks, tops
 
@@ -251,12 +267,15 @@ def run(args: argparse.Namespace, family: ModuleType) -> dict:
         model = family.build(args, split).to(device)
         if args.save_item_emb and not isinstance(model, ScoreAllItems):
             raise DataError(f"--save_item_emb: {args.model} has no item embedding table (SASRec and GRU4Rec do)")
+        if args.exclude_history and not isinstance(model, ScoreAllItems):
+            raise DataError(f"--exclude_history: {args.model} decodes by beam search; only SASRec and GRU4Rec "
+                            "score every item and can leave the history out")
         info = fit(model, split, args, seed, device)
         if args.save_item_emb and r == 0:
             save_item_embeddings(model, args.save_item_emb)
         t0 = time.time()
         ranks, tops = ranks_of(model, split.test_his, split.test_tgt, args.eval_batch_size, device, "test",
-                               args.autocast)
+                               args.autocast, split.test_seen if args.exclude_history else None)
         info["personalisation"] = personalisation(tops)
         info["test_time_s"] = round(time.time() - t0, 1)
         info["metrics"] = {m: sum(metric_value(m, k) for k in ranks) / len(ranks) for m in metrics}
@@ -274,6 +293,7 @@ def run(args: argparse.Namespace, family: ModuleType) -> dict:
     personal = {"0": {k: sum(x["personalisation"][k] for x in runs) / len(runs) for k in runs[0]["personalisation"]}}
     summary = aggregate(per_prompt, metrics)
     results = {"dataset": args.dataset, "test_task": "seqrec", "model": args.model, "sample_num": args.sample_num,
+               "exclude_history": bool(args.exclude_history),
                "metrics": metrics, "prompt_ids": [0], "num_examples": n, "per_prompt": per_prompt, **summary,
                "stderr": stderr, "personalisation": personal, "per_user": per_user, "std_over_seeds": std,
                "seeds": [x["seed"] for x in runs],

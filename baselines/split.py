@@ -19,7 +19,7 @@ max_his_len times fewer rows). Histories never reach past ``s[:-2]``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ class Split:
     test_tgt: torch.Tensor     # [n_test]
     test_users: list[str]
     seen_items: frozenset[int]  # items that occur in some sequence
+    test_seen: list[list[int]] = field(default_factory=list)  # each test user's whole history s[:-1] (--exclude_history)
 
 
 def train_examples(inters: dict[str, list[int]], max_his_len: int) -> list[tuple[list[int], int]]:
@@ -107,4 +108,5 @@ def load_split(data_path: str | Path, dataset: str, max_his_len: int, sample_num
     test = eval_examples(inters, max_his_len, "test")
     return Split(n_items, *to_tensors(train, max_his_len), *to_tensors(eval_examples(inters, max_his_len, "valid"),
                                                                         max_his_len),
-                 *to_tensors([test[i] for i in keep], max_his_len), [users[i] for i in keep], frozenset(items))
+                 *to_tensors([test[i] for i in keep], max_his_len), [users[i] for i in keep], frozenset(items),
+                 [held_out(inters[users[i]], "test")[0] for i in keep])

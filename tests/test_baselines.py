@@ -269,3 +269,31 @@ def test_only_tiger_defaults_to_bf16_where_the_cpu_has_it():
     defaults = {name: resolve_args(build_parser().parse_args(["--dataset", "x"]), family(name)).cpu_bf16
                 for name in ("sasrec", "gru4rec", "tiger")}
     assert defaults == {"sasrec": "off", "gru4rec": "off", "tiger": "auto"}
+
+
+def test_exclude_history_leaves_each_users_earlier_items_out_of_the_test_ranking(tiny_data, tmp_path, monkeypatch):
+    """--exclude_history (RecBole's full ranking): the same trained model (same seed, early stopping
+    unchanged) ranks no earlier item of the user in its top 10, and the target can only move up."""
+    import baselines.runner as runner
+
+    data_path, name = tiny_data
+    tops = []
+    real = runner.personalisation
+    monkeypatch.setattr(runner, "personalisation", lambda t: tops.append(t) or real(t))
+    runs = {flag: run(args_for("sasrec", data_path, name, tmp_path / f"{flag}.json", "--epochs", "3",
+                               *(["--exclude_history"] if flag else [])), family("sasrec")) for flag in (False, True)}
+    assert runs[False]["exclude_history"] is False and runs[True]["exclude_history"] is True
+    assert runs[False]["best_valid_ndcg@10"] == runs[True]["best_valid_ndcg@10"]  # the same model
+    inters = json.loads((data_path / name / f"{name}.inter.json").read_text())
+    users = runs[True]["per_user"]["users"]
+    history = {u: set(inters[u][:-1]) for u in users}
+    assert sum(bool(set(top) & history[u]) for u, top in zip(users, tops[0])) > 0  # the plain ranking holds some
+    assert not any(set(top) & history[u] for u, top in zip(users, tops[1]))
+    for u, before, after in zip(users, runs[False]["per_user"]["ndcg@10"], runs[True]["per_user"]["ndcg@10"]):
+        if inters[u][-1] in history[u]:  # a repeated target is left out too, as RecBole leaves it
+            assert after == 0
+        else:
+            assert after >= before - 1e-9
+    with pytest.raises(DataError, match="--exclude_history: tiger decodes by beam search"):
+        run(args_for("tiger", data_path, name, tmp_path / "t.json", "--epochs", "1", "--exclude_history"),
+            family("tiger"))

@@ -172,11 +172,11 @@ def test_oom_backoff_halves_beams(tiny_indexed):
     decoder = Decoder.build(tok, indices)
     real_rank, tried = decoder.rank, []
 
-    def rank_or_oom(model, enc, beams, exclude=None):  # pretend anything above 5 beams runs out of memory
+    def rank_or_oom(model, enc, beams, exclude=None, histories=None):  # pretend anything above 5 beams runs out of memory
         tried.append(beams)
         if beams > 5:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_rank(model, enc, beams, exclude=exclude)
+        return real_rank(model, enc, beams, exclude=exclude, histories=histories)
 
     decoder.rank = rank_or_oom
     enc = _encode(tok, ["The red king", "star"])
@@ -797,3 +797,55 @@ def test_trie_softmax_search_scores_each_level_with_the_output_layer_cut_to_its_
     with pytest.raises(RuntimeError, match="boom"):
         decoder.rank(model, enc, 7)
     assert model.get_output_embeddings() is head
+
+
+def _fusion_inters(items):
+    """Training parts where item 0 is followed by items 5 (four times), 9 (three) and 14 (twice), and
+    item 3 by item 20 once; each sequence ends with two held-out items."""
+    follows = [(0, 5)] * 4 + [(0, 9)] * 3 + [(0, 14)] * 2 + [(3, 20)]
+    return {f"u{n}": [items[a], items[b], items[1], items[2]] for n, (a, b) in enumerate(follows)}
+
+
+def test_fusion_adds_the_weighted_log_probability_of_the_cooccurrence_ranker(tiny_indexed, tie_free_model):
+    """--fusion_weight: with as many beams as items, each fused score is the model's score plus
+    weight x log q(item) / (L + 1), q the co-occurrence ranker's distribution after the history."""
+    tok, _, indices = tiny_indexed
+    items = sorted(indices)
+    inters, weight = _fusion_inters(items), 0.7
+    plain = Decoder.build(tok, indices, softmax="trie")
+    fused = Decoder.build(tok, indices, softmax="trie", fusion_inters=inters, fusion_weight=weight, fusion_context=1)
+    enc = _encode(tok, TEXTS)
+    histories = [[items[7], items[0]], [items[3]], []]
+    base = plain.rank(tie_free_model, enc, len(indices))
+    both = fused.rank(tie_free_model, enc, len(indices), histories=histories)
+    q = fused.fusion.next_item([[fused.position_of[i] for i in h] for h in histories])
+    for b in range(len(TEXTS)):
+        expected = {i: s + weight * math.log(float(q[b, fused.position_of[i]])) / 4 for i, s in base[b]}
+        assert sorted(expected) == sorted(i for i, _ in both[b])
+        for item, score in both[b]:
+            assert score == pytest.approx(expected[item], abs=1e-4)
+
+
+def test_fusion_prunes_beams_by_the_ranker_mass_below_their_prefixes(tiny_indexed, tie_free_model):
+    """With few beams and a large weight the search must find the ranker's best items, which it can
+    only do if each prefix is weighed by the mass below it (a weight added at the leaves alone would
+    come too late for items whose prefixes the model ranks low)."""
+    tok, _, indices = tiny_indexed
+    items = sorted(indices)
+    fused = Decoder.build(tok, indices, softmax="trie", fusion_inters=_fusion_inters(items), fusion_weight=100.0,
+                          fusion_context=1)
+    for ranked in fused.rank(tie_free_model, _encode(tok, TEXTS), 3, histories=[[items[0]]] * len(TEXTS)):
+        assert [i for i, _ in ranked] == [items[5], items[9], items[14]]
+
+
+def test_fusion_needs_the_trie_search_and_the_histories(tiny_indexed):
+    tok, model, indices = tiny_indexed
+    inters = _fusion_inters(sorted(indices))
+    with pytest.raises(DataError, match="--fusion_weight 0.5 needs the trie search"):
+        Decoder.build(tok, indices, mode="position", fusion_inters=inters, fusion_weight=0.5)
+    with pytest.raises(DataError, match="--fusion_weight 0.5 needs the trie search"):
+        Decoder.build(tok, indices, search="hf", fusion_inters=inters, fusion_weight=0.5)
+    decoder = Decoder.build(tok, indices, fusion_inters=inters, fusion_weight=0.5)
+    with pytest.raises(ValueError, match="one history per example"):
+        decoder.rank(model, _encode(tok, ["star"]), 3)
+    assert Decoder.build(tok, indices, fusion_inters=inters, fusion_weight=0.0).fusion is None

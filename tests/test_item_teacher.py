@@ -134,3 +134,37 @@ def test_teacher_flags_are_checked(capsys):
             parse_args("train", flags)
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert parse_args("train", ["--teacher_weight", "0.5", "--index_softmax", "trie"]).teacher_weight == 0.5
+
+
+def test_ranker_reads_the_last_items_of_a_history_and_ranks_every_item():
+    """--fusion_weight and baseline.py --ranker cooccurrence: what followed the history's last
+    ``context`` items, each item's row normalised with one pseudo-count, smoothed with popularity;
+    the history's own items are not masked (the protocol ranks every item)."""
+    from item_teacher import CooccurrenceRanker
+
+    # training parts: 0 -> 1 twice, 0 -> 4 once, 2 -> 3 once
+    inters = {"u1": [0, 1, 5, 5], "u2": [0, 1, 5, 5], "u3": [0, 4, 5, 5], "u4": [2, 3, 5, 5]}
+    names = [str(n) for n in range(len(ITEMS))]
+    ranker = CooccurrenceRanker.build(inters, names, context=1, window=1, smoothing=0.0)
+    q = ranker.next_item([[3, 0], [0, 2], [5]])  # context 1: only the last item counts
+    assert q[0].tolist() == pytest.approx([0.0, 2 / 3, 0.0, 0.0, 1 / 3, 0.0])
+    assert q[1].tolist() == pytest.approx([0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    popularity = torch.tensor([3.0, 2, 1, 1, 1, 0]) + 1  # item 5 is never in a training part
+    assert q[2].tolist() == pytest.approx((popularity / popularity.sum()).tolist())  # no count: popularity
+    smooth = CooccurrenceRanker.build(inters, names, context=2, window=1, smoothing=0.5).next_item([[2, 0], []])
+    # rows: 0 -> (1: 2/4, 4: 1/4), 2 -> (3: 1/2); summed 1.25, then half of it and half popularity
+    counted = torch.tensor([0.0, 0.5, 0, 0.5, 0.25, 0]) / 1.25
+    assert smooth[0].tolist() == pytest.approx((0.5 * counted + 0.5 * popularity / popularity.sum()).tolist())
+    assert smooth[1].tolist() == pytest.approx((popularity / popularity.sum()).tolist())
+
+
+def test_state_log_mass_sums_the_items_below_each_state():
+    t, trie = teacher({"u1": [0, 1, 5, 5]})
+    q = torch.tensor([[0.1, 0.2, 0.3, 0.0, 0.1, 0.3]])
+    mass = t.state_log_mass(q).exp()[0]
+    assert float(mass[IndexTrie.ROOT]) == pytest.approx(1.0)
+    prefix_a2 = int(trie.paths(torch.tensor([[2, 11]]))[0, 0])
+    assert float(mass[prefix_a2]) == pytest.approx(0.4)  # items 2, 3, 4
+    leaves = t.paths[:, -1]
+    assert mass[leaves].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.0, 0.1, 0.3], rel=1e-5, abs=1e-12)
+    assert torch.isfinite(t.state_log_mass(q)).all()  # dead ends and empty states: a finite floor

@@ -438,3 +438,28 @@ def test_serve_says_serving_on_only_once_the_port_is_bound(ckpt_and_data):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_fusion_weight_ranks_by_what_followed_the_requests_history(ckpt_and_data, capsys):
+    """--fusion_weight: the request's own history is the co-occurrence ranker's; a large weight puts
+    the item that most often followed its last item first, and the history is still left out."""
+    from item_teacher import CooccurrenceRanker
+
+    ckpt, data_path, titles, inters = ckpt_and_data
+    items = list(json.loads((data_path / "Tiny" / "Tiny.index.json").read_text()))
+    ranker = CooccurrenceRanker.build(inters, items, context=1)
+    position = {item: k for k, item in enumerate(items)}
+    checked = 0
+    for last in items:
+        q = ranker.next_item([[position[last]]])[0]
+        q[position[last]] = 0  # the history is left out of the answer
+        best = q.topk(2).values
+        if best[0] < 1.5 * best[1]:
+            continue  # no clear first item
+        out = run_json(ckpt, data_path, capsys, "--history_ids", last, "--k", "3", "--fusion_weight", "50",
+                       "--fusion_context", "1")
+        assert out["items"][0]["item"] == items[int(q.argmax())] and last not in [r["item"] for r in out["items"]]
+        checked += 1
+        if checked == 3:
+            break
+    assert checked > 0

@@ -34,7 +34,7 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     metrics = ["hit@1", "hit@5", "hit@10", "ndcg@5", "ndcg@10"]
-    for name in ("lcrec", "popularity") + (("lcrec_position",) if profile == "quick" else ()):
+    for name in (("lcrec", "popularity", "cooccurrence") + (("lcrec_position",) if profile == "quick" else ("lcrec-fusion",))):
         res = json.loads((run_dir / "results" / f"{name}.json").read_text())
         assert res["num_examples"] == 5 and res["prompt_ids"] == [0, 1]
         for agg in ("mean", "min", "max"):
@@ -45,7 +45,13 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
     lcrec = json.loads((run_dir / "results" / "lcrec.json").read_text())
     assert isinstance(lcrec["cpu_bf16_autocast"], bool)  # how the CPU decoded is on record
     table = (run_dir / "results" / "table.md").read_text()
-    assert "| Popularity | 5 |" in table
+    assert "| Popularity | 5 |" in table and "| Co-occurrence | 5 |" in table
+    # the cpu profile evaluates the same checkpoint again, fused with the co-occurrence ranker
+    assert lcrec["fusion_weight"] == 0
+    if profile == "cpu":
+        fused = json.loads((run_dir / "results" / "lcrec-fusion.json").read_text())
+        assert fused["fusion_weight"] == 1.0 and fused["decoding"] == "trie"
+    assert ("| LC-Rec + co-occurrence | 5 |" in table) == (profile == "cpu")
     lcrec_rows = (["LC-Rec, trie decoding", "LC-Rec, per-position decoding (original)"] if profile == "quick"
                   else ["LC-Rec"])  # two decodings: one labelled row each
     assert all(f"| {row} | 5 |" in table for row in lcrec_rows)
@@ -61,7 +67,7 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
         assert "| LC-Rec + GRPO | 5 |" in table
         assert "| LC-Rec + GRPO | " in (run_dir / "results" / "table-rl.md").read_text().split("paired")[1]
         assert (run_dir / "ckpt-rl" / "config.json").is_file() and (run_dir / "reinforce_curve.png").is_file()
-    models = (["lcrec", "popularity"] + (["sasrec", "lcrec-rl"] if profile == "cpu" else [])
+    models = (["lcrec", "popularity", "cooccurrence"] + (["sasrec", "lcrec-rl", "lcrec-fusion"] if profile == "cpu" else [])
               + (["lcrec_position"] if profile == "quick" else []))  # one summary per decoding
     assert sorted(p.name for p in (run_dir / "results").glob("*.summary.json")) == sorted(f"{m}.summary.json" for m in models)
     summary = json.loads((run_dir / "results" / "lcrec.summary.json").read_text())
@@ -71,7 +77,8 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
     readme.write_text(f"{TABLE_BEGIN}\n{TABLE_END}\n")
     publish(run_dir / "results", profile, tmp_path / "published", readme)
     rows = readme_table(readme.read_text()).splitlines()[2:]
-    names = lcrec_rows + ["Popularity"] + (["SASRec", "LC-Rec + GRPO"] if profile == "cpu" else [])
+    names = lcrec_rows + ["Popularity", "Co-occurrence"] + (
+        ["SASRec", "LC-Rec + GRPO", "LC-Rec + co-occurrence"] if profile == "cpu" else [])
     assert sorted(r.split(" | ")[0] for r in rows) == sorted(f"| {n}" for n in names)
     for png in ("code_usage.png", "loss.png", "learning_curve.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
@@ -334,3 +341,17 @@ def test_reinforcement_settings_are_taken_and_checked():
     bad = subprocess.run(["bash", "run.sh"], cwd=ROOT, env={**os.environ, "DRY_RUN": "1", "REINFORCE": "yes"},
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "REINFORCE must be 0 or 1" in bad.stderr
+
+
+@pytest.mark.parametrize("profile", ["quick", "cpu", "gpu", "paper"])
+def test_fusion_is_on_in_the_cpu_profile_only(profile):
+    """FUSION_WEIGHT: the extra fused evaluation where it measured better on the validation users
+    (docs/evaluation.md); off in the quick start (its 15 minutes) and the paper profile (the paper's
+    scoring), and in the gpu profile until measured there."""
+    settings, _ = run_sh_settings(PROFILE=profile, DATASET="Instruments")
+    assert (float(settings["FUSION_WEIGHT"]) > 0) == (profile == "cpu")
+    assert run_sh_settings(PROFILE=profile, DATASET="Instruments", FUSION_WEIGHT="0.25")[0]["FUSION_WEIGHT"] == "0.25"
+    for bad in ("-1", "abc", "1e3"):
+        out = subprocess.run(["bash", "run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "DRY_RUN": "1", "PROFILE": profile, "FUSION_WEIGHT": bad})
+        assert out.returncode == 2 and f"FUSION_WEIGHT must be a number >= 0 (0: off), got '{bad}'" in out.stderr

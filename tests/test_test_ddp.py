@@ -235,3 +235,34 @@ def test_exclude_history_is_an_option_and_off_by_default(ckpt_and_data):
     assert sum(len(set(r["items"]) & history[r["user"]]) for r in runs["paper"]["rows"]) > 0
     for r in runs["masked"]["rows"]:
         assert len(r["items"]) == 10 == len(set(r["items"])) and not set(r["items"]) & history[r["user"]]
+
+
+def test_fusion_weight_is_recorded_and_changes_the_ranking(ckpt_and_data):
+    """test.py --fusion_weight: the results record the weight and context; a large weight ranks by
+    the co-occurrence ranker, so the rankings move away from the model's own."""
+    root, data_path = ckpt_and_data
+    runs = {}
+    for name, extra in (("plain", ()), ("fused", ("--fusion_weight", "50", "--fusion_context", "2"))):
+        results = root / f"{name}.json"
+        runs[name] = evaluate_checkpoint(parse_args("test", _args(root / "ckpt", data_path, results, "--num_beams",
+                                                                  "5", "--save_predictions", *extra)))
+        runs[name]["rows"] = [json.loads(line) for line in predictions_path(results).read_text().splitlines()]
+    assert (runs["plain"]["fusion_weight"], runs["plain"]["fusion_context"]) == (0.0, None)
+    assert (runs["fused"]["fusion_weight"], runs["fused"]["fusion_context"]) == (50.0, 2)
+    assert sum(a["items"] != b["items"] for a, b in zip(runs["plain"]["rows"], runs["fused"]["rows"])) > 0
+    from item_teacher import CooccurrenceRanker
+
+    inters = json.loads((data_path / "Tiny" / "Tiny.inter.json").read_text())
+    items = list(json.loads((data_path / "Tiny" / "Tiny.index.json").read_text()))
+    ranker = CooccurrenceRanker.build(inters, items, context=2)
+    position = {item: k for k, item in enumerate(items)}
+    agree = 0
+    for row in runs["fused"]["rows"]:
+        q = ranker.next_item([[position[str(i)] for i in inters[row["user"]][:-1]]])[0]
+        top2 = q.topk(2).values
+        if top2[0] > 1.5 * top2[1]:  # a clear best item: the weight makes it first
+            agree += row["items"][0] == items[int(q.argmax())]
+            assert row["items"][0] == items[int(q.argmax())]
+    assert agree > 0
+    with pytest.raises(SystemExit):
+        parse_args("test", _args(root / "ckpt", data_path, root / "x.json", "--fusion_weight", "-1"))
