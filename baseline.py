@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 import data
 from arguments import parse_args
 from dataset_files import held_out

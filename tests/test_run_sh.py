@@ -89,9 +89,9 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
     # a second run finds every output and redoes nothing
     again = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    # both: the collaborative index's vectors; cpu: no user profiles, one learned baseline, the
-    # reinforcement and its evaluation
-    assert again.stdout.count(": skipped (") == (11 if profile == "cpu" else 9)
+    # both: the collaborative index's vectors and the co-occurrence baseline; cpu: no user profiles, one
+    # learned baseline, the fused evaluation, the reinforcement and its evaluation
+    assert again.stdout.count(": skipped (") == (13 if profile == "cpu" else 10)
 
 
 def run_sh_settings(unset: tuple[str, ...] = (), **env) -> tuple[dict, str]:
