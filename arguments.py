@@ -43,6 +43,17 @@ def decoding_list(value: str) -> list[str]:
     return modes
 
 
+# The item co-occurrence ranker's context, window, recency decay and popularity damping where it ranks or
+# fuses (item_teacher.CooccurrenceRanker), chosen on the ml-100k validation items (docs/baselines.md)
+COOCCURRENCE_DEFAULTS = (5, 8, 0.8, 0.2)
+
+
+def cooccurrence_settings(args: argparse.Namespace) -> dict:
+    """The co-occurrence ranker's settings from the --fusion_* flags (test.py, baseline.py, recommend.py)."""
+    return {"context": args.fusion_context, "window": args.fusion_window, "decay": args.fusion_decay,
+            "damping": args.fusion_damping}
+
+
 def positive_int(value: str) -> int:
     """The argparse type of counts that must be at least 1 (beams, batch sizes)."""
     try:
@@ -62,6 +73,17 @@ def non_negative_float(value: str) -> float:
         raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
     if not math.isfinite(x) or x < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return x
+
+
+def decay_float(value: str) -> float:
+    """The argparse type of a decay factor: a number in (0, 1]."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return x
 
 
@@ -245,8 +267,16 @@ def _add_test_args(p: argparse.ArgumentParser) -> None:
                         "followed the history's last --fusion_context items in the training parts) gives each item "
                         "to its beam score; 0 (default): off, the model alone; needs the trie search "
                         "(docs/evaluation.md)")
-    g.add_argument("--fusion_context", type=positive_int, default=5,
+    g.add_argument("--fusion_context", type=positive_int, default=COOCCURRENCE_DEFAULTS[0],
                    help="the most recent history items whose followers the co-occurrence ranker of --fusion_weight counts")
+    g.add_argument("--fusion_window", type=positive_int, default=COOCCURRENCE_DEFAULTS[1],
+                   help="the co-occurrence ranker counts the items up to this many steps after each item")
+    g.add_argument("--fusion_decay", type=decay_float, default=COOCCURRENCE_DEFAULTS[2],
+                   help="the co-occurrence ranker weighs each older context item this much relative to the next "
+                        "newer one (1: equally)")
+    g.add_argument("--fusion_damping", type=non_negative_float, default=COOCCURRENCE_DEFAULTS[3],
+                   help="the co-occurrence ranker divides each candidate's follow mass by its popularity to this "
+                        "power (0: no damping)")
     g.add_argument("--allow_index_mismatch", action="store_true",
                    help="evaluate with an index file other than the one the checkpoint was trained with")
     g.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))

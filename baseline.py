@@ -6,9 +6,10 @@
 popularity (default): items ranked by how often they occur in the training part of every user's
 sequence (all but the last two items, so neither validation nor test items are counted; ties go
 to the smaller item id). cooccurrence: per user, the items that followed the last
---fusion_context items of the history within 5 steps in those training parts, smoothed with
-popularity (item_teacher.CooccurrenceRanker, the ranker --fusion_weight fuses with LC-Rec's
-beams). As for LC-Rec, no item is removed from the ranking because the user has seen it. It
+--fusion_context items of the history within --fusion_window steps in those training parts, the
+newer context items weighed more (--fusion_decay), popular followers damped (--fusion_damping),
+smoothed with popularity (item_teacher.CooccurrenceRanker, the ranker --fusion_weight fuses with
+LC-Rec's beams). As for LC-Rec, no item is removed from the ranking because the user has seen it. It
 takes the flags of test.py (one parser) and writes results in the same JSON format.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import data
-from arguments import parse_args
+from arguments import cooccurrence_settings, parse_args
 from dataset_files import held_out
 from item_prior import popularity_ranking
 from metrics import (aggregate, compute_metrics, format_table, max_k, parse_metrics, per_user_values,
@@ -35,7 +36,7 @@ def evaluate_popularity(args: argparse.Namespace) -> dict:
         from item_teacher import CooccurrenceRanker
 
         items = list(files.indices)
-        ranker = CooccurrenceRanker.build(files.inters, items, context=args.fusion_context)
+        ranker = CooccurrenceRanker.build(files.inters, items, **cooccurrence_settings(args))
         position = {item: k for k, item in enumerate(items)}
         users = list(files.inters)
         histories = [[position[str(i)] for i in held_out(files.inters[u], "test")[0] if str(i) in position]
@@ -61,7 +62,7 @@ def evaluate_popularity(args: argparse.Namespace) -> dict:
         n_examples = len(ranks)
     summary = aggregate(per_prompt, metrics)
     results = {"dataset": args.dataset, "test_task": args.test_task, "model": args.ranker,
-               **({"context": args.fusion_context} if args.ranker == "cooccurrence" else {}),
+               **({"cooccurrence": cooccurrence_settings(args)} if args.ranker == "cooccurrence" else {}),
                "sample_num": args.sample_num, "metrics": metrics, "prompt_ids": [int(p) for p in per_prompt],
                "num_examples": n_examples, "per_prompt": per_prompt, "stderr": stderr,
                "personalisation": personal, **summary, "per_user": per_user_values(users, rank_lists, metrics)}

@@ -89,14 +89,19 @@ def apply_prompt_settings(args: argparse.Namespace, record: dict | None, ckpt: s
                  "(the flag is used)")
 
 
-def check_index(record: dict, indices: dict[str, list[str]], args: argparse.Namespace, ckpt: str) -> None:
-    """Refuse an index file other than the one the checkpoint was trained with (by content)."""
-    if record.get("index_sha256") in (None, index_sha256(indices)) or getattr(args, "allow_index_mismatch", False):
+def check_index(record: dict, indices: dict[str, list[str]], args: argparse.Namespace, ckpt: str,
+                note: Callable[[str], None]) -> None:
+    """Refuse an index file other than the one the checkpoint was trained with (by content); with
+    ``--allow_index_mismatch``, a note says which two differ."""
+    if record.get("index_sha256") in (None, index_sha256(indices)):
         return
-    raise DataError(f"--index_file: {index_path(args)} ({len(indices)} items, sha256 "
-                    f"{index_sha256(indices)[:12]}) is not the index {ckpt} was trained with "
-                    f"({record.get('index_file')}, {record.get('num_items')} items, sha256 "
-                    f"{str(record['index_sha256'])[:12]}); pass --allow_index_mismatch to use it anyway")
+    what = (f"{index_path(args)} ({len(indices)} items, sha256 {index_sha256(indices)[:12]}) is not the index "
+            f"{ckpt} was trained with ({record.get('index_file')}, {record.get('num_items')} items, sha256 "
+            f"{str(record['index_sha256'])[:12]})")
+    if getattr(args, "allow_index_mismatch", False):
+        note(f"--allow_index_mismatch: {what}; the items are ranked by codes the model learned for other items")
+        return
+    raise DataError(f"--index_file: {what}; pass --allow_index_mismatch to use it anyway")
 
 
 def check_templates(record: dict, prompts, ckpt: str, note: Callable[[str], None]) -> None:
@@ -118,7 +123,7 @@ def check_checkpoint(args: argparse.Namespace, indices: dict[str, list[str]], pr
              "LoRA adapter folder): the index file, prompt settings and templates could not be checked")
     apply_prompt_settings(args, record, ckpt, note)
     if record is not None:
-        check_index(record, indices, args, ckpt)
+        check_index(record, indices, args, ckpt, note)
         check_templates(record, prompts, ckpt, note)
     return record
 

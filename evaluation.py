@@ -16,7 +16,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 
 import data
-from arguments import TEST_TASKS
+from arguments import TEST_TASKS, cooccurrence_settings
 from checkpoint_record import check_checkpoint
 from dataset_files import dataset_file, held_out
 from generation import Decoder, rank_batch_with_backoff, scoring_softmax
@@ -182,7 +182,7 @@ def evaluate_checkpoint(args: argparse.Namespace, rank: int = 0, world_size: int
                               prior=checkpoint_prior("none" if mode != "trie" and args.score_prior == "auto"
                                                      else args.score_prior, model, args, indices),
                               fusion_inters=fusion_inters, fusion_weight=args.fusion_weight,
-                              fusion_context=args.fusion_context)
+                              fusion_settings=cooccurrence_settings(args))
                 for mode in modes]
     autocast = cpu_autocast_bf16(device, args.cpu_bf16)
     if autocast and rank == 0:
@@ -266,7 +266,7 @@ def evaluate_decoding(args: argparse.Namespace, model, tokenizer, decoder: Decod
         **{name: getattr(args, name) for name in ("max_his_len", "his_sep", "add_prefix")},
         "decoding": decoder.mode, "beam_search": decoder.search, "filter_items": bool(args.filter_items), "num_beams": args.num_beams,
         "exclude_history": exclude is not None,
-        "fusion_weight": decoder.fusion_weight, "fusion_context": args.fusion_context if decoder.fusion else None,
+        "fusion_weight": decoder.fusion_weight, "fusion": cooccurrence_settings(args) if decoder.fusion else None,
         "test_batch_size": args.test_batch_size, "sample_num": args.sample_num, "world_size": world_size,
         "cpu_bf16_autocast": autocast,
         "metrics": metrics, "prompt_ids": prompt_ids, "num_examples": n_examples,

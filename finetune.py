@@ -26,7 +26,7 @@ from dataset_files import index_tokens
 from modeling import keeps_logits, load_for_training
 from prompt import prompt_set
 from training_saves import final_save_errors, with_save_errors
-from utils import check_writable, exit_on_data_error, set_seed
+from utils import check_writable, exit_on_data_error, folder_kept_only_if_used, set_seed
 
 
 def world_size() -> int:
@@ -354,7 +354,13 @@ def finished_checkpoint_weights(trainer: Trainer, checkpoint: str) -> dict | Non
 def run(args: argparse.Namespace, model_kwargs: dict | None = None, adapt_model=None, what: str = "model") -> None:
     """Load data and model, train, save: shared by finetune.py and lora_finetune.py.
 
-    ``adapt_model(model, args)`` wraps the loaded model (LoRA); ``model_kwargs`` go to from_pretrained."""
+    ``adapt_model(model, args)`` wraps the loaded model (LoRA); ``model_kwargs`` go to from_pretrained.
+    A run refused before it wrote anything leaves no empty --output_dir behind."""
+    with folder_kept_only_if_used(args.output_dir):
+        _run(args, model_kwargs, adapt_model, what)
+
+
+def _run(args: argparse.Namespace, model_kwargs: dict | None, adapt_model, what: str) -> None:
     set_seed(args.seed)
     check_writable(args.output_dir, "--output_dir", is_dir=True)  # before any work: it would lose the run
     init_distributed(args)

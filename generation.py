@@ -592,7 +592,7 @@ class Decoder:
               device: torch.device | None = None, share_prefill: bool = True, search: str = "trie",
               softmax: str = "full", prior: dict[str, float] | None = None, tree: bool = True,
               score_eos: bool = True, fusion_inters: dict[str, list] | None = None, fusion_weight: float = 0.0,
-              fusion_context: int = 5) -> "Decoder":
+              fusion_settings: dict | None = None) -> "Decoder":
         """From the index file's ``{item: [token, ...]}``, whose tokens were checked when the model
         and tokenizer were loaded (modeling.index_token_ids); the options were checked by the parser.
         A softmax other than full needs the trie search (mode and search "trie"). ``prior``: item ->
@@ -601,9 +601,9 @@ class Decoder:
         ``score_eos``: False leaves the EOS term out of the trie search's scores (generate keeps it).
         ``fusion_weight`` > 0: each item's beam score gains that weight times the log-probability the
         item co-occurrence ranker gives it after the example's history (``item_teacher.CooccurrenceRanker``
-        counted on ``fusion_inters``' training parts, reading its last ``fusion_context`` items, mapped onto
-        the trie by ``CooccurrenceTeacher``; shallow fusion, trie search only); ``rank`` then needs each
-        example's history."""
+        counted on ``fusion_inters``' training parts with ``fusion_settings`` (its context, window, decay and
+        damping; the defaults where left out), mapped onto the trie by ``CooccurrenceTeacher``; shallow
+        fusion, trie search only); ``rank`` then needs each example's history."""
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         if eos is None:
             raise DataError("the tokenizer has no EOS token; decoding needs one to end an index")
@@ -621,10 +621,11 @@ class Decoder:
         trie = IndexTrie(list(item_ids.values()), eos, pad, weights)
         fusion = None
         if fusion_weight > 0:
-            from item_teacher import CooccurrenceTeacher
+            from item_teacher import CONTEXT, DAMPING, DECAY, WINDOW, CooccurrenceTeacher
 
-            fusion = CooccurrenceTeacher.build(fusion_inters, list(item_ids), trie, list(item_ids.values()),
-                                               context=fusion_context)
+            settings = {"context": CONTEXT, "window": WINDOW, "decay": DECAY, "damping": DAMPING,
+                        **(fusion_settings or {})}
+            fusion = CooccurrenceTeacher.build(fusion_inters, list(item_ids), trie, list(item_ids.values()), **settings)
         if device is not None:
             trie.to(device)
             if fusion is not None:

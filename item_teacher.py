@@ -26,35 +26,52 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from arguments import COOCCURRENCE_DEFAULTS
 from dataset_files import train_part
 from item_prior import popularity_prior
 from item_trie import IndexTrie
 from item_vectors import follow_counts
 
 
+# The ranker's settings where it ranks or fuses: the defaults of --fusion_context, --fusion_window,
+# --fusion_decay and --fusion_damping; the teacher keeps its own (--teacher_context, equal weights, no damping).
+CONTEXT, WINDOW, DECAY, DAMPING = COOCCURRENCE_DEFAULTS
+
+
 class CooccurrenceRanker:
     """The item co-occurrence count model: a distribution over the next item after a history (the
     items that followed its last ``context`` items within ``window`` steps in the training parts, each
-    item's counts normalised over its row, smoothed with popularity). It ranks on its own
-    (``baseline.py --ranker cooccurrence``), fuses with the LLM's beam scores (``--fusion_weight``) and,
-    as ``CooccurrenceTeacher``, gives the soft targets of ``--teacher_weight``."""
+    item's counts normalised over its row, the k-th most recent item weighed ``decay`` ** k, each
+    candidate's sum divided by its popularity ** ``damping``, smoothed with popularity). It ranks on its
+    own (``baseline.py --ranker cooccurrence``), fuses with the LLM's beam scores (``--fusion_weight``)
+    and, as ``CooccurrenceTeacher``, gives the soft targets of ``--teacher_weight``."""
 
-    tensors = ("follow", "increment", "popularity")  # what ``to`` moves
+    tensors = ("follow", "increment", "popularity", "recency", "damper")  # what ``to`` moves
 
-    def __init__(self, counts: torch.Tensor, popularity: torch.Tensor, context: int = 5, window: int = 5,
-                 smoothing: float = 0.1):
+    def __init__(self, counts: torch.Tensor, popularity: torch.Tensor, context: int = CONTEXT, window: int = WINDOW,
+                 smoothing: float = 0.1, decay: float = DECAY, damping: float = DAMPING):
         """``counts`` [N, N]: how often item j came within ``window`` steps after item i in the training
-        parts; ``popularity`` [N] training counts (any positive scale); ``smoothing``: the popularity share."""
+        parts; ``popularity`` [N] training counts (any positive scale); ``smoothing``: the popularity share;
+        ``decay`` in (0, 1]: the weight of each older context item relative to the next newer one;
+        ``damping`` >= 0: how much a popular candidate's follow mass is discounted (0: not at all)."""
         if not 0 <= smoothing <= 1:
             raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
+        if not 0 < decay <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
         row = counts.sum(1)  # [N]
         self.follow = counts / (row[:, None] + 1)  # [N, N] P(j follows | i), with one pseudo-count of "nothing"
         self.increment = 1 / (row + 1)  # [N] what one pair adds to its row of ``follow``
         self.popularity = popularity / popularity.sum()  # [N]
+        self.recency = decay ** torch.arange(int(context), dtype=torch.float32)  # [R] newest context item first
+        # popular items follow everything; dividing by a power of popularity ranks the specific followers up
+        self.damper = self.popularity.pow(-damping) if damping else torch.ones_like(self.popularity)  # [N]
         self.context, self.window, self.smoothing = int(context), int(window), float(smoothing)
+        self.decay, self.damping = float(decay), float(damping)
 
     @staticmethod
-    def count(inters: dict[str, list], items: Sequence[str], window: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    def count(inters: dict[str, list], items: Sequence[str], window: int = WINDOW) -> tuple[torch.Tensor, torch.Tensor]:
         """The interactions (user -> item ids, oldest first) and the items -> (follow counts [N, N],
         popularity [N]) of the training parts, in the order of ``items``."""
         pos = {str(item): k for k, item in enumerate(items)}
@@ -65,10 +82,10 @@ class CooccurrenceRanker:
         return counts, torch.tensor([prior[str(item)] for item in items], dtype=torch.float32)
 
     @classmethod
-    def build(cls, inters: dict[str, list], items: Sequence[str], context: int = 5, window: int = 5,
-              smoothing: float = 0.1) -> "CooccurrenceRanker":
+    def build(cls, inters: dict[str, list], items: Sequence[str], context: int = CONTEXT, window: int = WINDOW,
+              smoothing: float = 0.1, decay: float = DECAY, damping: float = DAMPING) -> "CooccurrenceRanker":
         """From the interactions and the items (the order of the distributions' columns)."""
-        return cls(*cls.count(inters, items, window), context, window, smoothing)
+        return cls(*cls.count(inters, items, window), context, window, smoothing, decay, damping)
 
     def to(self, device: torch.device) -> "CooccurrenceRanker":
         for name in self.tensors:
@@ -76,8 +93,9 @@ class CooccurrenceRanker:
         return self
 
     def smoothed(self, scores: torch.Tensor) -> torch.Tensor:
-        """Summed follow rows [K, N] -> distributions [K, N]: their share ``1 - smoothing``, popularity
-        the rest (popularity alone where a row has no count)."""
+        """Summed follow rows [K, N] -> distributions [K, N]: their share ``1 - smoothing`` (after the
+        popularity damping), popularity the rest (popularity alone where a row has no count)."""
+        scores = scores * self.damper
         total = scores.sum(1, keepdim=True)
         return torch.where(total > 0, (1 - self.smoothing) * scores / total.clamp(min=1e-12)
                            + self.smoothing * self.popularity, self.popularity.expand_as(scores))
@@ -91,7 +109,8 @@ class CooccurrenceRanker:
             last = list(history)[-self.context:]
             ctx[row, :len(last)] = torch.as_tensor(last[::-1], dtype=torch.long)
         ctx = ctx.to(self.follow.device)
-        scores = (self.follow[ctx.clamp(min=0)] * (ctx >= 0)[..., None]).sum(1)  # [B, N]
+        weight = (ctx >= 0) * self.recency  # [B, R]
+        scores = (self.follow[ctx.clamp(min=0)] * weight[..., None]).sum(1)  # [B, N]
         return self.smoothed(scores)
 
 
@@ -102,10 +121,11 @@ class CooccurrenceTeacher(CooccurrenceRanker):
     tensors = CooccurrenceRanker.tensors + ("paths", "leaf_item")
 
     def __init__(self, counts: torch.Tensor, popularity: torch.Tensor, trie: IndexTrie,
-                 item_tokens: Sequence[Sequence[int]], context: int = 5, window: int = 5, smoothing: float = 0.1):
-        """``counts`` and ``popularity`` as the ranker's; ``item_tokens``: the token ids of item n, in
-        the order ``trie`` was built in."""
-        super().__init__(counts, popularity, context, window, smoothing)
+                 item_tokens: Sequence[Sequence[int]], context: int = 5, window: int = 5, smoothing: float = 0.1,
+                 decay: float = 1.0, damping: float = 0.0):
+        """``counts`` and the settings as the ranker's (the teacher's defaults: equal weights, no damping);
+        ``item_tokens``: the token ids of item n, in the order ``trie`` was built in."""
+        super().__init__(counts, popularity, context, window, smoothing, decay, damping)
         self.trie = trie
         tokens = torch.as_tensor([list(t) for t in item_tokens], dtype=torch.long)  # [N, L]
         self.paths = trie.paths(tokens)  # [N, L] the state after each token of each item
@@ -115,10 +135,10 @@ class CooccurrenceTeacher(CooccurrenceRanker):
     @classmethod
     def build(cls, inters: dict[str, list], items: Sequence[str], trie: IndexTrie,
               item_tokens: Sequence[Sequence[int]], context: int = 5, window: int = 5,
-              smoothing: float = 0.1) -> "CooccurrenceTeacher":
+              smoothing: float = 0.1, decay: float = 1.0, damping: float = 0.0) -> "CooccurrenceTeacher":
         """From the interactions (user -> item ids, oldest first) and the items in the trie's order."""
         counts, popularity = cls.count(inters, items, window)
-        return cls(counts, popularity, trie, item_tokens, context, window, smoothing)
+        return cls(counts, popularity, trie, item_tokens, context, window, smoothing, decay, damping)
 
     def targets(self, input_ids: torch.LongTensor, level_of: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor]:
         """Rows of token ids [B, T] (``level_of`` [V]: each token's index level, -1 for text) ->
@@ -150,13 +170,14 @@ class CooccurrenceTeacher(CooccurrenceRanker):
         keep = (item >= 0) & (ctx >= 0).any(1)
         b, p, m, ctx, item = b[keep], p[keep], m[keep], ctx[keep], item[keep]
         teacher_of[b, p] = torch.arange(len(b), device=input_ids.device)
-        seen = ctx >= 0
-        scores = (self.follow[ctx.clamp(min=0)] * seen[..., None]).sum(1)  # [K, N]
+        weight = (ctx >= 0) * self.recency  # [K, R]
+        scores = (self.follow[ctx.clamp(min=0)] * weight[..., None]).sum(1)  # [K, N]
         for r in range(1, self.context + 1):  # the row's own pairs, counted in ``follow``, taken out
             earlier = at(b, m[:, None] - r)[:, 0]  # [K]
             later = at(b, m[:, None] - r + torch.arange(1, self.window + 1, device=input_ids.device))  # [K, W]
             both = (earlier[:, None] >= 0) & (later >= 0)
-            drop = torch.where(both, -self.increment[earlier.clamp(min=0)][:, None], 0.0).to(scores.dtype)
+            drop = torch.where(both, -self.recency[r - 1] * self.increment[earlier.clamp(min=0)][:, None],
+                               0.0).to(scores.dtype)
             scores.scatter_add_(1, later.clamp(min=0), drop)
         q = self.smoothed(scores.clamp(min=0))
         history = at(b, torch.arange(width, device=input_ids.device).expand(len(b), -1))  # [K, width]

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import prompt
+from arguments import cooccurrence_settings
 from checkpoint_record import check_checkpoint
 from dataset_files import held_out
 from utils import DataError
@@ -109,7 +110,7 @@ class Recommender:
                                      prior=checkpoint_prior(args.score_prior, self.model, args, self.indices,
                                                             self.files.inters),
                                      fusion_inters=self.files.inters, fusion_weight=args.fusion_weight,
-                                     fusion_context=args.fusion_context)
+                                     fusion_settings=cooccurrence_settings(args))
         index_len = len(next(iter(self.indices.values())))
         self.collate = TestCollator(self.tokenizer, prompt_budget(args.model_max_length, index_len))
         self.device = device
@@ -207,7 +208,7 @@ class Recommender:
         left = len(self.indices) - len(seen & self.indices.keys())  # items the search may return
         if not keep_history and k > left:
             raise RequestError(f"K is {k} but only {left} items are not in the history; ask for fewer or keep "
-                               "the history's items (keep_history)")
+                               "the history's items (--keep_history; keep_history in a web request)")
         notes = []
         if len(history) > self.max_his_len > 0:
             notes.append(f"the history has {len(history)} items; the model sees the most recent {self.max_his_len}")

@@ -205,6 +205,20 @@ def check_writable(path: str | os.PathLike, flag: str, is_dir: bool = False) -> 
         raise DataError(f"{flag} {path}:{where} cannot be created or written ({e.strerror or e})") from e
 
 
+@contextlib.contextmanager
+def folder_kept_only_if_used(path: str | os.PathLike) -> Iterator[None]:
+    """On an error inside, remove ``path`` again if it did not exist before and is still empty: a
+    refused run (a bad flag found after ``check_writable`` made the folder) leaves nothing behind."""
+    folder = Path(path)
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
 def write_results(results: dict, path: str | os.PathLike, table: str, flag: str = "--results_file") -> None:
     """Print the metrics table, then write the results JSON; a failed write names the file and
     says that the metrics are printed above."""

@@ -85,14 +85,18 @@ def test_baseline_refuses_an_unwritable_results_folder_up_front(tiny_data, tmp_p
 
 def test_cooccurrence_ranker_matches_hand_computation(tiny_data, tmp_path):
     """baseline.py --ranker cooccurrence: per user, the items that followed the last --fusion_context
-    history items within 5 steps in the training parts (rows normalised with one pseudo-count), 0.9 of
-    that and 0.1 of popularity (training count + 1); every item ranked, history included."""
+    history items within --fusion_window steps in the training parts (rows normalised with one
+    pseudo-count), the k-th newest context item weighed --fusion_decay ** k, each candidate divided by
+    its popularity ** --fusion_damping, then 0.9 of that and 0.1 of popularity (training count + 1);
+    every item ranked, history included."""
     import math
     from collections import Counter, defaultdict
 
     data_path, name = tiny_data
     out = tmp_path / "cooc.json"
-    subprocess.run([sys.executable, "baseline.py", "--ranker", "cooccurrence", "--fusion_context", "2",
+    context, window, decay, damping = 2, 3, 0.5, 0.5
+    subprocess.run([sys.executable, "baseline.py", "--ranker", "cooccurrence", "--fusion_context", str(context),
+                    "--fusion_window", str(window), "--fusion_decay", str(decay), "--fusion_damping", str(damping),
                     "--dataset", name, "--data_path", str(data_path), "--results_file", str(out),
                     "--metrics", "hit@1,hit@5,ndcg@5"], cwd=ROOT, check=True, capture_output=True, text=True)
     res = json.loads(out.read_text())
@@ -103,15 +107,16 @@ def test_cooccurrence_ranker_matches_hand_computation(tiny_data, tmp_path):
         train = [str(i) for i in seq[:-2]]
         popularity.update(train)
         for a in range(len(train)):
-            for b in range(a + 1, min(a + 6, len(train))):
+            for b in range(a + 1, min(a + window + 1, len(train))):
                 follow[train[a]][train[b]] += 1
     hits5 = []
     for user, seq in inters.items():
-        scores = Counter()
-        for item in [str(i) for i in seq[:-1][-2:]]:
+        scores, pop = Counter(), sum(popularity.values())
+        for age, item in enumerate(reversed([str(i) for i in seq[:-1][-context:]])):
             for other, n in follow[item].items():
-                scores[other] += n / (sum(follow[item].values()) + 1)
-        total, pop = sum(scores.values()), sum(popularity.values())
+                scores[other] += decay ** age * n / (sum(follow[item].values()) + 1)
+        scores = Counter({i: v * (popularity[i] / pop) ** -damping for i, v in scores.items()})
+        total = sum(scores.values())
         q = {i: (0.9 * scores[i] / total if total else 0) + (0.1 if total else 1) * popularity[i] / pop
              for i in items}
         rank = sorted(items, key=lambda i: -q[i])
@@ -119,7 +124,8 @@ def test_cooccurrence_ranker_matches_hand_computation(tiny_data, tmp_path):
         # ties at the fifth place could go either way: only users whose answer is clear are compared
         if abs(q[target] - q[rank[4]]) > 1e-6 and abs(q[target] - q[rank[5]]) > 1e-6:
             hits5.append((user, float(target in rank[:5])))
-    assert res["model"] == "cooccurrence" and res["context"] == 2 and res["num_examples"] == len(inters)
+    assert res["model"] == "cooccurrence" and res["num_examples"] == len(inters)
+    assert res["cooccurrence"] == {"context": context, "window": window, "decay": decay, "damping": damping} and res["num_examples"] == len(inters)
     per_user = dict(zip(res["per_user"]["users"], res["per_user"]["hit@5"]))
     assert len(hits5) > len(inters) // 2 and all(per_user[u] == h for u, h in hits5)
     assert not math.isclose(res["mean"]["hit@5"], 0.0)

@@ -61,15 +61,18 @@ def test_finetune_records_index_prompt_settings_tasks_and_templates(trained):
     assert index_sha256(perm) != record["index_sha256"]
 
 
-def test_permuted_index_is_refused_by_test_py(trained, tmp_path):
+def test_permuted_index_is_refused_by_test_py(trained, tmp_path, caplog):
     data_path, out = trained
     res = tmp_path / "r.json"
     with pytest.raises(DataError, match=r"Tiny\.perm\.index\.json.*Tiny\.index\.json.*--allow_index_mismatch"):
         evaluate_checkpoint(parse_args("test", eval_argv(out, data_path, res, "--index_file", ".perm.index.json")))
     assert not res.exists()
-    results = evaluate_checkpoint(parse_args("test", eval_argv(out, data_path, res, "--index_file", ".perm.index.json",
-                                                               "--allow_index_mismatch")))
+    with caplog.at_level("WARNING"):
+        results = evaluate_checkpoint(parse_args("test", eval_argv(out, data_path, res, "--index_file",
+                                                                   ".perm.index.json", "--allow_index_mismatch")))
     assert results["num_examples"] == 3 and res.is_file()
+    # the deliberate case still says which two indices differ
+    assert any("--allow_index_mismatch" in r.message and "Tiny.perm.index.json" in r.message for r in caplog.records)
 
 
 def test_permuted_index_is_refused_by_test_ddp(trained, tmp_path, monkeypatch, capsys):
@@ -86,13 +89,16 @@ def test_permuted_index_is_refused_by_test_ddp(trained, tmp_path, monkeypatch, c
     assert not res.exists()
 
 
-def test_permuted_index_is_refused_by_recommend(trained, tmp_path):
+def test_permuted_index_is_refused_by_recommend(trained, tmp_path, capsys):
     data_path, out = trained
     argv = ["--ckpt_path", str(out), "--dataset", "Tiny", "--data_path", str(data_path), "--user", "1",
             "--num_beams", "5", "--k", "3", "--json"]
     with pytest.raises(DataError, match=r"Tiny\.perm\.index\.json.*Tiny\.index\.json"):
         recommend.main(argv + ["--index_file", ".perm.index.json"])
+    capsys.readouterr()
     recommend.main(argv + ["--index_file", ".perm.index.json", "--allow_index_mismatch"])
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--allow_index_mismatch" in line]
+    assert len(notes) == 1 and "Tiny.perm.index.json" in notes[0] and "Tiny.index.json" in notes[0]
 
 
 def test_permuted_index_is_refused_when_resuming_with_the_learning_curve(trained, tiny_base_model, tmp_path):

@@ -215,6 +215,11 @@ def test_cli_errors(tiny_data, tiny_base_model, tmp_path, capsys):
         f.unlink()
     with pytest.raises(DataError, match="no tokenizer files"):
         finetune.main(cli(bare, data_path, tmp_path / "y"))
+    assert not (tmp_path / "y").exists()  # the refused run leaves no empty output folder behind
+    (tmp_path / "kept").mkdir()  # a folder that was there before is kept
+    with pytest.raises(DataError, match="no tokenizer files"):
+        finetune.main(cli(bare, data_path, tmp_path / "kept"))
+    assert (tmp_path / "kept").is_dir()
 
     # a checkpoint whose tokenizer lacks the index tokens: they split into several ids
     indices = indices_of(data_path)

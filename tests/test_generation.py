@@ -813,7 +813,8 @@ def test_fusion_adds_the_weighted_log_probability_of_the_cooccurrence_ranker(tin
     items = sorted(indices)
     inters, weight = _fusion_inters(items), 0.7
     plain = Decoder.build(tok, indices, softmax="trie")
-    fused = Decoder.build(tok, indices, softmax="trie", fusion_inters=inters, fusion_weight=weight, fusion_context=1)
+    fused = Decoder.build(tok, indices, softmax="trie", fusion_inters=inters, fusion_weight=weight,
+                          fusion_settings={"context": 1})
     enc = _encode(tok, TEXTS)
     histories = [[items[7], items[0]], [items[3]], []]
     base = plain.rank(tie_free_model, enc, len(indices))
@@ -833,7 +834,7 @@ def test_fusion_prunes_beams_by_the_ranker_mass_below_their_prefixes(tiny_indexe
     tok, _, indices = tiny_indexed
     items = sorted(indices)
     fused = Decoder.build(tok, indices, softmax="trie", fusion_inters=_fusion_inters(items), fusion_weight=100.0,
-                          fusion_context=1)
+                          fusion_settings={"context": 1})
     for ranked in fused.rank(tie_free_model, _encode(tok, TEXTS), 3, histories=[[items[0]]] * len(TEXTS)):
         assert [i for i, _ in ranked] == [items[5], items[9], items[14]]
 

@@ -145,17 +145,45 @@ def test_ranker_reads_the_last_items_of_a_history_and_ranks_every_item():
     # training parts: 0 -> 1 twice, 0 -> 4 once, 2 -> 3 once
     inters = {"u1": [0, 1, 5, 5], "u2": [0, 1, 5, 5], "u3": [0, 4, 5, 5], "u4": [2, 3, 5, 5]}
     names = [str(n) for n in range(len(ITEMS))]
-    ranker = CooccurrenceRanker.build(inters, names, context=1, window=1, smoothing=0.0)
+    ranker = CooccurrenceRanker.build(inters, names, context=1, window=1, smoothing=0.0, decay=1.0, damping=0.0)
     q = ranker.next_item([[3, 0], [0, 2], [5]])  # context 1: only the last item counts
     assert q[0].tolist() == pytest.approx([0.0, 2 / 3, 0.0, 0.0, 1 / 3, 0.0])
     assert q[1].tolist() == pytest.approx([0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
     popularity = torch.tensor([3.0, 2, 1, 1, 1, 0]) + 1  # item 5 is never in a training part
     assert q[2].tolist() == pytest.approx((popularity / popularity.sum()).tolist())  # no count: popularity
-    smooth = CooccurrenceRanker.build(inters, names, context=2, window=1, smoothing=0.5).next_item([[2, 0], []])
+    smooth = CooccurrenceRanker.build(inters, names, context=2, window=1, smoothing=0.5, decay=1.0,
+                                      damping=0.0).next_item([[2, 0], []])
     # rows: 0 -> (1: 2/4, 4: 1/4), 2 -> (3: 1/2); summed 1.25, then half of it and half popularity
     counted = torch.tensor([0.0, 0.5, 0, 0.5, 0.25, 0]) / 1.25
     assert smooth[0].tolist() == pytest.approx((0.5 * counted + 0.5 * popularity / popularity.sum()).tolist())
     assert smooth[1].tolist() == pytest.approx((popularity / popularity.sum()).tolist())
+
+
+def test_ranker_weighs_recent_context_items_and_damps_popular_followers():
+    """``decay``: the k-th newest context item's follow row is weighed decay ** k; ``damping``: each
+    candidate's summed follow mass is divided by its popularity share ** damping before normalising."""
+    from item_teacher import CooccurrenceRanker
+
+    # training parts: 0 -> 1 twice, 0 -> 4 once, 2 -> 3 once (item 1 is the more popular follower)
+    inters = {"u1": [0, 1, 5, 5], "u2": [0, 1, 5, 5], "u3": [0, 4, 5, 5], "u4": [2, 3, 5, 5]}
+    names = [str(n) for n in range(len(ITEMS))]
+    popularity = torch.tensor([3.0, 2, 1, 1, 1, 0]) + 1
+    share = popularity / popularity.sum()
+    rows = {0: torch.tensor([0.0, 2 / 4, 0, 0, 1 / 4, 0]), 2: torch.tensor([0.0, 0, 0, 1 / 2, 0, 0])}
+    recent = CooccurrenceRanker.build(inters, names, context=2, window=1, smoothing=0.0, decay=0.25, damping=0.0)
+    q = recent.next_item([[2, 0]])[0]  # 0 is the newest (weight 1), 2 the older (weight 0.25)
+    expected = rows[0] + 0.25 * rows[2]
+    assert q.tolist() == pytest.approx((expected / expected.sum()).tolist())
+    assert q[1] / q[3] == pytest.approx((2 / 4) / (0.25 * 1 / 2))  # equal weights would give 1
+    damped = CooccurrenceRanker.build(inters, names, context=1, window=1, smoothing=0.0, decay=1.0, damping=1.0)
+    q = damped.next_item([[0]])[0]
+    expected = rows[0] / share
+    assert q.tolist() == pytest.approx((expected / expected.sum()).tolist())
+    assert q[1] / q[4] == pytest.approx((2 / 4 / share[1]) / (1 / 4 / share[4]))  # 1 stays ahead, by less
+    with pytest.raises(ValueError, match="decay"):
+        CooccurrenceRanker.build(inters, names, decay=0.0)
+    with pytest.raises(ValueError, match="damping"):
+        CooccurrenceRanker.build(inters, names, damping=-0.5)
 
 
 def test_state_log_mass_sums_the_items_below_each_state():

@@ -50,7 +50,7 @@ def test_run_sh_end_to_end(tmp_path, tiny_base_model, profile, precision):
     assert lcrec["fusion_weight"] == 0
     if profile == "cpu":
         fused = json.loads((run_dir / "results" / "lcrec-fusion.json").read_text())
-        assert fused["fusion_weight"] == 1.0 and fused["decoding"] == "trie"
+        assert fused["fusion_weight"] == 2.0 and fused["decoding"] == "trie"
     assert ("| LC-Rec + co-occurrence | 5 |" in table) == (profile == "cpu")
     lcrec_rows = (["LC-Rec, trie decoding", "LC-Rec, per-position decoding (original)"] if profile == "quick"
                   else ["LC-Rec"])  # two decodings: one labelled row each

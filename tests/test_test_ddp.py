@@ -238,7 +238,7 @@ def test_exclude_history_is_an_option_and_off_by_default(ckpt_and_data):
 
 
 def test_fusion_weight_is_recorded_and_changes_the_ranking(ckpt_and_data):
-    """test.py --fusion_weight: the results record the weight and context; a large weight ranks by
+    """test.py --fusion_weight: the results record the weight and the ranker's settings; a large weight ranks by
     the co-occurrence ranker, so the rankings move away from the model's own."""
     root, data_path = ckpt_and_data
     runs = {}
@@ -247,8 +247,11 @@ def test_fusion_weight_is_recorded_and_changes_the_ranking(ckpt_and_data):
         runs[name] = evaluate_checkpoint(parse_args("test", _args(root / "ckpt", data_path, results, "--num_beams",
                                                                   "5", "--save_predictions", *extra)))
         runs[name]["rows"] = [json.loads(line) for line in predictions_path(results).read_text().splitlines()]
-    assert (runs["plain"]["fusion_weight"], runs["plain"]["fusion_context"]) == (0.0, None)
-    assert (runs["fused"]["fusion_weight"], runs["fused"]["fusion_context"]) == (50.0, 2)
+    assert (runs["plain"]["fusion_weight"], runs["plain"]["fusion"]) == (0.0, None)
+    assert runs["fused"]["fusion_weight"] == 50.0
+    from arguments import COOCCURRENCE_DEFAULTS
+
+    assert runs["fused"]["fusion"] == dict(zip(("context", "window", "decay", "damping"), (2, *COOCCURRENCE_DEFAULTS[1:])))
     assert sum(a["items"] != b["items"] for a, b in zip(runs["plain"]["rows"], runs["fused"]["rows"])) > 0
     from item_teacher import CooccurrenceRanker
 
@@ -264,5 +267,7 @@ def test_fusion_weight_is_recorded_and_changes_the_ranking(ckpt_and_data):
             agree += row["items"][0] == items[int(q.argmax())]
             assert row["items"][0] == items[int(q.argmax())]
     assert agree > 0
-    with pytest.raises(SystemExit):
-        parse_args("test", _args(root / "ckpt", data_path, root / "x.json", "--fusion_weight", "-1"))
+    for flag, value in (("--fusion_weight", "-1"), ("--fusion_decay", "0"), ("--fusion_decay", "1.5"),
+                        ("--fusion_damping", "-0.1"), ("--fusion_window", "0")):
+        with pytest.raises(SystemExit):
+            parse_args("test", _args(root / "ckpt", data_path, root / "x.json", flag, value))
