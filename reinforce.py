@@ -85,8 +85,21 @@ def ndcg_reward(hit: torch.Tensor) -> torch.Tensor:
     return hit.float() * discount
 
 
-REWARDS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "rule": rule_reward, "rank": rank_reward, "ndcg": ndcg_reward,
+def cooccurrence_reward(hit: torch.Tensor, count_logq: torch.Tensor) -> torch.Tensor:
+    """The log-probability of each rolled-out item under the item co-occurrence count after the
+    prompt's history (``count_logq`` [prompts, G], ``item_teacher.CooccurrenceRanker`` at the
+    ``--fusion_*`` defaults), whether or not it is the held-out item. The policy that maximises this
+    reward minus beta x KL to the reference is the reference times q ** (1 / beta), a shallow fusion
+    of the count with the model (the group normalisation changes the effective weight): the reward
+    teaches the model itself what fusion adds at decoding. Every group carries a signal, not only
+    those that hold the held-out item."""
+    return count_logq
+
+
+cooccurrence_reward.needs_count = True  # total_reward hands it the count's log-probabilities
+
+REWARDS: dict[str, Callable[..., torch.Tensor]] = {
+    "rule": rule_reward, "rank": rank_reward, "ndcg": ndcg_reward, "cooccurrence": cooccurrence_reward,
 }
 
 
@@ -103,8 +116,14 @@ def parse_rewards(names: str, weights: str) -> list[tuple[Callable, float]]:
     return [(REWARDS[n], w) for n, w in zip(names_, weights_)]
 
 
-def total_reward(hit: torch.Tensor, rewards: list[tuple[Callable, float]]) -> torch.Tensor:
-    return sum(w * fn(hit) for fn, w in rewards)
+def needs_count(rewards: list[tuple[Callable, float]]) -> bool:
+    return any(getattr(fn, "needs_count", False) for fn, _ in rewards)
+
+
+def total_reward(hit: torch.Tensor, rewards: list[tuple[Callable, float]],
+                 count_logq: torch.Tensor | None = None) -> torch.Tensor:
+    """The weighted sum of the rewards [prompts, G]; ``count_logq`` for those that read the count."""
+    return sum(w * (fn(hit, count_logq) if getattr(fn, "needs_count", False) else fn(hit)) for fn, w in rewards)
 
 
 # --------------------------------------------------------------------------- the objective
@@ -152,19 +171,36 @@ class RolloutCollator:
     def __init__(self, tokenizer, index_len: int, max_prompt_length: int | None):
         self.collate, self.tokenizer, self.index_len = TestCollator(tokenizer, max_prompt_length), tokenizer, index_len
 
-    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor | list]:
         encodings, _ = self.collate([{"prompt": b["prompt"], "target": b["response"]} for b in batch])
         targets = [self.tokenizer(b["response"], add_special_tokens=False)["input_ids"] for b in batch]
         bad = [b["response"] for b, t in zip(batch, targets) if len(t) != self.index_len]
         if bad:
             raise DataError(f"response {bad[0]!r} is not one item index of {self.index_len} tokens; "
                             "--rl_tasks takes only item-output templates")
-        return {**encodings, "target_ids": torch.tensor(targets, dtype=torch.long)}
+        extra = {"history": [b["history"] for b in batch]} if all("history" in b for b in batch) else {}
+        return {**encodings, "target_ids": torch.tensor(targets, dtype=torch.long), **extra}
 
 
-def rl_datasets(args: argparse.Namespace) -> ConcatDataset:
+class WithHistory(torch.utils.data.Dataset):
+    """A training task dataset whose items also carry the example's history (item ids, oldest
+    first), which the co-occurrence reward reads."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict:
+        p, r, ex = self.dataset.render(idx)  # once: a template may be drawn at random
+        return {"prompt": p, "response": r, "history": [str(i) for i in ex.get("history", [])]}
+
+
+def rl_datasets(args: argparse.Namespace, with_history: bool = False) -> ConcatDataset:
     """The item-output training prompts of --rl_tasks: every item-output template of a task is a
-    dataset of its own (fusionseqrec also has title-output templates, left out here)."""
+    dataset of its own (fusionseqrec also has title-output templates, left out here); with
+    ``with_history`` each item also carries its history's item ids."""
     tasks = [t.lower() for t in parse_list(args.rl_tasks, str, "--rl_tasks")]
     unknown = [t for t in tasks if t not in RL_TASKS]
     if not tasks or unknown:
@@ -178,7 +214,7 @@ def rl_datasets(args: argparse.Namespace) -> ConcatDataset:
             parts.append(data.TASK_DATASETS[task](args, "train", prompt_sample_num=1, sample_num=args.rl_sample_num))
         else:
             parts += [data.TASK_DATASETS[task](args, "train", sample_num=args.rl_sample_num, prompt_id=i) for i in ids]
-    parts = [p for p in parts if len(p)]
+    parts = [WithHistory(p) if with_history else p for p in parts if len(p)]
     if not parts:
         raise DataError(f"--rl_tasks {args.rl_tasks}: no training examples in {Path(args.data_path) / args.dataset}")
     return ConcatDataset(parts)
@@ -189,9 +225,10 @@ class GRPOTrainer(Trainer):
     """A Trainer whose loss rolls out, rewards and scores groups of items (see the module's docstring)."""
 
     def __init__(self, *args, decoder: Decoder, ref_model, rewards: list[tuple[Callable, float]],
-                 rl_args: argparse.Namespace, **kwargs):
+                 rl_args: argparse.Namespace, count=None, **kwargs):
+        """``count``: the item co-occurrence ranker (``item_teacher.CooccurrenceRanker``) where a reward reads it."""
         super().__init__(*args, **kwargs)
-        self.decoder, self.ref_model, self.rewards, self.rl = decoder, ref_model, rewards, rl_args
+        self.decoder, self.ref_model, self.rewards, self.rl, self.count = decoder, ref_model, rewards, rl_args, count
         self.buffer: dict[int, dict] = {}  # micro-batch -> its rollouts, reused for --num_iterations steps
         self.micro = 0
         self.stats: dict[str, list[float]] = defaultdict(list)
@@ -214,12 +251,24 @@ class GRPOTrainer(Trainer):
             model.train(was_training)
         valid = torch.isfinite(scores)  # beams with no item left to reach score -inf
         hit = (tokens == inputs["target_ids"][:, None]).all(-1) & valid  # [B, G]
-        rewards = total_reward(hit, self.rewards)
+        rewards = total_reward(hit, self.rewards, self.count_logq(inputs, tokens, valid) if self.count else None)
         advantages = group_advantages(rewards, valid)
         self.stats["reward"].append(rewards[valid].mean().item())
         self.stats["hit_rate"].append(hit.any(-1).float().mean().item())
         self.stats["target_rank1"].append(hit[:, 0].float().mean().item())
         return {"tokens": tokens, "valid": valid, "rewards": rewards, "advantages": advantages}
+
+    def count_logq(self, inputs: dict, tokens: torch.LongTensor, valid: torch.Tensor) -> torch.Tensor:
+        """log q(item) [B, G] of the rolled-out items ``tokens`` [B, G, L] under the co-occurrence count
+        after each prompt's history (0 where a beam reached no item)."""
+        position = self.decoder.position_of
+        histories = [[position[i] for i in h if i in position] for h in inputs["history"]]
+        q = self.count.next_item(histories).to(tokens.device)  # [B, N]
+        rows = tokens.tolist()
+        items = torch.tensor([[position.get(self.decoder.item_of.get(tuple(t), ""), -1) for t in row] for row in rows],
+                             device=tokens.device)  # [B, G], -1: no item
+        logq = q.gather(1, items.clamp(min=0)).clamp(min=1e-30).log()
+        return torch.where(valid & (items >= 0), logq, torch.zeros_like(logq))
 
     def item_logprobs(self, model, inputs: dict[str, torch.Tensor], tokens: torch.LongTensor,
                       rows: torch.LongTensor) -> torch.Tensor:
@@ -386,7 +435,7 @@ def run(args: argparse.Namespace) -> None:
     check_checkpoint(args, indices, prompt_set(args), log)
     if args.rollout == "beam" and args.num_generations > len(indices):
         raise DataError(f"--num_generations {args.num_generations} is larger than the number of items ({len(indices)})")
-    train_set = rl_datasets(args)
+    train_set = rl_datasets(args, with_history=needs_count(rewards))
     log(f"reinforcement prompts: {len(train_set)} ({args.rl_tasks}); {args.num_generations} items each "
         f"by {args.rollout}")
     model, reference, tokenizer = load_policy_and_reference(args, indices)
@@ -402,9 +451,14 @@ def run(args: argparse.Namespace) -> None:
                             prior=item_prior(args.index_prior, args, indices))
     collate = RolloutCollator(tokenizer, decoder.trie.index_len,
                               prompt_budget(args.model_max_length, decoder.trie.index_len))
+    count = None
+    if needs_count(rewards):  # the co-occurrence reward's count, at the --fusion_* defaults
+        from item_teacher import CooccurrenceRanker
+
+        count = CooccurrenceRanker.build(data.load_files(args).inters, list(decoder.position_of))
     trainer = GRPOTrainer(model=model, args=training_args, train_dataset=train_set, data_collator=collate,
                           processing_class=tokenizer, decoder=decoder, ref_model=reference, rewards=rewards,
-                          rl_args=args)
+                          rl_args=args, count=count)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(RewardProgress)
     if args.curve_steps:

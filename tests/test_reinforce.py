@@ -57,6 +57,40 @@ def test_rewards_are_weighted_and_checked():
         reinforce.parse_rewards("rule,rank", "1")
 
 
+def test_cooccurrence_reward_is_the_counts_log_probability_of_each_item():
+    hit = torch.tensor([[MISS, HIT, MISS]])
+    logq = torch.tensor([[-1.0, -2.5, -4.0]])
+    rewards = reinforce.parse_rewards("rule,cooccurrence", "1,0.5")
+    assert reinforce.needs_count(rewards) and not reinforce.needs_count(reinforce.parse_rewards("rule,rank", ""))
+    assert reinforce.total_reward(hit, rewards, logq).flatten().tolist() == pytest.approx([-0.5, -0.25, -2.0])
+
+
+def test_count_logq_reads_the_count_after_each_prompts_history(cycle_checkpoint):
+    """The rolled-out items' log q under the co-occurrence count after each prompt's own history;
+    0 where a beam reached no item."""
+    from item_teacher import CooccurrenceRanker
+    from modeling import load_tokenizer
+
+    data_path, ckpt = cycle_checkpoint
+    indices = json.loads((data_path / "Cycle" / "Cycle.index.json").read_text())
+    inters = json.loads((data_path / "Cycle" / "Cycle.inter.json").read_text())
+    tok = load_tokenizer(ckpt)
+    decoder = Decoder.build(tok, indices)
+    trainer = _trainer(decoder, 3)
+    trainer.count = CooccurrenceRanker.build(inters, list(decoder.position_of))
+    items = [["1", "2", "5"], ["0", "7", "3"]]
+    tokens = torch.tensor([[tok.convert_tokens_to_ids(indices[i]) for i in row] for row in items])  # [2, 3, L]
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    histories = [["7", "0"], ["6"]]
+    logq = trainer.count_logq({"history": histories}, tokens, valid)
+    q = trainer.count.next_item([[decoder.position_of[i] for i in h] for h in histories])
+    for b, row in enumerate(items):
+        for g, item in enumerate(row):
+            expected = math.log(float(q[b, decoder.position_of[item]])) if valid[b, g] else 0.0
+            assert float(logq[b, g]) == pytest.approx(expected, abs=1e-5)
+    assert logq[0, 0] > logq[0, 2]  # after 0 comes 1 in every cycle, 5 never right after it
+
+
 # --------------------------------------------------------------------------- the objective
 def test_group_advantages_are_normalised_within_each_group():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [3.0, 3.0, 3.0, 3.0], [2.0, 4.0, 0.0, 0.0]])
@@ -244,6 +278,40 @@ def test_a_few_steps_learn_the_cycle(cycle_finetuned, tmp_path):
     assert len(logged) == 20 and all(0 <= h["kl"] for h in logged) and "clip_fraction" in logged[0]
     first, last = logged[:5], logged[-5:]
     assert sum(h["target_rank1"] for h in last) > sum(h["target_rank1"] for h in first)
+
+
+def count_log_q_of_first_items(folder, data_path) -> float:
+    """The mean log-probability, under the co-occurrence count after each validation history, of the
+    item the model ranks first."""
+    import data
+    from arguments import parse_args
+    from collator import TestCollator
+    from item_teacher import CooccurrenceRanker
+    from modeling import load_for_inference
+
+    args = parse_args("test", ["--data_path", str(data_path), "--dataset", "Cycle", "--max_his_len", "1"])
+    indices = data.load_item_indices(args)
+    model, tok = load_for_inference(str(folder), indices)
+    valid = data.SeqRecDataset(args, "valid", prompt_id=0)
+    batch = [{"prompt": valid[i]["prompt"], "target": valid[i]["response"]} for i in range(len(valid))]
+    enc, _ = TestCollator(tok)(batch)
+    decoder = Decoder.build(tok, indices)
+    first = [r[0][0] for r in decoder.rank(model, enc, 4)]
+    count = CooccurrenceRanker.build(data.load_files(args).inters, list(decoder.position_of))
+    q = count.next_item([[decoder.position_of[str(i)] for i in ex["history"]] for ex in valid.examples])
+    return sum(math.log(float(q[k, decoder.position_of[item]])) for k, item in enumerate(first)) / len(first)
+
+
+def test_the_cooccurrence_reward_moves_the_first_items_towards_the_count(cycle_finetuned, tmp_path):
+    """The co-occurrence reward alone (no hit reward) raises the count's log-probability of the
+    items the model ranks first on the validation users: the model moves towards the count."""
+    data_path, ckpt = cycle_finetuned
+    before = count_log_q_of_first_items(ckpt, data_path)
+    out = tmp_path / "rl"
+    reinforce.main(rl_cli(data_path, ckpt, out, "--max_steps", "20", "--rewards", "cooccurrence",
+                          "--learning_rate", "3e-3"))
+    after = count_log_q_of_first_items(out, data_path)
+    assert after >= before + 0.3, (before, after)
 
 
 def test_sampled_rollouts_and_a_learning_curve_from_step_0(cycle_checkpoint, tmp_path):
