@@ -374,7 +374,7 @@ def test_prompt_settings_come_from_the_checkpoint_and_its_index_is_checked(cycle
     data_path, ckpt = cycle_finetuned
     seen = {}
 
-    def stop_before_training(args):  # the stage's first use of the prompt settings
+    def stop_before_training(args, **_):  # the stage's first use of the prompt settings
         seen.update(vars(args))
         raise DataError("stopped here")
 
