@@ -44,7 +44,7 @@ def decoding_list(value: str) -> list[str]:
 
 
 # The item co-occurrence ranker's context, window, recency decay and popularity damping where it ranks or
-# fuses (item_teacher.CooccurrenceRanker), chosen on the ml-100k validation items (docs/baselines.md)
+# fuses (item_teacher.CooccurrenceRanker), chosen on the ml-100k validation users (docs/experiments.md)
 COOCCURRENCE_DEFAULTS = (5, 8, 0.8, 0.2)
 
 
