@@ -248,8 +248,9 @@ def rl_cli(data_path, ckpt, out, *extra):
             "--save_and_eval_strategy", "no", "--logging_step", "1", "--report_to", "none", *extra]
 
 
-def hr_at_1(folder, data_path) -> float:
-    """HR@1 on the validation prompts (template 0): the next item after each user's training part."""
+def first_items(folder, data_path) -> tuple[list[str], list[str], list[dict], argparse.Namespace]:
+    """The model's first item for each validation prompt (template 0: the next item after each user's
+    training part), the held-out items, the validation examples and the parsed flags."""
     import data
     from arguments import parse_args
     from collator import TestCollator
@@ -262,8 +263,14 @@ def hr_at_1(folder, data_path) -> float:
     batch = [{"prompt": valid[i]["prompt"], "target": valid[i]["response"]} for i in range(len(valid))]
     enc, targets = TestCollator(tok)(batch)
     decoder = Decoder.build(tok, indices)
-    ranked = decoder.rank(model, enc, 4)
-    return sum(r[0][0] == decoder.item_of_string(t) for r, t in zip(ranked, targets)) / len(batch)
+    first = [r[0][0] for r in decoder.rank(model, enc, 4)]
+    return first, [decoder.item_of_string(t) for t in targets], valid.examples, args
+
+
+def hr_at_1(folder, data_path) -> float:
+    """HR@1 on the validation prompts."""
+    first, targets, _, _ = first_items(folder, data_path)
+    return sum(f == t for f, t in zip(first, targets)) / len(first)
 
 
 def test_a_few_steps_learn_the_cycle(cycle_finetuned, tmp_path):
@@ -284,22 +291,14 @@ def count_log_q_of_first_items(folder, data_path) -> float:
     """The mean log-probability, under the co-occurrence count after each validation history, of the
     item the model ranks first."""
     import data
-    from arguments import parse_args
-    from collator import TestCollator
     from item_teacher import CooccurrenceRanker
-    from modeling import load_for_inference
 
-    args = parse_args("test", ["--data_path", str(data_path), "--dataset", "Cycle", "--max_his_len", "1"])
-    indices = data.load_item_indices(args)
-    model, tok = load_for_inference(str(folder), indices)
-    valid = data.SeqRecDataset(args, "valid", prompt_id=0)
-    batch = [{"prompt": valid[i]["prompt"], "target": valid[i]["response"]} for i in range(len(valid))]
-    enc, _ = TestCollator(tok)(batch)
-    decoder = Decoder.build(tok, indices)
-    first = [r[0][0] for r in decoder.rank(model, enc, 4)]
-    count = CooccurrenceRanker.build(data.load_files(args).inters, list(decoder.position_of))
-    q = count.next_item([[decoder.position_of[str(i)] for i in ex["history"]] for ex in valid.examples])
-    return sum(math.log(float(q[k, decoder.position_of[item]])) for k, item in enumerate(first)) / len(first)
+    first, _, examples, args = first_items(folder, data_path)
+    items = list(data.load_item_indices(args))
+    position = {item: k for k, item in enumerate(items)}
+    q = CooccurrenceRanker.build(data.load_files(args).inters, items).next_item(
+        [[position[str(i)] for i in ex["history"]] for ex in examples])
+    return sum(math.log(float(q[k, position[item]])) for k, item in enumerate(first)) / len(first)
 
 
 def test_the_cooccurrence_reward_moves_the_first_items_towards_the_count(cycle_finetuned, tmp_path):
