@@ -65,26 +65,25 @@ def positive_int(value: str) -> int:
     return n
 
 
-def non_negative_float(value: str) -> float:
-    """The argparse type of weights that must be finite and at least 0."""
+def _float(value: str, ok, expected: str) -> float:
+    """``value`` as a float, or argparse's error naming what was ``expected`` where ``ok(x)`` fails."""
     try:
         x = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
-    if not math.isfinite(x) or x < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    if not ok(x):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {value}")
     return x
+
+
+def non_negative_float(value: str) -> float:
+    """The argparse type of weights that must be finite and at least 0."""
+    return _float(value, lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")
 
 
 def decay_float(value: str) -> float:
     """The argparse type of a decay factor: a number in (0, 1]."""
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return x
+    return _float(value, lambda x: 0 < x <= 1, "in (0, 1]")
 
 
 def _add_global_args(p: argparse.ArgumentParser) -> None:
