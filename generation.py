@@ -264,8 +264,8 @@ def tree_step_mask(attention_mask: torch.LongTensor, columns: torch.LongTensor, 
 def tree_forward(model, tokens: torch.LongTensor, columns: torch.LongTensor, attention_mask: torch.LongTensor,
                  position: torch.LongTensor, cache: DynamicCache, generated: int | None = None) -> torch.Tensor:
     """One tree step: this step's tokens [batch, rows] at cache columns ``columns[..., -1]``, each
-    after its own earlier tokens (``columns``) and its prompt, all at position ``position`` [batch, 1]
-    -> logits [batch * rows, vocab]. The rows' tokens are appended to the prompt's cache."""
+    after its own earlier tokens (``columns``) and its prompt, at position ``position`` [batch, 1] (or
+    [batch, rows]) -> logits [batch * rows, vocab]. The rows' tokens are appended to the prompt's cache."""
     batch, rows = tokens.shape
     eager = model.config._attn_implementation == "eager"
     mask = tree_step_mask(attention_mask, columns, model.dtype, boolean=not eager, generated=generated)
@@ -274,35 +274,79 @@ def tree_forward(model, tokens: torch.LongTensor, columns: torch.LongTensor, att
     return logits.reshape(batch * rows, -1)
 
 
-def last_level_forward(model, trie: IndexTrie, state: torch.LongTensor, tokens: torch.LongTensor,
-                       columns: torch.LongTensor, attention_mask: torch.LongTensor, position: torch.LongTensor,
-                       cache: DynamicCache, codes: torch.LongTensor | None = None) -> torch.Tensor:
-    """``tree_forward`` for the step whose logits choose the last index token, under the trie softmax
-    with no EOS term after it: only the beams whose prefix (``state`` [batch, rows]) has more than one
-    child run. A single child's trie-softmax log-probability is 0 whatever its logit (prior included),
-    and no later step reads this step's keys, so the others need nothing; on ml-100k most last-level
-    prefixes have one child, and often every beam's has, when the forward is skipped altogether.
-    -> the logits of each state's allowed children [batch, rows, max_children] (``child_logprobs``
-    with ``gathered``), zeros for the rows that did not run: the scores are the same. ``codes``: the
-    last level's token ids, where the model's output layer is cut to them (``level_heads``)."""
+def choice_forward(model, trie: IndexTrie, state: torch.LongTensor, tokens: torch.LongTensor,
+                   columns: torch.LongTensor, attention_mask: torch.LongTensor, position: torch.LongTensor,
+                   cache: DynamicCache, generated: int, codes: torch.LongTensor | None = None,
+                   lookahead: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor, int]:
+    """``tree_forward`` for a step under the trie softmax with no EOS term, run only for the beams whose
+    prefix (``state`` [batch, rows], after this step's ``tokens``) still holds more than one item.
+    Below a prefix with one item every later index token is its prefix's only child, whose
+    trie-softmax log-probability is 0 whatever its logit (prior included), so such a beam needs no
+    logits and no later step reads its keys. On ml-100k most (a, b) prefixes hold one item and 96%
+    of the last-level prefixes have one child, so the later steps run a few beams, or none.
+
+    ``lookahead`` (the step before the last level's): the same forward also runs, after each running
+    beam's token, those of its children that have a choice at the last level (a few: most have one
+    child), each seeing its prompt, its beam and itself, so that the last level needs no forward of
+    its own: -> their logits, looked up by the next step once it has chosen.
+
+    ``columns`` [batch, rows, t]: the cache columns of each beam's earlier tokens; ``generated``: the
+    cache's generated columns so far; ``codes``: the token ids the model's output layer is cut to
+    (``level_heads``; with ``lookahead``, this level's and the last level's), None for the whole layer.
+    -> (the logits of each state's allowed children [batch, rows, C] (``child_logprobs`` with
+    ``gathered``), zeros for the rows that did not run; with ``lookahead`` those of each child's
+    children [batch, rows, C, C], zeros where not run, else None; the columns with this step's
+    [batch, rows, t + 1] (a placeholder, never read, for the rows that did not run); the generated
+    columns after this step)."""
     batch, rows = tokens.shape
-    allowed = trie.allowed[state]  # [batch, rows, children]
-    children = torch.zeros(allowed.shape, device=tokens.device)
-    choice = trie.num_children[state] > 1  # [batch, rows]
+    device, width = tokens.device, attention_mask.shape[1]
+    allowed = trie.allowed[state]  # [batch, rows, C]
+    C = allowed.shape[2]
+    children = torch.zeros(allowed.shape, device=device)
+    choice = trie.items_below[state] > 1  # [batch, rows]
     keep = int(choice.sum(1).max())  # the rows each example runs: its beams with a choice first
+    new = torch.full((batch, rows), width, dtype=torch.long, device=device)  # [batch, rows]
     if keep == 0:
-        return children
+        return children, None, torch.cat([columns, new[..., None]], 2), generated
     order = choice.int().argsort(dim=1, descending=True, stable=True)[:, :keep]  # [batch, keep]
-    picked = columns.gather(1, order[..., None].expand(-1, -1, columns.shape[2])).clone()
-    earlier = (columns.shape[2] - 1) * rows  # the cache's generated columns before this step
-    picked[..., -1] = attention_mask.shape[1] + earlier + torch.arange(keep, device=tokens.device)
-    out = tree_forward(model, tokens.gather(1, order), picked, attention_mask, position, cache,
-                       generated=earlier + keep)  # [batch * keep, vocab]
-    index = order[..., None].expand(-1, -1, allowed.shape[2])
-    wanted = allowed.gather(1, index)  # [batch, keep, children] token ids
-    if codes is not None:  # the output layer was cut to the last level's codes (``level_heads``)
+    new.scatter_(1, order, (width + generated + torch.arange(keep, device=device)).expand(batch, -1))
+    columns = torch.cat([columns, new[..., None]], 2)  # [batch, rows, t + 1]
+    picked = columns.gather(1, order[..., None].expand(-1, -1, columns.shape[2]))  # [batch, keep, t + 1]
+    run_tokens, run_position = tokens.gather(1, order), position.expand(batch, keep)
+    grand, more = None, 0
+    if lookahead:  # the children (running beams only) whose own children hold a choice
+        grand_state = trie.child_state[state]  # [batch, rows, C]; padding slots: the dead state, no children
+        ahead = choice[..., None] & (trie.num_children[grand_state] > 1)  # [batch, rows, C]
+        more = int(ahead.flatten(1).sum(1).max())
+    if more:
+        flat = ahead.flatten(1).int().argsort(dim=1, descending=True, stable=True)[:, :more]  # [batch, more]
+        parent = flat // C
+        own = width + generated + keep + torch.arange(more, device=device)
+        # each sees its parent beam's columns (this step's included) and its own; the beams' rows
+        # repeat their last column to the same length (a column marked twice is marked once)
+        picked = torch.cat([torch.cat([picked, picked[..., -1:]], 2),
+                            torch.cat([columns.gather(1, parent[..., None].expand(-1, -1, columns.shape[2])),
+                                       own.expand(batch, -1)[..., None]], 2)], 1)
+        run_tokens = torch.cat([run_tokens, allowed.flatten(1).gather(1, flat)], 1)
+        run_position = torch.cat([run_position, position.expand(batch, more) + 1], 1)
+    out = tree_forward(model, run_tokens, picked, attention_mask, run_position, cache,
+                       generated=generated + keep + more).view(batch, keep + more, -1)
+    index = order[..., None].expand(-1, -1, C)
+    wanted = allowed.gather(1, index)  # [batch, keep, C] token ids
+    if codes is not None:  # the output layer was cut to ``codes`` (``level_heads``)
         wanted = code_slots(codes, wanted)
-    return children.scatter_(1, index, out.view(batch, keep, -1).gather(2, wanted).float())
+    children.scatter_(1, index, out[:, :keep].gather(2, wanted).float())
+    if more:
+        later = trie.allowed[grand_state.flatten(1).gather(1, flat)]  # [batch, more, C] their children's ids
+        if codes is not None:
+            later = code_slots(codes, later)
+        values = out[:, keep:].gather(2, later).float()
+        values = torch.where(ahead.flatten(1).gather(1, flat)[..., None], values, 0.0)  # padding rows: 0
+        grand = torch.zeros((batch, rows * C, C), device=device)
+        grand = grand.scatter_(1, flat[..., None].expand(-1, -1, C), values).view(batch, rows, C, C)
+    elif lookahead:
+        grand = torch.zeros((batch, rows, C, C), device=device)
+    return children, grand, columns, generated + keep + more
 
 
 def level_heads(model, trie: IndexTrie) -> list[torch.nn.Linear] | None:
@@ -317,15 +361,17 @@ def level_heads(model, trie: IndexTrie) -> list[torch.nn.Linear] | None:
         return None
     if hasattr(head.weight, "ds_id") or head.weight.numel() != head.in_features * head.out_features:
         return None  # partitioned (DeepSpeed ZeRO-3): the rows are not here to cut
-    cuts = []
-    for codes in trie.level_tokens:
-        cut = torch.nn.Linear(head.in_features, len(codes), bias=head.bias is not None, device=head.weight.device,
-                              dtype=head.weight.dtype)
-        cut.weight = torch.nn.Parameter(head.weight.detach()[codes], requires_grad=False)
-        if head.bias is not None:
-            cut.bias = torch.nn.Parameter(head.bias.detach()[codes], requires_grad=False)
-        cuts.append(cut)
-    return cuts
+    return [cut_head(head, codes) for codes in trie.level_tokens]
+
+
+def cut_head(head: torch.nn.Linear, codes: torch.LongTensor) -> torch.nn.Linear:
+    """The output layer ``head`` cut to the rows of the token ids ``codes`` (sorted)."""
+    cut = torch.nn.Linear(head.in_features, len(codes), bias=head.bias is not None, device=head.weight.device,
+                          dtype=head.weight.dtype)
+    cut.weight = torch.nn.Parameter(head.weight.detach()[codes], requires_grad=False)
+    if head.bias is not None:
+        cut.bias = torch.nn.Parameter(head.bias.detach()[codes], requires_grad=False)
+    return cut
 
 
 def code_slots(codes: torch.LongTensor, tokens: torch.LongTensor) -> torch.LongTensor:
@@ -493,6 +539,14 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
     heads = level_heads(model, trie) if softmax == "trie" else None
     full_head = model.get_output_embeddings() if heads is not None else None
 
+    # without the EOS term, under the trie softmax, a step runs only the beams that still have a choice,
+    # and the step before the last level's scores the last level too (``choice_forward``)
+    sparse = tree and softmax == "trie" and not score_eos
+    lookahead_at = L - 3 if sparse else -1  # the step whose forward looks ahead (none for L < 3)
+    joint_codes = torch.cat(trie.level_tokens[-2:]).unique() if sparse and L >= 3 else None  # sorted
+    if heads is not None and joint_codes is not None:
+        heads.append(cut_head(full_head, joint_codes))  # heads[L]: the lookahead step's two levels
+
     def use_head(level: int) -> None:  # the output layer of the next forward, which scores level ``level``
         if heads is not None:
             model.set_output_embeddings(heads[level] if level < L else full_head)
@@ -508,6 +562,8 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
         padded = bool((attention_mask == 0).any())
         mask = attention_mask.repeat_interleave(num_beams, 0) if padded and not tree else None  # [rows, width + t]
         columns = torch.empty((batch, num_beams, 0), dtype=torch.long, device=device)  # tree: each beam's tokens
+        generated = 0  # tree: the cache's columns after the prompt
+        grand = None  # the lookahead step's logits of the last level [batch, beams, C, C]
 
         # one live beam per example at first (the others start at -inf, as generate's -1e9)
         scores = torch.full((batch, num_beams), -math.inf, device=device)
@@ -516,7 +572,7 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
         tokens = torch.empty((batch, num_beams, 0), dtype=torch.long, device=device)
         offset = torch.arange(batch, device=device)[:, None] * num_beams  # [batch, 1] first row of each example
         children = trie.allowed.shape[1]
-        gathered = False  # whether ``logits`` hold only each state's children (``last_level_forward``)
+        gathered = False  # whether ``logits`` hold only each state's children (``choice_forward``)
         for t in range(L):
             logits = logits.view(batch, -1, logits.shape[-1])
             if heads is not None and not gathered:  # logits over level t's codes only
@@ -538,16 +594,25 @@ def trie_beam_search(model, trie: IndexTrie, input_ids: torch.LongTensor, attent
             if t == L - 1 and not score_eos:
                 return tokens, scores / L
             if tree:  # a beam's earlier tokens are its parent's; its new one goes to the next free column
-                new = width + t * num_beams + torch.arange(num_beams, device=device)
-                columns = torch.cat([columns.gather(1, beam[..., None].expand(-1, -1, t)),
-                                     new.expand(batch, -1)[..., None]], 2)
-                use_head(t + 1)
-                if t == L - 2 and not score_eos and softmax == "trie":
-                    codes = None if heads is None else trie.level_tokens[L - 1]
-                    logits = last_level_forward(model, trie, state, chosen[..., 0], columns, attention_mask,
-                                                position + t, cache, codes)
+                columns = columns.gather(1, beam[..., None].expand(-1, -1, t))
+                if sparse and grand is not None:  # the last level's logits came with the previous step
+                    parent = (beam * children + slot)[..., None].expand(-1, -1, children)  # [batch, beams, C]
+                    logits, gathered = grand.flatten(1, 2).gather(1, parent), True
+                    continue
+                if sparse:
+                    lookahead = t == lookahead_at
+                    if heads is not None:
+                        model.set_output_embeddings(heads[L] if lookahead else heads[t + 1])
+                    codes = None if heads is None else joint_codes if lookahead else trie.level_tokens[t + 1]
+                    logits, grand, columns, generated = choice_forward(
+                        model, trie, state, chosen[..., 0], columns, attention_mask, position + t, cache, generated,
+                        codes, lookahead)
                     gathered = True
                     continue
+                use_head(t + 1)
+                new = width + generated + torch.arange(num_beams, device=device)
+                columns = torch.cat([columns, new.expand(batch, -1)[..., None]], 2)
+                generated += num_beams
                 logits = tree_forward(model, chosen[..., 0], columns, attention_mask, position + t, cache)
                 continue
             if t > 0:  # at t = 0 every row of an example holds the same prompt cache

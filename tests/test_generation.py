@@ -720,13 +720,13 @@ def test_a_cached_prompt_prefix_ranks_like_the_whole_prompt(tiny_indexed, tie_fr
     assert prefixes.start(model, padded_ids, padded_mask)[1] == 0
 
 
-@pytest.mark.parametrize("shape", ["mixed", "single"])
+@pytest.mark.parametrize("shape", ["mixed", "single", "early"])
 @pytest.mark.parametrize("batch_size,beams", [(1, 5), (3, 12)])
-def test_trie_softmax_search_runs_the_last_level_only_for_beams_with_a_choice(tiny_indexed, tie_free_model,
-                                                                              shape, batch_size, beams, monkeypatch):
-    """Under the trie softmax without the EOS term, a last-level prefix with one child adds 0 to its
-    beam's score whatever the logits, so the forward that scores the last level runs only the beams
-    with more than one child (none at all when every beam has one): the same items and scores as the
+def test_trie_softmax_search_runs_only_the_beams_with_a_choice(tiny_indexed, tie_free_model,
+                                                             shape, batch_size, beams, monkeypatch):
+    """Under the trie softmax without the EOS term, a prefix that holds one item adds 0 to its beam's
+    score at every later token whatever the logits, so each step's forward runs only the beams whose
+    prefix holds more than one item (none at all when no beam's does): the same items and scores as the
     search that runs every beam (a prompt cache per beam), and as the search whose every step runs the
     whole output layer (not cut to the level's codes), with a prior and with items left out."""
     import generation
@@ -736,14 +736,18 @@ def test_trie_softmax_search_runs_the_last_level_only_for_beams_with_a_choice(ti
     if shape == "mixed":  # some (a, b) prefixes with 3 last codes, the others with one
         indices = {f"{a}{b}{c}": [f"<a_{a}>", f"<b_{b}>", f"<c_{c}>"] for a in range(4) for b in range(4)
                    for c in (range(3) if (a + b) % 3 == 0 else [(a * b) % 4])}
-    else:  # every (a, b) prefix has a single last code
+    elif shape == "single":  # every (a, b) prefix has a single last code
         indices = {f"{a}{b}": [f"<a_{a}>", f"<b_{b}>", f"<c_{(a + b) % 4}>"] for a in range(4) for b in range(4)}
+    else:  # as mixed, but <a_2> holds one item: its beam runs no forward after the first token
+        indices = {f"{a}{b}{c}": [f"<a_{a}>", f"<b_{b}>", f"<c_{c}>"] for a in (0, 1, 3) for b in range(4)
+                   for c in (range(3) if (a + b) % 3 == 0 else [(a * b) % 4])}
+        indices["2"] = ["<a_2>", "<b_1>", "<c_3>"]
     prior = {item: 1.0 + (n % 5) for n, item in enumerate(indices)}
     enc = _encode(tok, TEXTS[:batch_size])
     exclude = [list(indices)[i::4] for i in range(batch_size)]
     decoder = Decoder.build(tok, indices, softmax="trie", prior=prior, score_eos=False)
     rows = []
-    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"]), with_kwargs=True)
     try:
         tree = [decoder.rank(model, enc, beams), decoder.rank(model, enc, beams, exclude=exclude)]
     finally:
@@ -758,21 +762,79 @@ def test_trie_softmax_search_runs_the_last_level_only_for_beams_with_a_choice(ti
         _assert_same_ranking(a, b)
         _assert_same_ranking(a, c)
         assert all(len(r) == beams for r in a)
-    # per search: the prompt, the step after the first token (every beam), then the last level's step
+    # per search: the prompt, then one step: the beams whose first code holds more than one item (their
+    # first codes), then the children of those beams that have a choice at the last level (second
+    # codes), whose logits the last level reads instead of a forward of its own
+    first = torch.tensor(sorted({tok.convert_tokens_to_ids(codes[0]) for codes in indices.values()}))
     per_search = [rows[:len(rows) // 2], rows[len(rows) // 2:]]
-    for calls in per_search:
-        assert calls[1] == (batch_size, beams)
-        if shape == "single":
-            assert len(calls) == 2  # no beam has a choice at the last level: its forward never runs
-        else:
-            assert len(calls) == 3 and 0 < calls[2][1] < beams
+    for n, calls in enumerate(per_search):
+        assert len(calls) == 2 and calls[1].shape[0] == batch_size
+        keep = int(torch.isin(calls[1][0], first).sum())  # the beams' rows come first, as many in each example
+        assert bool(torch.isin(calls[1][:, :keep], first).all())
+        if shape == "single":  # no last-level choice anywhere: no row looks ahead
+            assert calls[1].shape[1] == keep == beams
+        elif shape == "mixed":
+            assert keep == beams and calls[1].shape[1] > keep
+        elif n == 0:  # early, nothing excluded: the beam on <a_2> (one item) never runs
+            assert keep < beams and calls[1].shape[1] > keep
+
+
+@pytest.mark.parametrize("batch_size,beams", [(1, 6), (3, 16)])
+def test_four_level_search_skips_and_looks_ahead_with_the_same_ranking(batch_size, beams):
+    """A 4-level index with first codes holding one item, (a, b) prefixes holding one item, and a few
+    last-level choices: the search that runs only the beams with a choice (and looks ahead to the
+    last level from the third code's step) ranks the same items with the same scores as the search
+    that runs every beam, with a prior and with items left out, and runs fewer rows."""
+    import generation
+
+    tok = train_tokenizer()
+    tok.add_tokens([f"<{level}_{i}>" for level in "abcd" for i in range(3)])
+    model = make_tiny_model(len(tok), seed=5).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 1.0)  # no near-ties
+    rng = random.Random(0)
+    indices = {}
+    for a, b, c in itertools.product(range(3), range(3), range(3)):
+        if a == 2 and (b, c) != (0, 0):  # <a_2> holds one item
+            continue
+        if c > 0 and (a + b) % 2:  # (a, b) prefixes with one item
+            continue
+        for d in (range(3) if rng.random() < 0.3 else [rng.randrange(3)]):  # a few last-level choices
+            indices[f"{a}{b}{c}{d}"] = [f"<a_{a}>", f"<b_{b}>", f"<c_{c}>", f"<d_{d}>"]
+    prior = {item: 1.0 + (n % 5) for n, item in enumerate(indices)}
+    decoder = Decoder.build(tok, indices, softmax="trie", prior=prior, score_eos=False)
+    enc = _encode(tok, TEXTS[:batch_size])
+    exclude = [list(indices)[i::5] for i in range(batch_size)]
+    calls = {}
+    sparse = []
+    for name, excluded in (("all", None), ("excluded", exclude)):
+        calls[name] = []
+        hook = model.register_forward_pre_hook(lambda m, a, kw: calls[name].append(kw["input_ids"]), with_kwargs=True)
+        try:
+            sparse.append(decoder.rank(model, enc, beams, exclude=excluded))
+        finally:
+            hook.remove()
+    decoder.tree = False
+    every = [decoder.rank(model, enc, beams), decoder.rank(model, enc, beams, exclude=exclude)]
+    for a, b in zip(sparse, every):
+        _assert_same_ranking(a, b)
+    # the prompt and the steps after the first and second codes; the last level reads the lookahead
+    code = {level: torch.tensor(tok.convert_tokens_to_ids([f"<{level}_{i}>" for i in range(3)])) for level in "abcd"}
+    for steps in calls.values():
+        assert len(steps) == 3
+        assert bool(torch.isin(steps[1], code["a"]).all()) and steps[1].shape[1] <= beams
+        second = torch.isin(steps[2], code["b"])
+        keep = int(second[0].sum())  # the beams' rows first, as many in each example, then the lookahead's
+        assert bool(second[:, :keep].all()) and keep < beams  # some (a, b) prefixes hold one item
+    assert any(torch.isin(steps[2], code["c"]).any() for steps in calls.values())  # some rows looked ahead
 
 
 @pytest.mark.parametrize("score_eos", [True, False])
 def test_trie_softmax_search_scores_each_level_with_the_output_layer_cut_to_its_codes(tiny_indexed, tie_free_model,
                                                                                     score_eos, monkeypatch):
     """Under the trie softmax each step's forward computes the logits of its level's codes only
-    (``level_heads``), and the EOS term the whole vocabulary's: the same items and scores as every
+    (``level_heads``; the step that looks ahead, those of its two levels), and the EOS term the whole
+    vocabulary's: the same items and scores as every
     step through the whole output layer, which is put back afterwards (also after an error)."""
     import generation
 
@@ -789,7 +851,10 @@ def test_trie_softmax_search_scores_each_level_with_the_output_layer_cut_to_its_
         hook.remove()
     assert model.get_output_embeddings() is head
     codes = [len(c) for c in decoder.trie.level_tokens]
-    assert widths == codes + ([head.out_features] if score_eos else [])  # prefill, steps; EOS: the whole layer
+    if score_eos:  # the prefill, each step; the EOS term: the whole layer
+        assert widths == codes + [head.out_features]
+    else:  # the prefill, then the step that also looks ahead to the last level: both levels' codes
+        assert widths == [codes[0], codes[1] + codes[2]]
     monkeypatch.setattr(generation, "level_heads", lambda *a: None)
     _assert_same_ranking(cut, decoder.rank(model, enc, 7))
     monkeypatch.undo()

@@ -313,6 +313,27 @@ def test_the_cooccurrence_reward_moves_the_first_items_towards_the_count(cycle_f
     assert after >= before + 0.3, (before, after)
 
 
+def test_index_lr_moves_the_index_rows_only(cycle_checkpoint, tmp_path):
+    """With --index_lr (and the body's rate at 0) the stage trains the index-token rows alone, as
+    fine-tuning's --index_lr does: the pretrained rows and every other weight stay as they were."""
+    from safetensors.torch import load_file
+
+    data_path, ckpt = cycle_checkpoint
+    out = tmp_path / "rl"
+    reinforce.main(rl_cli(data_path, ckpt, out, "--max_steps", "3", "--rewards", "cooccurrence",
+                          "--learning_rate", "0", "--index_lr", "1e-2"))
+    before, after = load_file(ckpt / "model.safetensors"), load_file(out / "model.safetensors")
+    indices = json.loads((data_path / "Cycle" / "Cycle.index.json").read_text())
+    from modeling import load_tokenizer
+
+    first_index_row = min(load_tokenizer(str(ckpt)).convert_tokens_to_ids(sorted({t for v in indices.values() for t in v})))
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    embedding = "model.embed_tokens.weight"
+    assert moved <= {embedding, "lm_head.weight"} and embedding in moved, moved
+    rows = (before[embedding] != after[embedding]).any(1).nonzero().flatten()
+    assert rows.min() >= first_index_row and len(rows) >= 2
+
+
 def test_sampled_rollouts_and_a_learning_curve_from_step_0(cycle_checkpoint, tmp_path):
     data_path, ckpt = cycle_checkpoint
     out = tmp_path / "rl"
@@ -402,7 +423,9 @@ def test_bad_flags_fail_with_one_line(cycle_checkpoint, tmp_path, capsys):
                            (("--num_generations", "9"), "larger than the number of items (8)"),
                            (("--rewards", "rule,bleu"), "--rewards"),
                            (("--deepspeed", str(Path(__file__).resolve().parents[1] / "config/ds_z3_bf16.json")),
-                            "ZeRO stage 3 is not supported")):
+                            "ZeRO stage 3 is not supported"),
+                           (("--index_lr", "0"), "--index_lr: 0.0 is not allowed"),
+                           (("--index_lr", "1e-3", "--lora", "--base_model", "x"), "--index_lr is not supported with --lora")):
         with pytest.raises(DataError, match=re.escape(message)):
             reinforce.main(rl_cli(data_path, ckpt, tmp_path / "x", "--max_steps", "1", *flags))
 
