@@ -379,6 +379,15 @@ def training_default(name: str):
     return build_parser("train").get_default(name)
 
 
+def check_index_lr(args: argparse.Namespace) -> None:
+    """--index_lr: a positive rate, and not with DeepSpeed (fine-tuning and reinforcement alike)."""
+    if args.index_lr is not None and not args.index_lr > 0:
+        raise DataError(f"--index_lr: {args.index_lr} is not allowed; expected a positive learning rate")
+    if args.index_lr is not None and args.deepspeed:
+        raise DataError("--index_lr is not supported with --deepspeed (ZeRO partitions the embedding rows it "
+                        "holds fixed); leave one of them out")
+
+
 def check_task_args(args: argparse.Namespace) -> None:
     """SPEC section 7: task lists of equal length and known names."""
     tasks = parse_list(args.tasks, str, "--tasks")
@@ -398,11 +407,7 @@ def check_task_args(args: argparse.Namespace) -> None:
         if value < 0 or (value == 0 and flag != "curve_steps"):
             expected = "0 (off) or a number of steps" if flag == "curve_steps" else "a positive number"
             raise DataError(f"--{flag}: {value} is not allowed; expected {expected}")
-    if args.index_lr is not None and not args.index_lr > 0:
-        raise DataError(f"--index_lr: {args.index_lr} is not allowed; expected a positive learning rate")
-    if args.index_lr is not None and args.deepspeed:
-        raise DataError("--index_lr is not supported with --deepspeed (ZeRO partitions the embedding rows it "
-                        "holds fixed); leave one of them out")
+    check_index_lr(args)
     if not (0 < args.loss_temperature < math.inf):  # NaN fails too
         raise DataError(f"--loss_temperature: {args.loss_temperature} is not allowed; expected a positive number "
                         "(1 = the plain loss, below 1 sharper)")

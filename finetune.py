@@ -167,6 +167,11 @@ def with_index_lr(trainer_class: type[Trainer]) -> type[Trainer]:
     return IndexLrTrainer
 
 
+def first_index_row(tokenizer, indices: dict[str, list[str]]) -> int:
+    """The first embedding row of the index tokens (they were added after the pretrained vocabulary)."""
+    return min(tokenizer.convert_tokens_to_ids(index_tokens(indices)))
+
+
 def embedding_weights(model) -> list[torch.nn.Parameter]:
     """The input embedding matrix, and the output head's when it is a separate matrix."""
     weights = [model.get_input_embeddings().weight]  # [V, H]
@@ -220,9 +225,8 @@ def build_trainer(args, training_args, model, tokenizer, train_set, valid_set) -
                             teacher_weight=args.teacher_weight)
         trainer_class, extra = IndexSoftmaxTrainer, {"index_softmax": loss}
     if args.index_lr is not None:
-        first_index_row = min(tokenizer.convert_tokens_to_ids(index_tokens(indices)))
         trainer_class = with_index_lr(trainer_class)
-        extra.update(index_lr=args.index_lr, first_index_row=first_index_row)
+        extra.update(index_lr=args.index_lr, first_index_row=first_index_row(tokenizer, indices))
     trainer_class = with_save_errors(trainer_class)  # a failed checkpoint save says how to resume
     trainer = trainer_class(
         model=model,

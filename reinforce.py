@@ -43,13 +43,12 @@ from transformers.trainer_callback import ProgressCallback  # noqa: E402
 
 import data  # noqa: E402
 import prompt  # noqa: E402
-from arguments import parse_args, parse_list  # noqa: E402
+from arguments import check_index_lr, parse_args, parse_list  # noqa: E402
 from checkpoint_record import check_checkpoint  # noqa: E402
 from collator import TestCollator  # noqa: E402
 from evaluation import prompt_budget  # noqa: E402
-from dataset_files import index_tokens  # noqa: E402
-from finetune import (add_learning_curve, init_distributed, log, resume_arg, train_or_finish,  # noqa: E402
-                      training_arguments, with_index_lr)
+from finetune import (add_learning_curve, first_index_row, init_distributed, log, resume_arg,  # noqa: E402
+                      train_or_finish, training_arguments, with_index_lr)
 from learning_curve import LearningCurve  # noqa: E402
 from modeling import keeps_logits  # noqa: E402
 from prompt import prompt_set  # noqa: E402
@@ -410,11 +409,10 @@ def check_reinforce_args(args: argparse.Namespace) -> None:
         raise DataError(f"--num_generations: {args.num_generations}; a group needs at least 2 items to compare")
     if not args.temperature > 0:
         raise DataError(f"--temperature: {args.temperature}; expected a positive temperature")
-    if args.index_lr is not None and not args.index_lr > 0:
-        raise DataError(f"--index_lr: {args.index_lr} is not allowed; expected a positive learning rate")
-    if args.index_lr is not None and (args.deepspeed or args.lora):
-        raise DataError(f"--index_lr is not supported with {'--deepspeed' if args.deepspeed else '--lora'} (it "
-                        "trains the index-token rows of the whole embedding matrix); leave one of them out")
+    check_index_lr(args)
+    if args.index_lr is not None and args.lora:
+        raise DataError("--index_lr is not supported with --lora (it trains the index-token rows of the whole "
+                        "embedding matrix); leave one of them out")
     if args.deepspeed:
         from dataset_files import load_json
 
@@ -465,7 +463,7 @@ def run(args: argparse.Namespace) -> None:
     trainer_class, extra = GRPOTrainer, {}
     if args.index_lr is not None:  # the index-token rows at their own rate, the pretrained rows held (as fine-tuning)
         trainer_class = with_index_lr(GRPOTrainer)
-        extra = {"index_lr": args.index_lr, "first_index_row": min(tokenizer.convert_tokens_to_ids(index_tokens(indices)))}
+        extra = {"index_lr": args.index_lr, "first_index_row": first_index_row(tokenizer, indices)}
     trainer = trainer_class(model=model, args=training_args, train_dataset=train_set, data_collator=collate,
                             processing_class=tokenizer, decoder=decoder, ref_model=reference, rewards=rewards,
                             rl_args=args, count=count, **extra)
